@@ -27,7 +27,20 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
+BENCHES := bench_repository bench_reaper
+
+bench: $(STAMP)
+	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
+
+# Every benchmark at a tiny size, in seconds, so the suite never rots (part of `make test`).
+bench-smoke: $(STAMP)
+	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
+
+demo: $(STAMP)
+	$(BIN)/sessionmgr demo
+
+test: lint typecheck pytest bench-smoke
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -2,29 +2,58 @@
 
 Exit codes: 0 ok, 1 runtime failure (API down, database error), 2 usage error, 3 not found,
 4 partial (some sessions of a batch could not be ended).
+
+Every failure is one line on stderr (``error: ...``) saying what to do; tracebacks are for bugs.
+Tables are for people (they fit the terminal, 80 columns when piped, no colour unless a TTY);
+``--json`` is for scripts and uses the record's field names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import csv
 import dataclasses
+import io
+import json
 import logging
+import math
+import re
 import sys
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from rich import box
+from rich.cells import cell_len
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from . import __version__
+from . import __version__, config, db
 from .config import ENV_API_KEY, ENV_API_URL, ENV_DATABASE_URL, Settings
 from .errors import (
+    AuthError,
     ConfigurationError,
+    CreateOutcomeUnknown,
     DatabaseError,
-    LemonSliceError,
     SessionMgrError,
     SessionNotFound,
+    TransportError,
 )
 from .logs import configure_logging
+from .manager import SessionManager
+from .reaper import Outcome, TickResult
+from .reconcile import ReconcileReport
+from .records import Page, SessionEvent, SessionFilter, SessionRecord, Stats
+from .repository import MAX_PAGE, SORTS, SessionRepository
+from .server import RECONCILE_INTERVAL, SHUTDOWN_GRACE
+from .states import FINAL_STATUSES, EndReason, SessionStatus
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -34,32 +63,108 @@ EXIT_PARTIAL = 4
 
 T = TypeVar("T")
 
+# Log level by -v count: commands report outcomes themselves, so by default only errors are
+# logged (a retry warning would break the one-line error); `serve` logs at INFO.
+LOG_LEVELS = (logging.ERROR, logging.INFO, logging.DEBUG)
+
+# Values that must never be printed (API key, tokens, the database password), collected as the
+# invocation learns them and replaced by "***" in every error line.
+_SECRETS: set[str] = set()
+
 
 @dataclasses.dataclass
 class CliContext:
     settings: Settings
     verbose: int
+    log_format: str = "text"
+
+
+def _scrub(text: str) -> str:
+    """One line, without any secret this invocation knows of."""
+    for secret in _SECRETS:
+        text = text.replace(secret, "***")
+    return " ".join(text.splitlines())
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
     """One line on stderr, then exit: bad input never shows a traceback."""
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {_scrub(message)}", err=True)
     sys.exit(code)
+
+
+def describe(exc: SessionMgrError) -> str:
+    """The error's own message, plus what to do about it when the message does not say."""
+    text = str(exc)
+    if isinstance(exc, AuthError) and ENV_API_KEY not in text:
+        return f"{text}: check --api-key / {ENV_API_KEY}"
+    if isinstance(exc, CreateOutcomeUnknown):
+        return (
+            f"{text}: the session may exist; its record stays pending and "
+            "`sessionmgr reconcile` resolves it"
+        )
+    if isinstance(exc, TransportError) and ENV_API_URL not in text:
+        return f"LemonSlice API unreachable: {text} (check --api-url / {ENV_API_URL})"
+    return text
+
+
+def exit_for(exc: Exception) -> tuple[str, int] | None:
+    """The one-line message and exit code for an expected failure; None for a bug."""
+    if isinstance(exc, SessionNotFound):
+        return str(exc), EXIT_NOT_FOUND
+    if isinstance(exc, ConfigurationError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, SessionMgrError):  # LemonSliceError, DatabaseError and the rest
+        return describe(exc), EXIT_FAILURE
+    if isinstance(exc, SQLAlchemyError):  # not translated by the repository: still one line
+        orig = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+        return f"database error: {orig}", EXIT_FAILURE
+    if isinstance(exc, OSError):
+        return str(exc), EXIT_FAILURE
+    return None
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine, turning sessionmgr's errors into one-line messages and exit codes."""
     try:
         return asyncio.run(coro)
-    except SessionNotFound as exc:
-        fail(str(exc), EXIT_NOT_FOUND)
-    except ConfigurationError as exc:
-        fail(str(exc), EXIT_USAGE)
-    except (DatabaseError, LemonSliceError, SessionMgrError) as exc:
-        fail(str(exc), EXIT_FAILURE)
+    except Exception as exc:
+        expected = exit_for(exc)
+        if expected is None:
+            raise
+        fail(*expected)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class SessionMgrGroup(click.Group):
+    """A group whose usage errors are one ``error:`` line naming the help to read."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        click_main: Callable[..., Any] = super().main
+        if not kwargs.pop("standalone_mode", True):
+            return click_main(*args, standalone_mode=False, **kwargs)
+        _SECRETS.clear()
+        try:
+            rv = click_main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+            fail(f"{exc.format_message()}{hint}", exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted", EXIT_FAILURE)
+        except Exception as exc:  # raised outside run(), e.g. by a check before it
+            expected = exit_for(exc)
+            if expected is None:
+                raise
+            fail(*expected)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK)
+
+
+@click.group(
+    cls=SessionMgrGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit codes: 0 ok, 1 runtime failure (API down, database error), 2 usage error, "
+    "3 not found, 4 partial (some sessions of a batch could not be ended).",
+)
 @click.option(
     "--database-url",
     envvar=ENV_DATABASE_URL,
@@ -70,7 +175,9 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 @click.option(
     "--api-key", envvar=ENV_API_KEY, show_envvar=True, help="LemonSlice API key (never echoed)."
 )
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option(
+    "-v", "--verbose", count=True, help="Log progress (-v) or everything (-vv) on stderr."
+)
 @click.option(
     "--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True
 )
@@ -86,16 +193,20 @@ def cli(
 ) -> None:
     """Manage LemonSlice avatar sessions with persistence.
 
-    Exit codes: 0 ok, 1 runtime failure, 2 usage error, 3 not found, 4 partial.
+    Flags win over environment variables, which win over defaults.
     """
-    configure_logging(
-        level=logging.WARNING - 10 * min(verbose, 2), fmt=log_format, stream=sys.stderr
-    )
+    configure_logging(level=LOG_LEVELS[min(verbose, 2)], fmt=log_format, stream=sys.stderr)
     try:
         settings = Settings.from_env(api_key=api_key, api_url=api_url, database_url=database_url)
     except ConfigurationError as exc:
         fail(str(exc), EXIT_USAGE)
-    ctx.obj = CliContext(settings=settings, verbose=verbose)
+    if settings.api_key:
+        _SECRETS.add(settings.api_key)
+    with contextlib.suppress(ConfigurationError):
+        password = db.normalize_url(settings.database_url).password
+        if password:
+            _SECRETS.add(str(password))
+    ctx.obj = CliContext(settings=settings, verbose=verbose, log_format=log_format)
 
 
 def main() -> None:
@@ -103,3 +214,1613 @@ def main() -> None:
 
 
 # --- commands -------------------------------------------------------------------------------
+# Admin commands drive the library (repository, manager, reaper); the helpers they share come first:
+# parameter types, opening the database, output (tables, JSON, CSV, progress) and batch results.
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}  # seconds
+WIDE_WIDTH = 10_000  # columns: effectively unlimited, for --wide
+COLUMN_GAP = 2  # blanks between table columns
+# (column index, narrowest width) of the `list` columns cut short, in order, to fit the terminal
+SHRINK_ORDER = ((1, 14), (3, 10), (6, 8))
+URL_WIDTH = 60  # characters of a URL shown in `show` before it is shortened in the middle
+LIST_LIMIT = 50  # rows per `list` page
+WALK_PAGE = 500  # rows per query when a command walks every match (end-all)
+END_CONCURRENCY = config.REAPER_CONCURRENCY  # terminate requests in flight in end/end-all
+PRUNE_BATCH = 1000  # rows deleted per transaction by `prune`
+STATS_DAYS = 7  # days of history in `stats`
+MAX_ERRORS_SHOWN = 5  # error lines a batch command prints before summarising the rest
+MANUAL_REASONS = (EndReason.MANUAL.value, EndReason.SHUTDOWN.value, EndReason.ORPHAN.value)
+DRY_RUN_API_KEY = "dry-run-no-key"  # dry runs never call the API, but the client wants a key
+
+_DURATION_PLAIN = re.compile(r"\d+(?:\.\d+)?")
+_DURATION_COMPOUND = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_OFF_WORDS = frozenset({"none", "off", "never"})
+_SECRET_HINT = re.compile(r"token|secret|key", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``10m``, ``2h``, ``7d``, ``1w`` or ``1h30m``."""
+    raw = text.strip().lower()
+    if _DURATION_PLAIN.fullmatch(raw):
+        return float(raw)
+    if _DURATION_COMPOUND.fullmatch(raw):
+        return sum(float(n) * DURATION_UNITS[u] for n, u in _DURATION_PART.findall(raw))
+    raise ValueError(f"{text!r} is not a duration: use e.g. 90, 90s, 10m, 2h or 7d")
+
+
+class Duration(click.ParamType[float, Any]):
+    """A duration in seconds; ``allow_off`` also takes none/off/never (returned as ``inf``)."""
+
+    name = "duration"
+
+    def __init__(self, *, positive: bool = False, allow_off: bool = False) -> None:
+        self.positive = positive
+        self.allow_off = allow_off
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        if isinstance(value, int | float):
+            return float(value)
+        if self.allow_off and str(value).strip().lower() in _OFF_WORDS:
+            return math.inf
+        try:
+            seconds = parse_duration(str(value))
+        except ValueError as exc:
+            hint = " (or 'off')" if self.allow_off else ""
+            self.fail(f"{exc}{hint}", param, ctx)
+        if self.positive and seconds <= 0:
+            self.fail(f"{value!r} must be longer than 0 seconds", param, ctx)
+        return seconds
+
+
+class Moment(click.ParamType[datetime, Any]):
+    """An ISO 8601 time (naive means UTC), or a duration meaning "that long ago"."""
+
+    name = "time"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        text = str(value).strip()
+        try:
+            return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+        except ValueError:
+            pass
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            self.fail(
+                f"{value!r} is neither an ISO 8601 time (e.g. 2026-01-31T12:00:00Z) "
+                "nor a duration ago (e.g. 2h, 7d)",
+                param,
+                ctx,
+            )
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC)
+
+
+class KeyValue(click.ParamType[tuple[str, Any], Any]):
+    """``KEY=VALUE``; with ``json_values`` the value is parsed as JSON when it is JSON."""
+
+    name = "KEY=VALUE"
+
+    def __init__(self, *, json_values: bool = False) -> None:
+        self.json_values = json_values
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, Any]:
+        if isinstance(value, tuple):
+            return value
+        key, sep, raw = str(value).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            shown = "<redacted>" if _SECRET_HINT.search(str(value)) else repr(value)
+            self.fail(f"{shown} is not KEY=VALUE (e.g. user=alice)", param, ctx)
+        parsed: Any = raw
+        if self.json_values:
+            try:
+                parsed = json.loads(raw)
+            except ValueError:
+                parsed = raw
+        return key, parsed
+
+
+DURATION = Duration()
+POSITIVE_DURATION = Duration(positive=True)
+DURATION_OR_OFF = Duration(positive=True, allow_off=True)
+MOMENT = Moment()
+KEY_VALUE = KeyValue()
+KEY_JSON = KeyValue(json_values=True)
+
+
+def _off_to_none(seconds: float | None) -> float | None:
+    return None if seconds is None or math.isinf(seconds) else seconds
+
+
+def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
+
+
+# --- opening the database and the manager ----------------------------------------------------
+
+
+def _require_database(settings: Settings) -> None:
+    """Read and admin commands never create a database file by accident."""
+    path = db.sqlite_path(db.normalize_url(settings.database_url))
+    if path is not None and str(path) not in ("", ":memory:") and not path.exists():
+        raise DatabaseError(
+            f"no database at {path}: run `sessionmgr db upgrade` (or check --database-url)"
+        )
+
+
+def _require_api_key(settings: Settings) -> None:
+    if not settings.api_key:
+        raise ConfigurationError(f"no LemonSlice API key: set {ENV_API_KEY} or pass --api-key")
+
+
+@contextlib.asynccontextmanager
+async def open_repository(settings: Settings) -> AsyncIterator[SessionRepository]:
+    _require_database(settings)
+    repo = await SessionRepository.open(settings.database_url)
+    try:
+        yield repo
+    finally:
+        await repo.close()
+
+
+@contextlib.asynccontextmanager
+async def open_manager(
+    settings: Settings,
+    *,
+    needs_api: bool = True,
+    concurrency: int | None = None,
+    on_ended: Callable[[SessionRecord], Awaitable[None]] | None = None,
+) -> AsyncIterator[SessionManager]:
+    """A manager without a background reaper: commands drive it by hand."""
+    _require_database(settings)
+    if needs_api:
+        _require_api_key(settings)
+    manager = SessionManager(
+        database_url=settings.database_url,
+        api_key=settings.api_key or DRY_RUN_API_KEY,
+        api_url=settings.api_url,
+        idle_window=settings.idle_window,
+        max_age=settings.max_age,
+        reaper=False,
+        reaper_concurrency=concurrency or settings.reaper_concurrency,
+        lease=settings.lease,
+        on_ended=on_ended,
+    )
+    async with manager:
+        yield manager
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def stdout_console(*, wide: bool = False) -> Console:
+    """Fits the terminal (80 columns when not a TTY); no colour unless stdout is a terminal."""
+    return Console(highlight=False, emoji=False, width=WIDE_WIDTH if wide else None)
+
+
+def print_out(*renderables: RenderableType, wide: bool = False) -> None:
+    """Print to stdout without the trailing blanks rich pads table cells with."""
+    console = stdout_console(wide=wide)
+    with console.capture() as capture:
+        for item in renderables:
+            console.print(item)
+    for line in capture.get().splitlines():
+        click.echo(line.rstrip())
+
+
+def stderr_console() -> Console:
+    """Where progress goes; tests replace it to exercise the TTY path."""
+    return Console(stderr=True, highlight=False, emoji=False)
+
+
+def stdin_is_tty() -> bool:
+    """Whether a confirmation can be asked; tests replace it."""
+    return sys.stdin.isatty()
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _iso(moment: datetime | None) -> str:
+    return "" if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def _iso_seconds(moment: datetime | None) -> str:
+    """ISO 8601 UTC to the second, for people (JSON keeps the microseconds)."""
+    return "" if moment is None else _iso(moment.astimezone(UTC).replace(microsecond=0))
+
+
+def _short_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%m-%d %H:%M")
+
+
+def human_seconds(seconds: float) -> str:
+    """``45s``, ``4m10s``, ``2h05m``, ``3d04h``: compact enough for a table cell."""
+    total = round(abs(seconds))
+    if total < 60:
+        return f"{total}s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h" if hours else f"{days}d"
+
+
+def shorten(text: str, width: int = URL_WIDTH) -> str:
+    """Cut the middle out of a long URL, keeping its host and its tail (the session id)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"
+
+
+_STATUS_STYLE = {
+    "pending": "cyan",
+    "active": "green",
+    "ending": "yellow",
+    "ended": "dim",
+    "failed": "red",
+}
+
+
+def _status_text(status: str) -> Text:
+    return Text(status, style=_STATUS_STYLE.get(status, ""))
+
+
+def _idle_cell(record: SessionRecord, now: datetime) -> str:
+    if record.status in (SessionStatus.ACTIVE, SessionStatus.ENDING):
+        return human_seconds((now - record.last_activity_at).total_seconds())
+    return ""
+
+
+def _end_cell(record: SessionRecord, now: datetime) -> str:
+    """When an active session will be ended, or why a finished one ended."""
+    if record.status is SessionStatus.PENDING:
+        return "creating"
+    if record.status is SessionStatus.ACTIVE:
+        if record.deadline is None:
+            return "-"
+        left = (record.deadline - now).total_seconds()
+        return "due" if left <= 0 else f"in {human_seconds(left)}"
+    reason = str(record.end_reason) if record.end_reason else "-"
+    if record.status is SessionStatus.ENDING and record.attempts > 1:
+        return f"{reason} (try {record.attempts})"
+    return reason
+
+
+def _meta_text(metadata: dict[str, Any]) -> str:
+    return " ".join(
+        f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in metadata.items()
+    )
+
+
+def new_table() -> Table:
+    """The one table style: a rule under the header, two blanks between columns, no frame."""
+    return Table(
+        box=box.SIMPLE_HEAD,
+        padding=(0, COLUMN_GAP - 1, 0, 0),
+        pad_edge=False,
+        show_edge=False,
+        header_style="bold",
+    )
+
+
+def records_table(records: Sequence[SessionRecord], now: datetime, *, width: int | None) -> Table:
+    """Sessions as rows. Within ``width`` columns the session id, agent and end reason are cut
+    short first (a local id works wherever a session id does); ``None`` shows everything."""
+    headers = ["ID", "SESSION ID", "STATUS", "AGENT", "CREATED", "IDLE", "END"]
+    rows = [
+        [
+            str(r.id),
+            r.session_id or "-",
+            str(r.status),
+            r.agent_id or r.agent_image_url or "-",
+            _short_time(r.created_at) if width else _iso_seconds(r.created_at),
+            _idle_cell(r, now),
+            _end_cell(r, now),
+        ]
+        for r in records
+    ]
+    if width is None:
+        headers[4] = "CREATED (UTC)"
+        headers += ["DEADLINE", "COST", "METADATA", "ROOM URL", "CONTROL URL", "LAST ERROR"]
+        for row, r in zip(rows, records, strict=True):
+            row += [
+                _iso_seconds(r.deadline),
+                "" if r.cost is None else f"{r.cost:g}",
+                _meta_text(r.metadata),
+                r.room_url or "",
+                r.control_url or "",
+                r.last_error or "",
+            ]
+    caps: dict[int, int] = {}
+    if width is not None:
+        natural = [
+            max([cell_len(h), *(cell_len(row[i]) for row in rows)]) for i, h in enumerate(headers)
+        ]
+        excess = sum(natural) + COLUMN_GAP * (len(headers) - 1) - width
+        for index, minimum in SHRINK_ORDER:
+            if excess <= 0:
+                break
+            cut = min(excess, max(0, natural[index] - minimum))
+            caps[index] = natural[index] - cut
+            excess -= cut
+    table = new_table()
+    for i, header in enumerate(headers):
+        table.add_column(
+            header,
+            justify="right" if header in ("ID", "IDLE", "COST") else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=caps.get(i),
+        )
+    for row in rows:
+        cells = [Text(cell) for cell in row]
+        cells[2].stylize(_STATUS_STYLE.get(row[2], ""))
+        table.add_row(*cells)
+    return table
+
+
+def _seconds_cell(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    short, exact = human_seconds(seconds), f"{seconds:g}s"
+    return short if short == exact else f"{short} ({exact})"
+
+
+def _relative(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "-"
+    delta = (moment - now).total_seconds()
+    when = f"in {human_seconds(delta)}" if delta > 0 else f"{human_seconds(delta)} ago"
+    return f"{_iso_seconds(moment)} ({when})"
+
+
+def record_view(record: SessionRecord, now: datetime, *, wide: bool) -> Table:
+    """One session as field / value lines; long URLs shortened unless ``wide``."""
+
+    def url(value: str | None) -> Text:
+        return Text("-" if value is None else value if wide else shorten(value))
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    rows: list[tuple[str, Text | str]] = [
+        ("id", str(record.id)),
+        ("session_id", Text(record.session_id or "-")),
+        ("status", _status_text(record.status)),
+        ("agent_id", Text(record.agent_id or "-")),
+        ("agent_image_url", url(record.agent_image_url)),
+        ("agent_prompt", Text(record.agent_prompt or "-")),
+        ("idle_timeout", "-" if record.idle_timeout is None else f"{record.idle_timeout}s"),
+        ("room_url", url(record.room_url)),
+        ("control_url", url(record.control_url)),
+        ("idle_window", _seconds_cell(record.idle_window)),
+        ("max_age", _seconds_cell(record.max_age)),
+        ("created_at", _relative(record.created_at, now)),
+        ("updated_at", _relative(record.updated_at, now)),
+        ("last_activity_at", _relative(record.last_activity_at, now)),
+        ("deadline", _relative(record.deadline, now)),
+        ("ended_at", _relative(record.ended_at, now)),
+        ("end_reason", str(record.end_reason or "-")),
+        ("remote_status", record.remote_status or "-"),
+        ("cost", "-" if record.cost is None else f"{record.cost:g}"),
+        ("attempts", str(record.attempts)),
+        ("next_attempt_at", _relative(record.next_attempt_at, now)),
+        ("last_error", Text(record.last_error or "-")),
+        ("lease_owner", record.lease_owner or "-"),
+        ("lease_until", _relative(record.lease_until, now)),
+        ("metadata", Text(_meta_text(record.metadata) or "-")),
+    ]
+    for name, value in rows:
+        grid.add_row(name, value)
+    return grid
+
+
+def events_table(events: Sequence[SessionEvent]) -> Table:
+    table = new_table()
+    table.add_column("AT (UTC)", no_wrap=True)
+    table.add_column("FROM", no_wrap=True)
+    table.add_column("TO", no_wrap=True)
+    table.add_column("REASON", no_wrap=True)
+    table.add_column("DETAIL", overflow="fold")
+    for e in events:
+        table.add_row(
+            e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            str(e.from_status or "-"),
+            _status_text(e.to_status),
+            str(e.reason or ""),
+            Text(e.detail or ""),
+        )
+    return table
+
+
+def _print_record(record: SessionRecord, *, as_json: bool, wide: bool, now: datetime) -> None:
+    if as_json:
+        _echo_json(record.to_dict())
+    else:
+        print_out(record_view(record, now, wide=wide), wide=wide)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr when it is a terminal; otherwise nothing at all."""
+    console = stderr_console()
+    if not console.is_terminal:
+        yield lambda _n: None
+        return
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+# --- batch results ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class EndOutcome:
+    """What ending one session of a batch came to."""
+
+    key: str
+    outcome: str  # ended | unchanged | busy | failed | not_found
+    message: str
+    record: SessionRecord | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "outcome": self.outcome,
+            "message": self.message,
+            "session": self.record.to_dict() if self.record else None,
+        }
+
+
+def batch_exit_code(*, done: int, failed: int, not_found: int) -> int:
+    """1 when nothing could be done, 4 when only part of it, 3 for unknown ids, else 0."""
+    if failed:
+        return EXIT_PARTIAL if done else EXIT_FAILURE
+    return EXIT_NOT_FOUND if not_found else EXIT_OK
+
+
+async def _end_many(
+    manager: SessionManager,
+    keys: Sequence[str],
+    *,
+    reason: EndReason,
+    concurrency: int,
+    advance: Callable[[int], None],
+) -> list[EndOutcome]:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def end_one(key: str) -> EndOutcome:
+        async with gate:
+            try:
+                result = await manager.end_session(key, reason=reason)
+            except SessionNotFound as exc:
+                return EndOutcome(key, "not_found", str(exc), None)
+            except SessionMgrError as exc:  # terminate failed (rescheduled) or still pending
+                record = await manager.repository.find(key)
+                message = describe(exc)
+                if record is not None and record.status is SessionStatus.ENDING:
+                    message += "; the reaper retries it"
+                return EndOutcome(key, "failed", message, record)
+            finally:
+                advance(1)
+        if result.changed:
+            outcome = "ended"
+        elif result.record.status in FINAL_STATUSES:
+            outcome = "unchanged"
+        else:
+            outcome = "busy"  # another process holds it and is ending it
+        return EndOutcome(key, outcome, result.message, result.record)
+
+    return list(await asyncio.gather(*(end_one(k) for k in keys)))
+
+
+def _label(outcome: EndOutcome) -> str:
+    record = outcome.record
+    if record is None:
+        return outcome.key
+    return f"#{record.id} {record.session_id or '(no session_id)'}"
+
+
+def report_end_outcomes(outcomes: Sequence[EndOutcome], *, as_json: bool, extra: Any = None) -> int:
+    """Print results (stdout) and failures (stderr); returns the exit code of the batch."""
+    if as_json:
+        _echo_json(extra if extra is not None else [o.to_dict() for o in outcomes])
+    errors: list[str] = []
+    for o in outcomes:
+        if o.outcome == "not_found":
+            errors.append(o.message)
+        elif o.outcome == "failed":
+            errors.append(f"{_label(o)}: {o.message}")
+        elif not as_json:
+            click.echo(f"{_label(o)}: {o.message}")
+    for error in errors[:MAX_ERRORS_SHOWN]:
+        click.echo(f"error: {_scrub(error)}", err=True)
+    if len(errors) > MAX_ERRORS_SHOWN:
+        click.echo(f"error: ... and {len(errors) - MAX_ERRORS_SHOWN} more", err=True)
+    done = sum(o.outcome in ("ended", "unchanged", "busy") for o in outcomes)
+    failed = sum(o.outcome == "failed" for o in outcomes)
+    not_found = sum(o.outcome == "not_found" for o in outcomes)
+    if failed and len(outcomes) > 1:
+        click.echo(
+            f"error: {failed} of {len(outcomes)} sessions could not be ended now; "
+            "the reaper retries them (see `sessionmgr list --status ending`)",
+            err=True,
+        )
+    return batch_exit_code(done=done, failed=failed, not_found=not_found)
+
+
+# --- create, end, touch, adopt ---------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--agent-id", help="ID of a LemonSlice agent.")
+@click.option("--agent-image-url", help="URL of an agent image.")
+@click.option(
+    "--agent-image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A PNG file to animate (sent as multipart form data).",
+)
+@click.option("--agent-prompt", help="Prompt for the agent.")
+@click.option(
+    "--idle-timeout",
+    type=int,
+    help="Seconds LemonSlice itself waits before ending an idle session (negative: never).",
+)
+@click.option("--daily-room-url", help="Daily room to join.")
+@click.option("--daily-token", help="Daily meeting token (never stored or printed).")
+@click.option(
+    "--property",
+    "properties",
+    type=KEY_JSON,
+    multiple=True,
+    help="Connection property KEY=VALUE (repeatable; JSON values allowed).",
+)
+@click.option(
+    "--extra",
+    type=KEY_JSON,
+    multiple=True,
+    help="Extra top-level request field KEY=VALUE (repeatable; JSON values allowed).",
+)
+@click.option(
+    "--idle-window", type=POSITIVE_DURATION, help="Idle time before the reaper ends it (e.g. 5m)."
+)
+@click.option("--max-age", type=POSITIVE_DURATION, help="Longest life before the reaper ends it.")
+@click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE stored with it.")
+@_json_option
+@click.option("--wide", is_flag=True, help="Show long URLs in full.")
+@click.pass_obj
+def create(
+    obj: CliContext,
+    agent_id: str | None,
+    agent_image_url: str | None,
+    agent_image: Path | None,
+    agent_prompt: str | None,
+    idle_timeout: int | None,
+    daily_room_url: str | None,
+    daily_token: str | None,
+    properties: tuple[tuple[str, Any], ...],
+    extra: tuple[tuple[str, Any], ...],
+    idle_window: float | None,
+    max_age: float | None,
+    meta: tuple[tuple[str, str], ...],
+    as_json: bool,
+    wide: bool,
+) -> None:
+    """Start a session and record it; prints the record."""
+    sources = [s for s in (agent_id, agent_image_url, agent_image) if s is not None]
+    if len(sources) != 1:
+        raise click.UsageError("give exactly one of --agent-id, --agent-image-url, --agent-image")
+    if daily_token:
+        _SECRETS.add(daily_token)
+    for key, value in properties:
+        if isinstance(value, str) and _SECRET_HINT.search(key) and value:
+            _SECRETS.add(value)
+    image = agent_image.read_bytes() if agent_image is not None else None
+
+    async def go() -> SessionRecord:
+        async with open_manager(obj.settings) as manager:
+            try:
+                return await manager.create_session(
+                    agent_id=agent_id,
+                    agent_image_url=agent_image_url,
+                    agent_image=image,
+                    agent_prompt=agent_prompt,
+                    idle_timeout=idle_timeout,
+                    daily_room_url=daily_room_url,
+                    daily_token=daily_token,
+                    connection_properties=dict(properties) or None,
+                    extra_properties=dict(extra) or None,
+                    idle_window=idle_window,
+                    max_age=max_age,
+                    metadata=dict(meta) or None,
+                )
+            except ValueError as exc:  # the client's own argument checks (e.g. not a PNG)
+                raise click.UsageError(str(exc)) from None
+
+    record = run(go())
+    _print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
+
+
+@cli.command()
+@click.argument("session_ids", metavar="SESSION_ID...", nargs=-1, required=True)
+@click.option(
+    "--reason",
+    type=click.Choice(MANUAL_REASONS),
+    default=EndReason.MANUAL.value,
+    show_default=True,
+    help="End reason recorded.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=END_CONCURRENCY,
+    show_default=True,
+    help="Terminate requests in flight at once.",
+)
+@_json_option
+@click.pass_obj
+def end(
+    obj: CliContext, session_ids: tuple[str, ...], reason: str, concurrency: int, as_json: bool
+) -> None:
+    """End sessions now.
+
+    SESSION_ID is a local id or a LemonSlice session_id.
+    Exit 3 if an id is unknown, 4 if some could not be ended (the reaper retries them), 1 if none
+    could.
+    """
+
+    async def go() -> list[EndOutcome]:
+        async with open_manager(obj.settings) as manager:
+            with progress_bar("ending", len(session_ids)) as advance:
+                return await _end_many(
+                    manager,
+                    list(dict.fromkeys(session_ids)),
+                    reason=EndReason(reason),
+                    concurrency=concurrency,
+                    advance=advance,
+                )
+
+    code = report_end_outcomes(run(go()), as_json=as_json)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("session_ids", metavar="SESSION_ID...", nargs=-1, required=True)
+@_json_option
+@click.pass_obj
+def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
+    """Record activity now for active sessions.
+
+    SESSION_ID is a local id or a LemonSlice session_id.
+    Exit 3 if any id is unknown; sessions that are not active are reported and left alone.
+    """
+
+    async def go() -> tuple[list[SessionRecord], list[SessionRecord], list[str]]:
+        async with open_repository(obj.settings) as repo:
+            found: dict[str, SessionRecord] = {}
+            unknown: list[str] = []
+            for key in dict.fromkeys(session_ids):
+                record = await repo.find(key)
+                if record is None:
+                    unknown.append(key)
+                else:
+                    found[key] = record
+            wanted = [
+                r.session_id
+                for r in found.values()
+                if r.status is SessionStatus.ACTIVE and r.session_id is not None
+            ]
+            touched_ids = await repo.touch_many(wanted) if wanted else set()
+            touched = [r for r in found.values() if r.session_id in touched_ids]
+            idle = [r for r in found.values() if r.session_id not in touched_ids]
+            return touched, idle, unknown
+
+    touched, not_active, unknown = run(go())
+    if as_json:
+        _echo_json(
+            {
+                "touched": [r.to_dict() for r in touched],
+                "not_active": [r.to_dict() for r in not_active],
+                "unknown": unknown,
+            }
+        )
+    else:
+        for r in touched:
+            click.echo(f"#{r.id} {r.session_id}: touched")
+    for r in not_active:
+        label = r.session_id or "(no session_id)"
+        click.echo(f"warning: #{r.id} {label} is {r.status}, not touched", err=True)
+    for key in unknown:
+        click.echo(
+            f"error: no session with id or session_id {key!r}: see `sessionmgr list`", err=True
+        )
+    sys.exit(EXIT_NOT_FOUND if unknown else EXIT_OK)
+
+
+@cli.command()
+@click.argument("session_id")
+@click.option("--control-url", help="Its control URL [default: derived from --api-url].")
+@click.option("--room-url", help="Its room URL, for the record.")
+@click.option("--agent-id", help="The agent it runs, for the record.")
+@click.option("--idle-window", type=POSITIVE_DURATION, help="Idle time before the reaper ends it.")
+@click.option("--max-age", type=POSITIVE_DURATION, help="Longest life before the reaper ends it.")
+@click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE stored with it.")
+@_json_option
+@click.option("--wide", is_flag=True, help="Show long URLs in full.")
+@click.pass_obj
+def adopt(
+    obj: CliContext,
+    session_id: str,
+    control_url: str | None,
+    room_url: str | None,
+    agent_id: str | None,
+    idle_window: float | None,
+    max_age: float | None,
+    meta: tuple[tuple[str, str], ...],
+    as_json: bool,
+    wide: bool,
+) -> None:
+    """Guard a session created elsewhere.
+
+    For sessions started outside sessionmgr (e.g. by pipecat's own transport). The reaper
+    then ends it like any other once it is idle or too old.
+    """
+
+    async def go() -> tuple[SessionRecord, bool]:
+        async with open_manager(obj.settings) as manager:
+            known = await manager.repository.find(session_id)
+            record = await manager.adopt_session(
+                session_id,
+                control_url,
+                room_url,
+                idle_window=idle_window,
+                max_age=max_age,
+                agent_id=agent_id,
+                metadata=dict(meta) or None,
+            )
+            return record, known is None
+
+    record, adopted = run(go())
+    if not as_json:
+        click.echo(f"adopted as #{record.id}" if adopted else f"already known as #{record.id}")
+    _print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
+
+
+# --- list, show, stats -----------------------------------------------------------------------
+
+
+@cli.command(name="list")
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice([s.value for s in SessionStatus]),
+    multiple=True,
+    help="Only this status (repeatable).",
+)
+@click.option("--agent-id", help="Only this agent.")
+@click.option("--since", type=MOMENT, help="Created at or after (ISO time, or e.g. 2h, 7d ago).")
+@click.option("--until", type=MOMENT, help="Created before (ISO time, or e.g. 2h, 7d ago).")
+@click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE (repeatable: all).")
+@click.option("--idle-for", type=DURATION, help="No activity for at least this long (e.g. 10m).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, MAX_PAGE),
+    default=LIST_LIMIT,
+    show_default=True,
+    help="Rows per page.",
+)
+@click.option("--after", metavar="CURSOR", help="Next page: the cursor the last page printed.")
+@click.option(
+    "--sort",
+    type=click.Choice(tuple(SORTS)),
+    default="-created_at",
+    show_default=True,
+    help="Order ('-' = descending; last_activity_at = idle longest first).",
+)
+@click.option("--json", "fmt", flag_value="json", help="One JSON array.")
+@click.option("--jsonl", "fmt", flag_value="jsonl", help="One JSON object per line.")
+@click.option("--csv", "fmt", flag_value="csv", help="CSV with a header row.")
+@click.option("--wide", is_flag=True, help="Every column, nothing truncated.")
+@click.pass_obj
+def list_(
+    obj: CliContext,
+    statuses: tuple[str, ...],
+    agent_id: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    meta: tuple[tuple[str, str], ...],
+    idle_for: float | None,
+    limit: int,
+    after: str | None,
+    sort: str,
+    fmt: str | None,
+    wide: bool,
+) -> None:
+    """List sessions, newest first.
+
+    When there are more rows than --limit, the cursor of the next page is printed on stderr.
+    """
+    flt = SessionFilter(
+        statuses=[SessionStatus(s) for s in statuses] or None,
+        agent_id=agent_id,
+        created_after=since,
+        created_before=until,
+        meta=dict(meta),
+        idle_for=idle_for,
+    )
+
+    async def go() -> tuple[Page, datetime]:
+        async with open_repository(obj.settings) as repo:
+            try:
+                page = await repo.list(flt, limit=limit, after=after, sort=sort)
+            except ValueError as exc:  # a cursor from another query or a damaged one
+                raise click.BadParameter(str(exc), param_hint="--after/--sort") from None
+            return page, repo.clock.now()
+
+    page, now = run(go())
+    if fmt == "json":
+        _echo_json([r.to_dict() for r in page.items])
+    elif fmt == "jsonl":
+        for r in page.items:
+            click.echo(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
+    elif fmt == "csv":
+        click.echo(records_csv(page.items), nl=False)
+    elif page.items:
+        width = None if wide else stdout_console().width
+        print_out(records_table(page.items, now, width=width), wide=wide)
+    else:
+        click.echo("no sessions match", err=True)
+    if page.next_cursor:
+        click.echo(f"more: add --after {page.next_cursor}", err=True)
+
+
+CSV_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
+
+
+def records_csv(records: Sequence[SessionRecord]) -> str:
+    """Record fields as columns; times ISO-8601 UTC, metadata as JSON, None as empty."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        row = r.to_dict()
+        row["metadata"] = json.dumps(row["metadata"], ensure_ascii=False, sort_keys=True)
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    return out.getvalue()
+
+
+@cli.command()
+@click.argument("session_id")
+@_json_option
+@click.option("--wide", is_flag=True, help="Show long URLs in full.")
+@click.pass_obj
+def show(obj: CliContext, session_id: str, as_json: bool, wide: bool) -> None:
+    """One session and its lifecycle events.
+
+    SESSION_ID is a local id or a LemonSlice session_id. Exit 3 if unknown.
+    """
+
+    async def go() -> tuple[SessionRecord, list[SessionEvent], datetime]:
+        async with open_repository(obj.settings) as repo:
+            record = await repo.get(session_id)
+            return record, await repo.events(record.id), repo.clock.now()
+
+    record, events, now = run(go())
+    if as_json:
+        _echo_json({**record.to_dict(), "events": [e.to_dict() for e in events]})
+        return
+    print_out(
+        record_view(record, now, wide=wide),
+        "",
+        events_table(events) if events else "no events",
+        wide=wide,
+    )
+
+
+@cli.command()
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3660),
+    default=STATS_DAYS,
+    show_default=True,
+    help="Days of per-day history (UTC).",
+)
+@_json_option
+@click.pass_obj
+def stats(obj: CliContext, days: int, as_json: bool) -> None:
+    """Counts, live sessions, durations and credits.
+
+    Sessions per status, the oldest live one, sessions created and ended per UTC day, duration
+    percentiles and credits of the sessions that ended in the last --days.
+    """
+
+    async def go() -> tuple[Stats, datetime]:
+        async with open_repository(obj.settings) as repo:
+            return await repo.stats(days=days), repo.clock.now()
+
+    result, now = run(go())
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    grid.add_row(
+        "sessions",
+        "  ".join(f"{s.value} {result.by_status.get(s.value, 0)}" for s in SessionStatus),
+    )
+    grid.add_row("live now", str(result.live))
+    oldest = result.oldest_live
+    if oldest is not None:
+        age = human_seconds((now - oldest.created_at).total_seconds())
+        grid.add_row(
+            "oldest live",
+            Text(
+                f"#{oldest.id} {oldest.session_id or '(pending)'} {oldest.agent_id or ''} "
+                f"created {_iso_seconds(oldest.created_at)} ({age} ago)"
+            ),
+        )
+    else:
+        grid.add_row("oldest live", "-")
+
+    def dur(value: float | None) -> str:
+        return "-" if value is None else human_seconds(value)
+
+    grid.add_row(
+        f"duration p50/p95 ({days}d)",
+        f"{dur(result.duration_p50)} / {dur(result.duration_p95)}",
+    )
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.end_reasons.items()))
+    grid.add_row(f"end reasons ({days}d)", reasons or "-")
+    table = new_table()
+    table.add_column("DAY (UTC)", no_wrap=True)
+    for name in ("CREATED", "ENDED", "CREDITS"):
+        table.add_column(name, justify="right", no_wrap=True)
+    for d in result.per_day:
+        table.add_row(
+            d.day.isoformat(),
+            str(d.created),
+            str(d.ended),
+            "-" if d.credits is None else f"{d.credits:g}",
+        )
+    print_out(grid, "", table)
+
+
+# --- reap, end-all, reconcile, prune ---------------------------------------------------------
+
+
+def _due_reason(record: SessionRecord, now: datetime) -> str:
+    if record.end_reason:
+        return str(record.end_reason)
+    if record.max_age is not None and record.created_at + timedelta(seconds=record.max_age) <= now:
+        return EndReason.MAX_AGE.value
+    return EndReason.IDLE.value
+
+
+def _idle_at(record: SessionRecord, now: datetime) -> str:
+    """How long the session had been idle: until now if live, until its end if finished."""
+    if record.status is SessionStatus.PENDING:
+        return ""
+    until = now if record.live else (record.ended_at or record.updated_at)
+    return human_seconds((until - record.last_activity_at).total_seconds())
+
+
+def brief_table(rows: Sequence[tuple[SessionRecord, str]], now: datetime, last: str) -> Table:
+    """The few columns that say which sessions a batch command touched and how."""
+    table = new_table()
+    table.add_column("ID", justify="right", no_wrap=True)
+    table.add_column("SESSION ID", no_wrap=True, overflow="ellipsis")
+    table.add_column("AGENT", overflow="fold")
+    table.add_column("IDLE", justify="right", no_wrap=True)
+    table.add_column(last, overflow="fold")
+    for r, value in rows:
+        table.add_row(
+            str(r.id), Text(r.session_id or "-"), Text(r.agent_id or "-"), _idle_at(r, now), value
+        )
+    return table
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Only list what is due; end nothing.")
+@click.option(
+    "--concurrency", type=click.IntRange(min=1), help="Terminate requests in flight at once."
+)
+@_json_option
+@click.pass_obj
+def reap(obj: CliContext, dry_run: bool, concurrency: int | None, as_json: bool) -> None:
+    """End every due session now: one reaper pass, for cron.
+
+    Due means past its idle window or its max age.
+    Safe beside `serve` and other reaps: each session is ended once. Exit 4 if some due sessions
+    could not be ended (they stay due and are retried), 1 if none could.
+    """
+    ended: list[SessionRecord] = []
+
+    async def go() -> tuple[TickResult, list[SessionRecord], datetime]:
+        with progress_bar("reaping", None) as advance:
+
+            async def on_ended(record: SessionRecord) -> None:
+                ended.append(record)
+                advance(1)
+
+            async with open_manager(
+                obj.settings, needs_api=not dry_run, concurrency=concurrency, on_ended=on_ended
+            ) as manager:
+                result = await manager.reaper.run_once(dry_run=dry_run)
+                failed = [
+                    await manager.repository.find(r.id) or r
+                    for r in result.outcomes[Outcome.RESCHEDULED]
+                ]
+                return result, failed, manager.clock.now()
+
+    result, failed, now = run(go())
+    if dry_run:
+        due = result.due
+        if as_json:
+            _echo_json({"dry_run": True, "due": [r.to_dict() for r in due]})
+        elif due:
+            print_out(brief_table([(r, _due_reason(r, now)) for r in due], now, "REASON"))
+            click.echo(f"would end {len(due)} session(s)")
+        else:
+            click.echo("nothing due")
+        return
+    lost = result.outcomes[Outcome.LOST]
+    if as_json:
+        _echo_json(
+            {
+                "dry_run": False,
+                "ended": [r.to_dict() for r in ended],
+                "failed": [r.to_dict() for r in failed],
+                "lost": [r.to_dict() for r in lost],
+            }
+        )
+    else:
+        if ended:
+            rows = [(r, str(r.end_reason or "")) for r in ended]
+            print_out(brief_table(rows, now, "REASON"))
+        by_reason = collections.Counter(str(r.end_reason) for r in ended)
+        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(by_reason.items()))
+        click.echo(f"ended {len(ended)} session(s)" + (f" ({detail})" if detail else ""))
+        if lost:
+            click.echo(f"{len(lost)} taken over by another process")
+    if result.auth_failed:
+        fail(
+            "LemonSlice rejected the API key; due sessions stay due: fix --api-key / "
+            f"{ENV_API_KEY}",
+            EXIT_FAILURE,
+        )
+    if failed:
+        errors = {r.last_error for r in failed if r.last_error}
+        sample = f": {_scrub(sorted(errors)[0])}" if errors else ""
+        fail(
+            f"{len(failed)} due session(s) could not be ended now and will be retried{sample}",
+            EXIT_PARTIAL if ended else EXIT_FAILURE,
+        )
+
+
+@cli.command(name="end-all")
+@click.option(
+    "--status",
+    "statuses",
+    type=click.Choice([SessionStatus.ACTIVE.value, SessionStatus.ENDING.value]),
+    multiple=True,
+    help="Only this status (repeatable) [default: active and ending].",
+)
+@click.option("--agent-id", help="Only this agent.")
+@click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE (repeatable: all).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be ended.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--reason",
+    type=click.Choice(MANUAL_REASONS),
+    default=EndReason.MANUAL.value,
+    show_default=True,
+    help="End reason recorded.",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=END_CONCURRENCY,
+    show_default=True,
+    help="Terminate requests in flight at once.",
+)
+@_json_option
+@click.pass_obj
+def end_all(
+    obj: CliContext,
+    statuses: tuple[str, ...],
+    agent_id: str | None,
+    meta: tuple[tuple[str, str], ...],
+    dry_run: bool,
+    yes: bool,
+    reason: str,
+    concurrency: int,
+    as_json: bool,
+) -> None:
+    """End every matching live session.
+
+    Asks first unless --yes or --dry-run.
+    Without a terminal to ask on, it refuses unless --yes. Exit 4 if some could not be ended.
+    """
+    flt = SessionFilter(
+        statuses=[SessionStatus(s) for s in statuses]
+        or [SessionStatus.ACTIVE, SessionStatus.ENDING],
+        agent_id=agent_id,
+        meta=dict(meta),
+    )
+
+    async def go() -> tuple[list[SessionRecord], list[EndOutcome] | None]:
+        async with open_manager(obj.settings, needs_api=not dry_run) as manager:
+            matches: list[SessionRecord] = []
+            cursor: str | None = None
+            while True:
+                page = await manager.repository.list(
+                    flt, limit=WALK_PAGE, after=cursor, sort="created_at"
+                )
+                matches.extend(page.items)
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            if dry_run or not matches:
+                return matches, None
+            if not yes:
+                if not stdin_is_tty():
+                    fail(
+                        f"refusing to end {len(matches)} session(s) without confirmation: "
+                        "pass --yes (or --dry-run to list them)",
+                        EXIT_USAGE,
+                    )
+                if not click.confirm(f"End {len(matches)} live session(s)?", err=True):
+                    fail("aborted: nothing ended", EXIT_FAILURE)
+            with progress_bar("ending", len(matches)) as advance:
+                outcomes = await _end_many(
+                    manager,
+                    [str(r.id) for r in matches],
+                    reason=EndReason(reason),
+                    concurrency=concurrency,
+                    advance=advance,
+                )
+            return matches, outcomes
+
+    matches, outcomes = run(go())
+    if outcomes is None:
+        if as_json:
+            _echo_json(
+                {
+                    "dry_run": dry_run,
+                    "matched": len(matches),
+                    "results": [],
+                    "would_end": [r.to_dict() for r in matches],
+                }
+            )
+        elif matches:
+            rows = [(r, str(r.status)) for r in matches]
+            print_out(brief_table(rows, datetime.now(UTC), "STATUS"))
+            click.echo(f"would end {len(matches)} session(s)")
+        else:
+            click.echo("no live sessions match")
+        return
+    payload = {
+        "dry_run": False,
+        "matched": len(matches),
+        "results": [o.to_dict() for o in outcomes],
+        "would_end": [],
+    }
+    code = report_end_outcomes(outcomes, as_json=as_json, extra=payload)
+    if not as_json:
+        ended = sum(o.outcome == "ended" for o in outcomes)
+        click.echo(f"ended {ended} of {len(matches)} session(s)")
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Report only; change nothing locally or remotely.")
+@click.option(
+    "--end-orphans",
+    is_flag=True,
+    help="Also end live remote sessions this database does not know (they may be another "
+    "system's: only if this API key is yours alone).",
+)
+@_json_option
+@click.pass_obj
+def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) -> None:
+    """Compare the database with LemonSlice and repair it.
+
+    Records remote status and cost of live sessions, ends the ones LemonSlice already finished,
+    resolves creates whose answer was lost, and reports remote sessions unknown here (orphans).
+    Exit 4 if some checks failed, 1 if the API could not be used at all.
+    """
+
+    async def go() -> ReconcileReport:
+        async with open_manager(obj.settings) as manager:
+            return await manager.reconcile(dry_run=dry_run, end_orphans=end_orphans)
+
+    report = run(go())
+    errors = [_scrub(e) for e in report.errors]
+    nothing_done = not (report.checked or report.adopted or report.orphans)
+    if as_json:
+        _echo_json(report.to_dict())
+    elif not (errors and nothing_done):
+        _print_reconcile(report, end_orphans=end_orphans)
+    if errors and nothing_done:  # the API could not be used at all: one line says why
+        more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+        fail(f"{errors[0]}{more}", EXIT_FAILURE)
+    if errors:
+        for error in errors[:MAX_ERRORS_SHOWN]:
+            click.echo(f"error: {error}", err=True)
+        if len(errors) > MAX_ERRORS_SHOWN:
+            click.echo(f"error: ... and {len(errors) - MAX_ERRORS_SHOWN} more", err=True)
+        sys.exit(EXIT_PARTIAL)
+
+
+def _print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
+    now = datetime.now(UTC)
+    dry = report.dry_run
+    click.echo(f"checked {report.checked} live session(s) with LemonSlice")
+    if report.ended_remote:
+        verb = "would end" if dry else "ended"
+        click.echo(f"{verb} {len(report.ended_remote)} that LemonSlice had already finished:")
+        rows = [(r, str(r.end_reason or r.remote_status or "")) for r in report.ended_remote]
+        print_out(brief_table(rows, now, "REASON"))
+    if report.adopted:
+        verb = "would adopt and end" if dry else "adopted and ended"
+        click.echo(f"{verb} {len(report.adopted)} session(s) whose create answer was lost:")
+        print_out(brief_table([(r, str(r.status)) for r in report.adopted], now, "STATUS"))
+    if report.intents_failed:
+        verb = "would mark" if dry else "marked"
+        click.echo(
+            f"{verb} {len(report.intents_failed)} unresolved create(s) failed "
+            "(no matching remote session)"
+        )
+    if report.orphans:
+        ended = set(report.orphans_ended)
+        hint = "" if end_orphans else " (--end-orphans ends them)"
+        click.echo(f"{len(report.orphans)} live remote session(s) unknown here{hint}:")
+        table = new_table()
+        for name in ("SESSION ID", "REMOTE STATUS", "CREATED (UTC)", "ACTION"):
+            table.add_column(name, no_wrap=True)
+        for o in report.orphans:
+            if o.session_id in ended:
+                action = "ended"
+            elif end_orphans:
+                action = "would end" if dry else "not ended (see errors)"
+            else:
+                action = "left running"
+            table.add_row(Text(o.session_id), o.status or "-", _iso_seconds(o.created_at), action)
+        print_out(table)
+    if not (report.ended_remote or report.adopted or report.intents_failed or report.orphans):
+        click.echo("nothing to repair")
+
+
+@cli.command()
+@click.option(
+    "--older-than",
+    type=POSITIVE_DURATION,
+    required=True,
+    help="Delete ended/failed sessions that ended longer ago than this (e.g. 30d).",
+)
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=PRUNE_BATCH,
+    show_default=True,
+    help="Rows deleted per transaction.",
+)
+@_json_option
+@click.pass_obj
+def prune(
+    obj: CliContext, older_than: float, dry_run: bool, batch_size: int, as_json: bool
+) -> None:
+    """Delete old ended and failed sessions.
+
+    Their lifecycle events go with them. Rows are deleted in batches, so a running backend
+    never waits long.
+    """
+
+    async def go() -> tuple[int, datetime]:
+        async with open_repository(obj.settings) as repo:
+            cutoff = repo.clock.now() - timedelta(seconds=older_than)
+            total: int | None = None
+            if not dry_run and stderr_console().is_terminal:  # a bar needs its total first
+                total = await repo.prune(older_than=cutoff, batch_size=batch_size, dry_run=True)
+            with progress_bar("pruning", total) as advance:
+                done = 0
+
+                def progress(deleted_so_far: int) -> None:
+                    nonlocal done
+                    advance(deleted_so_far - done)
+                    done = deleted_so_far
+
+                count = await repo.prune(
+                    older_than=cutoff, batch_size=batch_size, dry_run=dry_run, progress=progress
+                )
+            return count, cutoff
+
+    count, cutoff = run(go())
+    if as_json:
+        _echo_json({"dry_run": dry_run, "older_than": _iso(cutoff), "pruned": count})
+    else:
+        verb = "would delete" if dry_run else "deleted"
+        click.echo(f"{verb} {count} session(s) that ended before {_iso_seconds(cutoff)}")
+
+
+# --- serve, demo -----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option(
+    "--idle-window",
+    type=POSITIVE_DURATION,
+    help=f"Idle time before a session ends [default: SESSIONMGR_IDLE_WINDOW, else "
+    f"{human_seconds(config.IDLE_WINDOW)}].",
+)
+@click.option(
+    "--max-age",
+    type=DURATION_OR_OFF,
+    help=f"Longest life of a session, 'off' for none [default: SESSIONMGR_MAX_AGE, else "
+    f"{human_seconds(config.MAX_AGE)}].",
+)
+@click.option(
+    "--interval",
+    type=POSITIVE_DURATION,
+    help=f"Time between reaper ticks [default: SESSIONMGR_REAPER_INTERVAL, else "
+    f"{human_seconds(config.REAPER_INTERVAL)}].",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    help=f"Terminates in flight at once [default: SESSIONMGR_REAPER_CONCURRENCY, else "
+    f"{config.REAPER_CONCURRENCY}].",
+)
+@click.option(
+    "--lease",
+    type=POSITIVE_DURATION,
+    help=f"How long a claim is held before another process may take it over [default: "
+    f"SESSIONMGR_LEASE, else {human_seconds(config.LEASE)}].",
+)
+@click.option(
+    "--reconcile-every",
+    type=DURATION_OR_OFF,
+    default=f"{RECONCILE_INTERVAL:g}s",
+    show_default=True,
+    help="Time between reconcile passes ('off': never).",
+)
+@click.option(
+    "--grace",
+    type=DURATION,
+    default=f"{SHUTDOWN_GRACE:g}s",
+    show_default=True,
+    help="How long in-flight terminates may finish after SIGTERM.",
+)
+@click.pass_obj
+def serve(
+    obj: CliContext,
+    idle_window: float | None,
+    max_age: float | None,
+    interval: float | None,
+    concurrency: int | None,
+    lease: float | None,
+    reconcile_every: float,
+    grace: float,
+) -> None:
+    """Run the reaper until SIGTERM: the long-running process.
+
+    Migrates the database first, then ends due sessions every --interval and reconciles with
+    LemonSlice every --reconcile-every; logs at INFO on stderr.
+    """
+    from .server import serve as serve_forever  # the module's name is taken by this command
+
+    _require_api_key(obj.settings)
+    changes: dict[str, Any] = {
+        "idle_window": idle_window,
+        "reaper_interval": interval,
+        "reaper_concurrency": concurrency,
+        "lease": lease,
+    }
+    settings = dataclasses.replace(
+        obj.settings, **{k: v for k, v in changes.items() if v is not None}
+    )
+    if max_age is not None:
+        settings = dataclasses.replace(settings, max_age=_off_to_none(max_age))
+    configure_logging(
+        level=logging.DEBUG if obj.verbose else logging.INFO, fmt=obj.log_format, stream=sys.stderr
+    )
+    run(serve_forever(settings, reconcile_interval=_off_to_none(reconcile_every), grace=grace))
+
+
+@cli.command()
+@click.option(
+    "--database",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="sessionmgr-demo.db",
+    show_default=True,
+    help="SQLite file the demo writes (replaced if it exists).",
+)
+def demo(database: Path) -> None:
+    """Watch the whole loop against a local fake LemonSlice.
+
+    No API key and no network needed; writes a SQLite file you can query afterwards.
+    """
+    from .demo import run_demo
+
+    run(run_demo(database, stdout_console()))
+
+
+# --- fake-server -----------------------------------------------------------------------------
+
+
+def _latency_option(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, float]:
+    from .testing import ENDPOINTS
+
+    out: dict[str, float] = {}
+    for value in values:
+        endpoint, sep, seconds = value.partition("=")
+        try:
+            if not sep or endpoint not in ENDPOINTS:
+                raise ValueError
+            out[endpoint] = float(seconds)
+            if not out[endpoint] >= 0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not ENDPOINT=SECONDS with ENDPOINT one of {', '.join(ENDPOINTS)} "
+                f"and SECONDS >= 0 (e.g. terminate=0.02)"
+            ) from None
+    return out
+
+
+@cli.command(name="fake-server")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=0, show_default=True, help="0: any free port."
+)
+@click.option(
+    "--api-key",
+    "fake_key",
+    help="The key the fake accepts [default: the global --api-key / LEMONSLICE_API_KEY, "
+    "else test-key].",
+)
+@click.option(
+    "--latency",
+    "latency",
+    multiple=True,
+    metavar="ENDPOINT=SECONDS",
+    callback=_latency_option,
+    help="Added latency per endpoint (create, get, list, terminate); repeatable.",
+)
+@click.option(
+    "--state-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Load sessions from this JSON file at start; write the state there while running "
+    "and on exit.",
+)
+@click.pass_obj
+def fake_server(
+    obj: CliContext,
+    host: str,
+    port: int,
+    fake_key: str | None,
+    latency: dict[str, float],
+    state_file: Path | None,
+) -> None:
+    """Run a local fake LemonSlice (for tests, benchmarks and demos) until SIGTERM/SIGINT.
+
+    Prints one line, `fake-server listening on <url>`, where <url> is the sessions collection
+    URL to use as LEMONSLICE_API_URL. JSON admin routes live under /_fake/ (state, faults,
+    latency, sessions/<id>/status, expire_idle, reset).
+    """
+    import signal
+
+    from .testing import LISTENING_PREFIX, FakeLemonSlice
+
+    fake = FakeLemonSlice(
+        api_key=fake_key or obj.settings.api_key or "test-key",
+        host=host,
+        port=port,
+        latency=latency,
+        state_file=state_file,
+        record_requests=False,  # a long benchmark must not grow the fake's memory
+    )
+
+    async def serve_fake() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)  # not possible outside the main thread
+        try:
+            await fake.start()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port"
+            ) from None
+        try:
+            click.echo(f"{LISTENING_PREFIX}{fake.url}")  # click.echo flushes
+            await stop.wait()
+        finally:
+            await fake.stop()
+
+    run(serve_fake())
+
+
+# --- db: the schema (issue 3) --------------------------------------------------------------------
+
+
+@cli.group(name="db")
+def db_group() -> None:
+    """The database schema: upgrade it, show its revision, check it against the code."""
+
+
+@db_group.command(name="upgrade")
+@click.pass_obj
+def db_upgrade(obj: CliContext) -> None:
+    """Create the database, or migrate it to what this version needs (safe to repeat)."""
+    url = obj.settings.database_url
+
+    async def upgrade() -> str | None:
+        before = await db.current(url)
+        await db.upgrade(url)
+        return before
+
+    before = run(upgrade())
+    head = db.head_revision()
+    where = db.safe_url(url)
+    if before == head:
+        click.echo(f"{where} is already at revision {head}")
+    else:
+        click.echo(f"{where} upgraded from {before or 'an empty database'} to revision {head}")
+
+
+@db_group.command(name="current")
+@click.pass_obj
+def db_current(obj: CliContext) -> None:
+    """Show the schema revision of the database, and whether it is the one the code needs."""
+    at = run(db.current(obj.settings.database_url))
+    head = db.head_revision()
+    if at == head:
+        click.echo(f"{at} (head)")
+    elif at is None:
+        click.echo(f"none (not migrated: run `sessionmgr db upgrade` to reach {head})")
+    else:
+        click.echo(f"{at} (behind: the code needs {head}; run `sessionmgr db upgrade`)")
+
+
+@db_group.command(name="check")
+@click.pass_obj
+def db_check(obj: CliContext) -> None:
+    """Exit non-zero when the database is behind or its schema differs from the models."""
+    url = obj.settings.database_url
+    problems = run(db.check(url))
+    if problems:
+        for problem in problems[:-1]:
+            click.echo(f"error: {problem}", err=True)
+        fail(problems[-1], EXIT_FAILURE)
+    click.echo(f"ok: {db.safe_url(url)} is at revision {db.head_revision()} and matches the models")

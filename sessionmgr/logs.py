@@ -25,7 +25,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def configure_logging(level: int = logging.INFO, fmt: str = "text", stream: IO[str] | None = None) -> None:
+def configure_logging(
+    level: int = logging.INFO, fmt: str = "text", stream: IO[str] | None = None
+) -> None:
     handler = logging.StreamHandler(stream)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

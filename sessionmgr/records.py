@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from datetime import date, datetime
 from typing import Any
 
 from .states import EndReason, SessionStatus
@@ -70,3 +71,93 @@ class SessionEvent:
         out = dataclasses.asdict(self)
         out["at"] = self.at.isoformat().replace("+00:00", "Z")
         return out
+
+
+# --- secrets ---------------------------------------------------------------------------------
+
+SECRET_KEY_PARTS = ("token", "secret", "key")  # a key containing one of these holds a secret
+REDACTED = "***"
+
+
+def is_secret_key(key: object) -> bool:
+    low = str(key).lower()
+    return any(part in low for part in SECRET_KEY_PARTS)
+
+
+def redact(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy whose values under secret-looking keys (token/secret/key, any case, at any depth)
+    are ``"***"``: what may be stored, logged or printed."""
+    out: dict[str, Any] = {}
+    for key, value in (mapping or {}).items():
+        if is_secret_key(key):
+            out[key] = REDACTED
+        elif isinstance(value, Mapping):
+            out[key] = redact(value)
+        elif isinstance(value, list | tuple):
+            out[key] = [redact(v) if isinstance(v, Mapping) else v for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+# --- admin queries ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionFilter:
+    """What ``SessionRepository.list`` selects; every field narrows, None/empty means any."""
+
+    statuses: Sequence[SessionStatus] | None = None
+    agent_id: str | None = None
+    created_after: datetime | None = None  # inclusive
+    created_before: datetime | None = None  # exclusive
+    meta: Mapping[str, str] = dataclasses.field(default_factory=dict)  # metadata tags, all equal
+    idle_for: float | None = None  # seconds since the last activity, at least
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; pass ``next_cursor`` as ``after`` for the next (None: last page)."""
+
+    items: list[SessionRecord]
+    next_cursor: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DayStats:
+    day: date  # UTC
+    created: int
+    ended: int
+    credits: float | None  # cost of the sessions that ended that day; None when none is known
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stats:
+    """Counts and figures over the whole table and the last ``days`` UTC days."""
+
+    by_status: dict[str, int]
+    live: int  # pending + active + ending
+    oldest_live: SessionRecord | None
+    per_day: list[DayStats]  # oldest day first, every day of the window
+    duration_p50: float | None  # seconds, sessions ended in the window
+    duration_p95: float | None
+    end_reasons: dict[str, int]  # sessions ended or failed in the window
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "by_status": dict(self.by_status),
+            "live": self.live,
+            "oldest_live": self.oldest_live.to_dict() if self.oldest_live else None,
+            "per_day": [
+                {
+                    "day": d.day.isoformat(),
+                    "created": d.created,
+                    "ended": d.ended,
+                    "credits": d.credits,
+                }
+                for d in self.per_day
+            ],
+            "duration_p50": self.duration_p50,
+            "duration_p95": self.duration_p95,
+            "end_reasons": dict(self.end_reasons),
+        }

@@ -1,0 +1,122 @@
+"""P2 reaper drain: N sessions due at once, terminate latency L, concurrency C.
+
+The limit is N x L / C (every slot busy all the time); the figure is limit / drain time, target
+>= 0.8 (10,000 sessions, 20 ms, 100 -> limit 2.0 s, drain <= 2.5 s). The fake server runs in its
+own process, as LemonSlice would; every session must be terminated exactly once.
+
+    python -m benchmarks.bench_reaper [--smoke] [--sessions N] [--repeat R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+from sessionmgr.client import LemonSliceClient
+from sessionmgr.clock import SYSTEM_CLOCK, FakeClock
+from sessionmgr.reaper import Reaper
+from sessionmgr.repository import SessionRepository
+from sessionmgr.testing import fake_server_process, fake_state
+
+from .common import FAKE_KEY, median, print_table, record, timer
+
+LATENCY = 0.020  # seconds per terminate
+CONCURRENCY = 100
+TARGET = 0.8
+
+
+async def seed(url: str, db_url: str, n: int) -> None:
+    """n sessions live on the fake and recorded two hours ago in the database: all due now."""
+    past = FakeClock(SYSTEM_CLOCK.now() - timedelta(hours=2))
+    gate = asyncio.Semaphore(100)
+    async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
+        repo = await SessionRepository.open(db_url, clock=past, upgrade=True)
+        try:
+
+            async def one(i: int) -> None:
+                async with gate:
+                    answer = await client.create_session(agent_id=f"agent_{i % 10}")
+                    await repo.adopt(
+                        session_id=answer["session_id"],
+                        control_url=answer["control_url"],
+                        room_url=answer.get("room_url"),
+                        idle_window=60,
+                        max_age=None,
+                    )
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+        finally:
+            await repo.close()
+
+
+async def drain(url: str, db_url: str, n: int) -> tuple[float, int]:
+    async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
+        repo = await SessionRepository.open(db_url)
+        try:
+            reaper = Reaper(repo, client, concurrency=CONCURRENCY)
+            started = timer()
+            result = await reaper.run_once()
+            elapsed = timer() - started
+        finally:
+            await repo.close()
+    return elapsed, len(result.ended)
+
+
+async def one_run(n: int, workdir: Path) -> float:
+    db_url = f"sqlite+aiosqlite:///{workdir / 'reaper.db'}"
+    with fake_server_process(FAKE_KEY, latency={"terminate": LATENCY}) as url:
+        await seed(url, db_url, n)
+        elapsed, ended = await drain(url, db_url, n)
+        state = await fake_state(url)
+    counts = [s["terminate_count"] for s in state["sessions"].values()]
+    if ended != n or len(counts) != n or any(c != 1 for c in counts):
+        raise SystemExit(f"drain incorrect: ended {ended}/{n}, terminate counts {set(counts)}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny size, seconds")
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    n = 300 if args.smoke else args.sessions
+    repeat = 1 if args.smoke else args.repeat
+    runs = []
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(asyncio.run(one_run(n, Path(tmp))))
+    drain_s = median(runs)
+    limit = n * LATENCY / CONCURRENCY
+    ratio = limit / drain_s
+    verdict = "met" if ratio >= TARGET else "NOT met"
+    print_table(
+        f"P2 reaper drain: {n} due, {LATENCY * 1000:.0f} ms terminate, concurrency {CONCURRENCY}",
+        [
+            ("limit N*L/C (s)", f"{limit:.3f}", ""),
+            ("drain, median (s)", f"{drain_s:.3f}", f"runs: {', '.join(f'{r:.3f}' for r in runs)}"),
+            ("limit / drain", f"{ratio:.2f}", f">= {TARGET} {verdict}"),
+        ],
+    )
+    record(
+        "reaper_drain",
+        {
+            "sessions": n,
+            "latency_s": LATENCY,
+            "concurrency": CONCURRENCY,
+            "limit_s": limit,
+            "drain_s": drain_s,
+            "runs_s": runs,
+            "ratio": ratio,
+            "target": TARGET,
+            "met": ratio >= TARGET,
+        },
+        smoke=args.smoke,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""What every benchmark shares: results.json merging and a printed table.
+
+Benchmarks are measurements, not tests: they print figures and targets and exit 0 either way, so
+a slow, noisy machine never turns CI red; ``make bench`` is where the figures come from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+RESULTS = Path(__file__).with_name("results.json")
+SMOKE_RESULTS = Path(__file__).with_name("results-smoke.json")  # so smoke runs never overwrite
+FAKE_KEY = "bench-key"
+
+
+def record(name: str, figures: Mapping[str, Any], *, smoke: bool) -> None:
+    """Merge one benchmark's figures into results.json under ``name`` (smoke runs elsewhere)."""
+    path = SMOKE_RESULTS if smoke else RESULTS
+    data: dict[str, Any] = {}
+    if path.exists():
+        with contextlib.suppress(ValueError):
+            data = json.loads(path.read_text())
+    data[name] = {
+        **figures,
+        "smoke": smoke,
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu "
+        f"python {platform.python_version()}",
+    }
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    """Rows of (figure, value, target/verdict)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target")
+    for row in rows:
+        table.add_row(*row)
+    Console(width=110).print(table)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def timer() -> float:
+    return time.perf_counter()

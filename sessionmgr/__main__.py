@@ -1,0 +1,5 @@
+"""``python -m sessionmgr`` is the ``sessionmgr`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,752 @@
+"""``LemonSliceClient``: pipecat's ``LemonSliceApi`` on the wire, typed errors, safe retries.
+
+Requests are byte-for-byte what pipecat sends for the same arguments (``build_create_request`` is
+the pure half of that, testable without I/O). On top of that: ``get_session``, ``list_sessions``,
+timeouts on every attempt, and retries that never risk a second paid session:
+
+- reads and terminate are idempotent: retried on transport errors, 5xx and 429;
+- create is retried only when the server provably did not take it (connect failure, 429, 503).
+  Any other failure after the request left (a timeout, a dropped connection, another 5xx, a 2xx
+  without a usable ``session_id``) raises ``CreateOutcomeUnknown``: a session may exist, and only
+  reconcile may find out.
+- terminate answered 404/410 means "already gone": ``end_session`` returns False, never retries.
+
+The API key travels only in the ``x-api-key`` header: never in a URL, a log record, an error or a
+repr. Redirects are not followed, so the key is never forwarded to another host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import enum
+import functools
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, ClassVar, Protocol, Self, TypeVar
+from urllib.parse import quote
+
+import aiohttp
+
+from . import config
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import (
+    AuthError,
+    ClientRequestError,
+    ConfigurationError,
+    CreateOutcomeUnknown,
+    InvalidResponseError,
+    LemonSliceError,
+    NotFoundError,
+    RateLimitedError,
+    ServerError,
+    TransportError,
+    excerpt,
+)
+from .retry import RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection, per attempt
+TOTAL_TIMEOUT = 15.0  # seconds for one whole attempt: connect, send, read the answer
+MIN_ATTEMPT_TIMEOUT = 0.05  # seconds; floor of an attempt squeezed by the retry deadline
+MAX_CONNECTIONS = 200  # pooled connections of a session the client creates itself
+LIST_PAGE_SIZE = 25  # sessions per page, as LemonSlice's default
+MAX_LIST_PAGES = 100_000  # a server whose pagination never ends is a bug, not a long list
+
+API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insensitive)
+TRANSPORT_TYPE = "daily"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TERMINATE_BODY = json.dumps({"event": "terminate"}).encode()
+_SECRET_MARKERS = ("token", "secret", "key")
+_MIN_SECRET_LEN = 4  # shorter "secrets" would blank out ordinary words in error excerpts
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-attempt time limits in seconds (each retry gets a fresh budget)."""
+
+    connect: float = CONNECT_TIMEOUT
+    total: float = TOTAL_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not (self.connect > 0 and self.total > 0):
+            raise ValueError("Timeouts.connect and .total must be > 0 seconds")
+
+    def for_attempt(self, budget: float | None = None) -> aiohttp.ClientTimeout:
+        """aiohttp's form; ``budget`` (seconds left before a retry deadline) may shorten it.
+
+        Only ``sock_connect`` bounds the connect phase: waiting for a pooled connection counts
+        against ``total``, so a busy pool is not mistaken for an unreachable server.
+        """
+        total = self.total if budget is None else max(min(self.total, budget), MIN_ATTEMPT_TIMEOUT)
+        return aiohttp.ClientTimeout(total=total, sock_connect=min(self.connect, total))
+
+
+class SupportsSavePNG(Protocol):
+    """Anything that can write itself as a PNG, such as a PIL image (Pillow is not required)."""
+
+    def save(self, fp: Any, /, format: str) -> object: ...
+
+
+AgentImage = bytes | bytearray | memoryview | SupportsSavePNG  # PNG bytes, or an image to encode
+
+
+class _Secret:
+    """Holds the API key so that no repr, vars() dump or rich traceback prints it."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+class _Op(enum.Enum):
+    CREATE = "create"
+    GET = "get"
+    LIST = "list"
+    TERMINATE = "terminate"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Call:
+    """What one logical call needs to build errors: never the key itself."""
+
+    op: _Op
+    method: str
+    url: str
+    secrets: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    body: bytes
+    retry_after: str | None
+    location: str | None
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+def build_create_request(
+    *,
+    agent_image_url: str | None = None,
+    agent_id: str | None = None,
+    agent_image: AgentImage | None = None,
+    agent_prompt: str | None = None,
+    idle_timeout: int | None = None,
+    daily_room_url: str | None = None,
+    daily_token: str | None = None,
+    connection_properties: Mapping[str, Any] | None = None,
+    extra_properties: Mapping[str, Any] | None = None,
+) -> tuple[dict[str, Any], bytes | None]:
+    """The create payload pipecat builds for these arguments, and the PNG bytes of ``agent_image``.
+
+    Keys are sent only when given; ``properties`` is ``connection_properties`` plus ``daily_url``
+    and ``daily_token`` and is sent only when non-empty; ``extra_properties`` is merged last.
+    Raises ValueError/TypeError for bad arguments, so nothing is sent.
+    """
+    given = [
+        name
+        for name, value in (
+            ("agent_id", agent_id),
+            ("agent_image_url", agent_image_url),
+            ("agent_image", agent_image),
+        )
+        if value is not None
+    ]
+    if len(given) != 1:
+        got = ", ".join(given) if given else "none"
+        raise ValueError(
+            f"Provide exactly one of agent_id, agent_image_url, or agent_image (got {got})"
+        )
+    for name, value in (("agent_id", agent_id), ("agent_image_url", agent_image_url)):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name} must be a non-empty string")
+    if idle_timeout is not None and (
+        isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int)
+    ):
+        raise ValueError(
+            f"idle_timeout must be whole seconds (an int; negative = never), got {idle_timeout!r}"
+        )
+
+    payload: dict[str, Any] = {"transport_type": TRANSPORT_TYPE}
+    if agent_id is not None:
+        payload["agent_id"] = agent_id
+    if agent_image_url is not None:
+        payload["agent_image_url"] = agent_image_url
+    if agent_prompt is not None:
+        payload["agent_prompt"] = agent_prompt
+    if idle_timeout is not None:
+        payload["idle_timeout"] = idle_timeout
+    properties: dict[str, Any] = dict(connection_properties) if connection_properties else {}
+    if daily_room_url is not None:
+        properties["daily_url"] = daily_room_url
+    if daily_token is not None:
+        properties["daily_token"] = daily_token
+    if properties:
+        payload["properties"] = properties
+    if extra_properties:
+        payload.update(extra_properties)
+    try:
+        json.dumps(payload)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"the create payload is not JSON-serializable: {exc}") from None
+
+    image = _encode_png(agent_image) if agent_image is not None else None
+    return payload, image
+
+
+def _encode_png(image: AgentImage) -> bytes:
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+    elif callable(getattr(image, "save", None)):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    else:
+        raise TypeError(
+            f"agent_image must be PNG bytes or an image with .save(fp, format='PNG'), "
+            f"not {type(image).__name__}"
+        )
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("agent_image bytes are not a PNG image: encode it as PNG first")
+    return data
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), or None."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+class LemonSliceClient:
+    """Async client for LemonSlice sessions, a drop-in for pipecat's ``LemonSliceApi``.
+
+    ``session``: an ``aiohttp.ClientSession`` to borrow (never closed here); without one the client
+    creates its own on first use and closes it in ``close()`` / ``async with``.
+    """
+
+    LEMONSLICE_URL: ClassVar[str] = config.DEFAULT_API_URL
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+        *,
+        api_url: str | None = None,
+        timeouts: Timeouts | None = None,
+        retry: RetryPolicy | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        key = (api_key if api_key is not None else os.environ.get(config.ENV_API_KEY, "")).strip()
+        if not key:
+            raise ConfigurationError(
+                f"no LemonSlice API key: pass api_key= or set {config.ENV_API_KEY}"
+            )
+        if any(ch.isspace() or not ch.isprintable() for ch in key):
+            raise ConfigurationError(
+                f"the LemonSlice API key contains whitespace or control characters: "
+                f"check {config.ENV_API_KEY}"
+            )
+        url = api_url or os.environ.get(config.ENV_API_URL) or self.LEMONSLICE_URL
+        url = url.strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"LemonSlice API URL {url!r} must start with http:// or https://: "
+                f"check {config.ENV_API_URL}"
+            )
+        self._key = _Secret(key)
+        self._api_url = url
+        self._session = session
+        self._owns_session = session is None
+        self._closed = False
+        self.timeouts = timeouts or Timeouts()
+        self.retry = retry or RetryPolicy()
+        self.clock: Clock = clock or SYSTEM_CLOCK
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        """The sessions collection URL, without a trailing slash."""
+        return self._api_url
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the aiohttp session if this client created it; a borrowed one stays open."""
+        self._closed = True
+        session, self._session = self._session, None
+        if self._owns_session and session is not None and not session.closed:
+            await session.close()
+
+    def __repr__(self) -> str:
+        owner = "owned" if self._owns_session else "borrowed"
+        return f"LemonSliceClient(api_url={self._api_url!r}, api_key='***', session={owner})"
+
+    def control_url_for(self, session_id: str) -> str:
+        """The documented control URL of a session: ``{api_url}/{session_id}/control``."""
+        return _control_url(self._api_url, session_id)
+
+    # --- the pipecat surface --------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        agent_image_url: str | None = None,
+        agent_id: str | None = None,
+        agent_image: AgentImage | None = None,
+        agent_prompt: str | None = None,
+        idle_timeout: int | None = None,
+        daily_room_url: str | None = None,
+        daily_token: str | None = None,
+        connection_properties: Mapping[str, Any] | None = None,
+        extra_properties: Mapping[str, Any] | None = None,
+        api_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Start a session; returns the server's answer with ``session_id``, ``room_url`` (may be
+        None) and ``control_url`` (derived when the server leaves it out).
+
+        Raises ``CreateOutcomeUnknown`` when the request may have started a session but the answer
+        was lost or unusable: do not call again blindly, reconcile instead.
+        """
+        payload, image = build_create_request(
+            agent_image_url=agent_image_url,
+            agent_id=agent_id,
+            agent_image=agent_image,
+            agent_prompt=agent_prompt,
+            idle_timeout=idle_timeout,
+            daily_room_url=daily_room_url,
+            daily_token=daily_token,
+            connection_properties=connection_properties,
+            extra_properties=extra_properties,
+        )
+        url = api_url or self._api_url  # as given, like pipecat; derived URLs strip the slash
+        text = json.dumps(payload)
+        call = _Call(_Op.CREATE, "POST", url, _secrets_of(payload))
+
+        def handle(answer: _Answer) -> dict[str, Any]:
+            return self._created(call, answer)
+
+        if image is None:
+            return await self._call(call, handle, body=text.encode())
+        return await self._call(call, handle, form=lambda: _create_form(text, image))
+
+    async def end_session(self, session_id: str, control_url: str | None = None) -> bool:
+        """Terminate a session. True: ended now. False: the server says it is already gone."""
+        _check_session_id(session_id)
+        url = control_url or self.control_url_for(session_id)
+        call = _Call(_Op.TERMINATE, "POST", url)
+
+        def handle(answer: _Answer) -> bool:
+            if answer.status in (404, 410):
+                logger.info(
+                    "LemonSlice session %s was already gone",
+                    session_id,
+                    extra={"session_id": session_id, "status": answer.status},
+                )
+                return False
+            if not answer.ok:
+                raise self._status_error(call, answer)
+            data = _loads_or_none(answer.body)
+            if isinstance(data, dict) and data.get("success") is False:
+                raise InvalidResponseError(
+                    "LemonSlice answered the terminate with success=false: the session may "
+                    "still be live, retry later",
+                    **self._error_fields(call, answer),
+                )
+            logger.debug(
+                "ended LemonSlice session %s", session_id, extra={"session_id": session_id}
+            )
+            return True
+
+        return await self._call(call, handle, body=TERMINATE_BODY)
+
+    # --- beyond pipecat -------------------------------------------------------------------------
+
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        """``{"session_status": ..., "cost": ...}``; NotFoundError if the server has no such id."""
+        _check_session_id(session_id)
+        call = _Call(_Op.GET, "GET", f"{self._api_url}/{quote(session_id, safe='')}")
+
+        def handle(answer: _Answer) -> dict[str, Any]:
+            if not answer.ok:
+                raise self._status_error(call, answer)
+            data = self._json_object(call, answer)
+            if not isinstance(data.get("session_status"), str):
+                raise InvalidResponseError(
+                    "LemonSlice's session status answer has no 'session_status' string",
+                    **self._error_fields(call, answer),
+                )
+            return data
+
+        return await self._call(call, handle)
+
+    async def list_sessions(self, *, limit: int = LIST_PAGE_SIZE) -> AsyncIterator[dict[str, Any]]:
+        """Every session the key can see, page by page (``limit`` per page), each one once."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a positive int (sessions per page), got {limit!r}")
+        seen: set[str] = set()
+        for page in range(1, MAX_LIST_PAGES + 1):
+            call = _Call(_Op.LIST, "GET", f"{self._api_url}?page={page}&limit={limit}")
+            sessions, more = await self._call(
+                call, functools.partial(self._page, call, limit=limit)
+            )
+            for item in sessions:
+                if item["session_id"] not in seen:  # a session created mid-listing shifts pages
+                    seen.add(item["session_id"])
+                    yield item
+            if not more:
+                return
+        raise InvalidResponseError(
+            f"LemonSlice's session list did not end after {MAX_LIST_PAGES} pages: report this",
+            method="GET",
+            url=self._api_url,
+        )
+
+    # --- answers --------------------------------------------------------------------------------
+
+    def _created(self, call: _Call, answer: _Answer) -> dict[str, Any]:
+        if not answer.ok:
+            error = self._status_error(call, answer)
+            if isinstance(error, ServerError) and answer.status != 503:
+                raise self._outcome_unknown(
+                    call, f"create answered HTTP {answer.status}", answer
+                ) from error
+            if isinstance(error, NotFoundError):  # no session is involved yet: a wrong URL
+                raise ClientRequestError(
+                    f"LemonSlice has no create endpoint at this URL: check {config.ENV_API_URL}",
+                    **self._error_fields(call, answer),
+                ) from None
+            raise error
+        try:
+            data = self._json_object(call, answer)
+            session_id = data.get("session_id")
+            if not isinstance(session_id, str) or not session_id:
+                raise InvalidResponseError(
+                    "LemonSlice's create answer has no 'session_id' string",
+                    **self._error_fields(call, answer),
+                )
+        except InvalidResponseError as exc:
+            raise self._outcome_unknown(
+                call, f"create accepted but the answer is unusable ({exc.args[0]})", answer
+            ) from exc
+        base = call.url
+        result = dict(data)
+        room_url = data.get("room_url")
+        result["room_url"] = room_url if isinstance(room_url, str) and room_url else None
+        control_url = data.get("control_url")
+        if not isinstance(control_url, str) or not control_url:
+            result["control_url"] = _control_url(base, session_id)
+        logger.debug("created LemonSlice session %s", session_id, extra={"session_id": session_id})
+        return result
+
+    def _page(self, call: _Call, answer: _Answer, limit: int) -> tuple[list[dict[str, Any]], bool]:
+        if not answer.ok:
+            raise self._status_error(call, answer)
+        data = self._json_object(call, answer)
+        sessions = data.get("sessions")
+        if not isinstance(sessions, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("session_id"), str) for s in sessions
+        ):
+            raise InvalidResponseError(
+                "LemonSlice's session list has no 'sessions' array of objects with 'session_id'",
+                **self._error_fields(call, answer),
+            )
+        pagination = data.get("pagination")
+        if isinstance(pagination, dict) and isinstance(pagination.get("has_more"), bool):
+            more = pagination["has_more"]
+        elif isinstance(pagination, dict) and isinstance(pagination.get("total_pages"), int):
+            more = pagination.get("page", 0) < pagination["total_pages"]
+        else:
+            more = len(sessions) >= limit
+        return sessions, bool(more and sessions)
+
+    def _json_object(self, call: _Call, answer: _Answer) -> dict[str, Any]:
+        try:
+            data = json.loads(answer.body)
+        except ValueError:
+            head = answer.body.lstrip()[:1]
+            what = "an HTML page" if head == b"<" else "an empty body" if not head else "non-JSON"
+            raise InvalidResponseError(
+                f"LemonSlice answered {what} instead of JSON: check the API URL",
+                **self._error_fields(call, answer),
+            ) from None
+        if not isinstance(data, dict):
+            raise InvalidResponseError(
+                f"LemonSlice answered JSON {type(data).__name__} where an object was expected",
+                **self._error_fields(call, answer),
+            )
+        return data
+
+    def _status_error(self, call: _Call, answer: _Answer) -> LemonSliceError:
+        status = answer.status
+        fields = self._error_fields(call, answer)
+        if status in (401, 403):
+            return AuthError(
+                f"LemonSlice rejected the API key: check {config.ENV_API_KEY}", **fields
+            )
+        if status in (404, 410):
+            return NotFoundError(
+                "LemonSlice has no such session (ended or never existed)", **fields
+            )
+        if status == 429:
+            retry_after = parse_retry_after(answer.retry_after, self.clock.now())
+            hint = f"retry after {retry_after:g} s" if retry_after is not None else "retry later"
+            return RateLimitedError(
+                f"LemonSlice rate limit hit: {hint}", retry_after=retry_after, **fields
+            )
+        if status >= 500:
+            return ServerError("LemonSlice server error: retry later", **fields)
+        if 300 <= status < 400:
+            to = f" to {answer.location}" if answer.location else ""
+            return ClientRequestError(
+                f"LemonSlice answered a redirect{to}: set {config.ENV_API_URL} to the final URL",
+                **fields,
+            )
+        if status >= 400:
+            return ClientRequestError(
+                "LemonSlice rejected the request: check the arguments", **fields
+            )
+        return InvalidResponseError(f"LemonSlice answered unexpected HTTP {status}", **fields)
+
+    def _error_fields(self, call: _Call, answer: _Answer | None = None) -> dict[str, Any]:
+        body = None
+        if answer is not None:
+            body = _scrub(
+                answer.body.decode("utf-8", "replace"), (self._key.reveal(), *call.secrets)
+            )
+        return {
+            "status": answer.status if answer else None,
+            "body": body,
+            "method": call.method,
+            "url": call.url,
+        }
+
+    def _outcome_unknown(
+        self, call: _Call, what: str, answer: _Answer | None = None
+    ) -> CreateOutcomeUnknown:
+        logger.warning(
+            "LemonSlice create outcome unknown: %s",
+            what,
+            extra={"method": call.method, "url": call.url},
+        )
+        return CreateOutcomeUnknown(
+            f"{what}: a session may exist; reconcile (`sessionmgr reconcile`) instead of "
+            f"creating again",
+            **self._error_fields(call, answer),
+        )
+
+    # --- transport and retries ------------------------------------------------------------------
+
+    async def _call(
+        self,
+        call: _Call,
+        handle: Callable[[_Answer], T],
+        *,
+        body: bytes | None = None,
+        form: Callable[[], aiohttp.FormData] | None = None,
+    ) -> T:
+        """One logical call: attempts, each answer through ``handle``, retries per the rules."""
+        policy = self.retry
+        start = self.clock.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            elapsed = self.clock.monotonic() - start
+            # A create cut short by the deadline would turn a clean answer into an unknown one.
+            budget = None if call.op is _Op.CREATE else policy.remaining(elapsed)
+            try:
+                answer = await self._send(call, self.timeouts.for_attempt(budget), body, form)
+                return handle(answer)
+            except LemonSliceError as exc:
+                if not _retryable(call.op, exc):
+                    raise
+                elapsed = self.clock.monotonic() - start
+                retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
+                delay = policy.delay(attempt, retry_after, elapsed=elapsed)
+                if not policy.should_retry(attempt, elapsed=elapsed, delay=delay):
+                    raise
+                logger.info(
+                    "LemonSlice %s %s failed (%s); retry %d of %d in %.3f s",
+                    call.method,
+                    call.url,
+                    type(exc).__name__,
+                    attempt,
+                    policy.attempts - 1,
+                    delay,
+                    extra={
+                        "method": call.method,
+                        "url": call.url,
+                        "status": exc.status,
+                        "attempt": attempt,
+                        "delay": delay,
+                        "error": type(exc).__name__,
+                    },
+                )
+            await self.clock.sleep(delay)
+
+    async def _send(
+        self,
+        call: _Call,
+        limits: aiohttp.ClientTimeout,
+        body: bytes | None,
+        form: Callable[[], aiohttp.FormData] | None,
+    ) -> _Answer:
+        headers = {API_KEY_HEADER: self._key.reveal()}
+        data: aiohttp.FormData | bytes | None = None
+        if form is not None:
+            data = form()  # a FormData can be sent once: a fresh one per attempt
+        elif body is not None:
+            headers["Content-Type"] = "application/json"
+            data = body
+        try:
+            async with self._http().request(
+                call.method,
+                call.url,
+                headers=headers,
+                data=data,
+                timeout=limits,
+                allow_redirects=False,
+            ) as resp:
+                raw = await resp.read()
+                return _Answer(
+                    resp.status, raw, resp.headers.get("Retry-After"), resp.headers.get("Location")
+                )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            # Nothing was sent: safe to retry even a create.
+            raise TransportError(
+                f"could not connect to LemonSlice ({_describe(exc)}): check the network and "
+                f"{config.ENV_API_URL}",
+                method=call.method,
+                url=call.url,
+            ) from exc
+        except TimeoutError as exc:
+            what = f"no answer within {limits.total:g} s"
+            if call.op is _Op.CREATE:
+                raise self._outcome_unknown(call, what) from exc
+            raise TransportError(
+                f"LemonSlice gave {what}: retry later or raise the timeout",
+                method=call.method,
+                url=call.url,
+            ) from exc
+        except aiohttp.ClientError as exc:
+            what = f"the connection dropped before the answer ({_describe(exc)})"
+            if call.op is _Op.CREATE:
+                raise self._outcome_unknown(call, what) from exc
+            raise TransportError(f"{what}: retry later", method=call.method, url=call.url) from exc
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise RuntimeError("this LemonSliceClient is closed: create a new one")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
+            )
+        return self._session
+
+
+def _retryable(op: _Op, exc: LemonSliceError) -> bool:
+    if isinstance(exc, CreateOutcomeUnknown):
+        return False
+    if op is _Op.CREATE:
+        # Provably not taken: nothing was sent, or the server said "not now".
+        return isinstance(exc, TransportError | RateLimitedError) or (
+            isinstance(exc, ServerError) and exc.status == 503
+        )
+    return isinstance(exc, TransportError | ServerError | RateLimitedError)
+
+
+def _create_form(payload_text: str, image: bytes) -> aiohttp.FormData:
+    form = aiohttp.FormData()
+    form.add_field("payload", payload_text, content_type="application/json")
+    form.add_field("image", image, filename="image.png", content_type="image/png")
+    return form
+
+
+def _control_url(api_url: str, session_id: str) -> str:
+    _check_session_id(session_id)
+    return f"{api_url.rstrip('/')}/{quote(session_id, safe='')}/control"
+
+
+def _check_session_id(session_id: str) -> None:
+    if not isinstance(session_id, str) or not session_id.strip():
+        raise ValueError(f"session_id must be a non-empty string, got {session_id!r}")
+
+
+def _secrets_of(payload: Mapping[str, Any]) -> tuple[str, ...]:
+    """String values under token/secret/key-like keys, at any depth, to scrub from error bodies."""
+    found: list[str] = []
+
+    def walk(value: Any, sensitive: bool) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(v, sensitive or any(m in str(k).lower() for m in _SECRET_MARKERS))
+        elif isinstance(value, list | tuple):
+            for v in value:
+                walk(v, sensitive)
+        elif sensitive and isinstance(value, str) and len(value) >= _MIN_SECRET_LEN:
+            found.append(value)
+
+    walk(payload, False)
+    return tuple(found)
+
+
+def _scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """The body excerpt an error keeps, with any echoed secret blanked out."""
+    text = excerpt(text, limit=4096)  # bound the work before replacing
+    for secret in secrets:
+        if len(secret) >= _MIN_SECRET_LEN:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _loads_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    return excerpt(str(exc) or type(exc).__name__, limit=120)

@@ -1,0 +1,462 @@
+"""``SessionManager``: what a backend embeds to create, touch, end and adopt sessions.
+
+Create is crash-safe: the intent row (``pending``) is written before the POST, so if the process
+dies between LemonSlice starting a session and the answer being recorded, reconcile can find the
+session and end it. Everything else (touch, end, adopt) goes through the repository's one
+conditional transition per change, and the reaper guards whatever the backend forgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from . import config
+from .client import LemonSliceClient, build_create_request
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import (
+    AuthError,
+    ClientRequestError,
+    ConfigurationError,
+    CreateOutcomeUnknown,
+    LemonSliceError,
+    RateLimitedError,
+    ServerError,
+    SessionMgrError,
+    TransportError,
+)
+from .reaper import Outcome, Reaper, new_owner
+from .reconcile import ReconcileReport, reconcile
+from .records import SessionRecord
+from .repository import SessionRepository
+from .states import EndReason, SessionStatus
+
+logger = logging.getLogger(__name__)
+
+SessionHook = Callable[[SessionRecord], Awaitable[None]]
+OnExit = Literal["leave", "end"]
+
+BACKGROUND_GRACE = 30.0  # seconds close() waits for creates whose callers were cancelled
+# A create answered with one of these statuses was provably not taken by the server.
+NOT_TAKEN_STATUSES = frozenset({429, 503})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndResult:
+    """What ``end_session`` did: ``changed`` is False when there was nothing to do."""
+
+    record: SessionRecord
+    changed: bool
+    message: str
+
+
+class SessionManager:
+    """Sessions as durable records that are guaranteed to end.
+
+    ``on_exit="leave"`` (the default) leaves live sessions to the reaper of whichever process runs
+    next, which suits redeploys; ``"end"`` ends the sessions this process created, reason
+    ``shutdown``.
+    """
+
+    def __init__(
+        self,
+        *,
+        database_url: str | None = None,
+        repository: SessionRepository | None = None,
+        client: LemonSliceClient | None = None,
+        api_key: str | None = None,
+        api_url: str | None = None,
+        idle_window: float = config.IDLE_WINDOW,
+        max_age: float | None = config.MAX_AGE,
+        reaper: bool = True,
+        reaper_interval: float = config.REAPER_INTERVAL,
+        reaper_concurrency: int = config.REAPER_CONCURRENCY,
+        lease: float = config.LEASE,
+        touch_flush_interval: float = config.TOUCH_FLUSH_INTERVAL,
+        reconcile_interval: float | None = None,
+        on_exit: OnExit = "leave",
+        on_created: SessionHook | None = None,
+        on_ended: SessionHook | None = None,
+        auto_upgrade: bool = False,
+        clock: Clock | None = None,
+        owner: str | None = None,
+    ) -> None:
+        if on_exit not in ("leave", "end"):
+            raise ConfigurationError(f"on_exit must be 'leave' or 'end', not {on_exit!r}")
+        if idle_window <= 0 or (max_age is not None and max_age <= 0):
+            raise ConfigurationError("idle_window and max_age must be positive seconds")
+        self._database_url = database_url
+        self._repository = repository
+        self._client = client
+        self._owns_client = client is None
+        self._api_key = api_key
+        self._api_url = api_url
+        self.idle_window = idle_window
+        self.max_age = max_age
+        self._reaper_enabled = reaper
+        self._reaper_interval = reaper_interval
+        self._reaper_concurrency = reaper_concurrency
+        self._lease = lease
+        self._touch_flush_interval = touch_flush_interval
+        self._reconcile_interval = reconcile_interval
+        self.on_exit = on_exit
+        self.on_created = on_created
+        self.on_ended = on_ended
+        self._auto_upgrade = auto_upgrade
+        self.clock = clock or (repository.clock if repository else SYSTEM_CLOCK)
+        self.owner = owner or new_owner()
+        self._reaper: Reaper | None = None
+        self._created: set[int] = set()  # pks this process created, for on_exit="end"
+        self._background: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._opened = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._opened:
+            return
+        if self._repository is None:
+            url = self._database_url or config.Settings.from_env().database_url
+            self._repository = await SessionRepository.open(
+                url, clock=self.clock, upgrade=self._auto_upgrade
+            )
+            self._owns_repository = True
+        else:
+            self._owns_repository = False
+        try:
+            if self._client is None:
+                self._client = LemonSliceClient(self._api_key, api_url=self._api_url)
+            self._reaper = Reaper(
+                self._repository,
+                self._client,
+                owner=self.owner,
+                interval=self._reaper_interval,
+                concurrency=self._reaper_concurrency,
+                lease=self._lease,
+                clock=self.clock,
+                on_ended=self.on_ended,
+            )
+        except BaseException:
+            if self._owns_repository:
+                await self._repository.close()
+            raise
+        self._opened = True
+        if self._reaper_enabled:
+            self._reaper.start()
+        else:  # without a reaper, touches still need writing
+            self._loops.append(asyncio.create_task(self._flush_loop()))
+        if self._reconcile_interval:
+            self._loops.append(asyncio.create_task(self._reconcile_loop(self._reconcile_interval)))
+
+    async def close(self, grace: float = BACKGROUND_GRACE) -> None:
+        if not self._opened:
+            return
+        self._opened = False
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        self._loops.clear()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=grace)
+        if self.reaper.running:
+            await self.reaper.stop()
+        if self.on_exit == "end":
+            await self._end_own_sessions()
+        try:
+            await self.repository.flush_touches()
+        finally:
+            if self._owns_repository:
+                await self.repository.close()
+            if self._owns_client:
+                await self.client.close()
+
+    async def _end_own_sessions(self) -> None:
+        for pk in sorted(self._created):
+            try:
+                await self.end_session(pk, reason=EndReason.SHUTDOWN)
+            except SessionMgrError as exc:  # the reaper of the next process takes it over
+                logger.warning("could not end session %s on exit: %s", pk, exc)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self.clock.sleep(self._touch_flush_interval)
+            try:
+                await self.repository.flush_touches()
+            except Exception:
+                logger.exception("flushing touches failed; retrying")
+
+    async def _reconcile_loop(self, interval: float) -> None:
+        while True:
+            try:
+                report = await self.reconcile()
+                if report.orphans:
+                    logger.warning(
+                        "reconcile found %d live remote session(s) unknown to this database; "
+                        "run `sessionmgr reconcile --end-orphans` if they are ours",
+                        len(report.orphans),
+                    )
+            except Exception:
+                logger.exception("periodic reconcile failed; retrying next interval")
+            await self.clock.sleep(interval)
+
+    # --- parts -----------------------------------------------------------------------------
+
+    @property
+    def repository(self) -> SessionRepository:
+        if self._repository is None:
+            raise SessionMgrError(
+                "SessionManager is not open: use `async with SessionManager(...)`"
+            )
+        return self._repository
+
+    @property
+    def client(self) -> LemonSliceClient:
+        if self._client is None:
+            raise SessionMgrError(
+                "SessionManager is not open: use `async with SessionManager(...)`"
+            )
+        return self._client
+
+    @property
+    def reaper(self) -> Reaper:
+        if self._reaper is None:
+            raise SessionMgrError(
+                "SessionManager is not open: use `async with SessionManager(...)`"
+            )
+        return self._reaper
+
+    # --- create ----------------------------------------------------------------------------
+
+    async def create_session(
+        self,
+        *,
+        agent_image_url: str | None = None,
+        agent_id: str | None = None,
+        agent_image: Any = None,
+        agent_prompt: str | None = None,
+        idle_timeout: int | None = None,
+        daily_room_url: str | None = None,
+        daily_token: str | None = None,
+        connection_properties: dict[str, Any] | None = None,
+        extra_properties: dict[str, Any] | None = None,
+        api_url: str | None = None,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionRecord:
+        """Record the intent, POST, record the answer; the same arguments as the client's.
+
+        A 4xx marks the intent failed and re-raises. An unknown outcome (timeout after sending,
+        a 5xx other than 503, a garbled answer) leaves it ``pending`` for reconcile and re-raises.
+        If the caller is cancelled mid-create, the create still completes in the background and
+        the session is ended at once, so no one is billed for a session nobody holds.
+        """
+        create_args: dict[str, Any] = {
+            "agent_image_url": agent_image_url,
+            "agent_id": agent_id,
+            "agent_image": agent_image,
+            "agent_prompt": agent_prompt,
+            "idle_timeout": idle_timeout,
+            "daily_room_url": daily_room_url,
+            "daily_token": daily_token,
+            "connection_properties": connection_properties,
+            "extra_properties": extra_properties,
+            "api_url": api_url,
+        }
+        build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
+        intent = await self.repository.record_intent(
+            agent_id=agent_id,
+            agent_image_url=agent_image_url,
+            agent_prompt=agent_prompt,
+            idle_timeout=idle_timeout,
+            idle_window=idle_window or self.idle_window,
+            max_age=max_age if max_age is not None else self.max_age,
+            metadata=metadata,
+        )
+        task = asyncio.create_task(self._create_remote(intent, create_args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        try:
+            record = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._end_abandoned)
+            raise
+        self._created.add(record.id)
+        if self.on_created is not None:
+            await self._call_hook(self.on_created, record)
+        return record
+
+    async def _create_remote(
+        self, intent: SessionRecord, create_args: dict[str, Any]
+    ) -> SessionRecord:
+        repo = self.repository
+        try:
+            answer = await self.client.create_session(**create_args)
+        except CreateOutcomeUnknown:
+            logger.warning(
+                "create outcome unknown for intent %d; left pending for reconcile", intent.id
+            )
+            raise
+        except (AuthError, ClientRequestError, RateLimitedError) as exc:
+            await repo.mark_failed(intent.id, reason=EndReason.CREATE_REJECTED, error=str(exc))
+            raise
+        except ServerError as exc:
+            if exc.status in NOT_TAKEN_STATUSES:
+                await repo.mark_failed(intent.id, reason=EndReason.CREATE_REJECTED, error=str(exc))
+            raise
+        except TransportError as exc:  # not CreateOutcomeUnknown: the request never left
+            await repo.mark_failed(intent.id, reason=EndReason.CREATE_REJECTED, error=str(exc))
+            raise
+        # InvalidResponseError and anything else: the server may have started a session; the
+        # intent stays pending and reconcile resolves it.
+        session_id = answer["session_id"]
+        try:
+            record = await repo.mark_active(
+                intent.id,
+                session_id=session_id,
+                room_url=answer.get("room_url"),
+                control_url=answer["control_url"],
+            )
+            if record is None:  # reconcile resolved the intent meanwhile: keep the session guarded
+                record, _ = await repo.adopt(
+                    session_id=session_id,
+                    control_url=answer["control_url"],
+                    room_url=answer.get("room_url"),
+                    idle_window=intent.idle_window,
+                    max_age=intent.max_age,
+                    agent_id=intent.agent_id,
+                    metadata=intent.metadata,
+                )
+        except Exception:
+            # The session is live but unrecorded and the caller will get an error, not a session:
+            # end it now rather than pay for it until reconcile finds it.
+            with contextlib.suppress(LemonSliceError):
+                await self.client.end_session(session_id, answer["control_url"])
+            raise
+        logger.info(
+            "created session %s",
+            session_id,
+            extra={"session_id": session_id, "pk": record.id, "agent_id": intent.agent_id},
+        )
+        return record
+
+    def _end_abandoned(self, task: asyncio.Task[SessionRecord]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return
+        record = task.result()
+        ender = asyncio.create_task(self._end_quietly(record.id, EndReason.MANUAL))
+        self._background.add(ender)
+        ender.add_done_callback(self._background.discard)
+
+    async def _end_quietly(self, pk: int, reason: EndReason) -> None:
+        try:
+            await self.end_session(pk, reason=reason)
+        except Exception as exc:  # the reaper ends it later
+            logger.warning("could not end abandoned session %s: %s", pk, exc)
+
+    # --- touch, end, adopt -----------------------------------------------------------------
+
+    def touch(self, session_id: str) -> None:
+        """Record activity now; O(1), no I/O. Written at the next flush (reaper tick or timer).
+
+        Touches of sessions that are not active (unknown, ending, ended) are dropped at flush.
+        """
+        self.repository.touch(session_id, self.clock.now())
+
+    async def end_session(
+        self, session_id: str | int, reason: EndReason | str = EndReason.MANUAL
+    ) -> EndResult:
+        """Terminate a session and record its end. Idempotent: ending an ended one says so."""
+        reason = EndReason(reason)
+        repo = self.repository
+        record = await repo.get(session_id)
+        if record.status in (SessionStatus.ENDED, SessionStatus.FAILED):
+            return EndResult(
+                record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
+            )
+        if record.status is SessionStatus.PENDING:
+            raise SessionMgrError(
+                f"session {record.id} is still being created (pending): retry shortly, or run "
+                "`sessionmgr reconcile` if its creator died"
+            )
+        claimed = await repo.begin_end(
+            record.id, owner=self.owner, lease=self._lease, reason=reason
+        )
+        if claimed is None:
+            current = await repo.get(record.id)
+            if current.status is SessionStatus.ENDED:
+                return EndResult(current, False, f"already ended ({current.end_reason})")
+            return EndResult(current, False, f"being ended by {current.lease_owner}")
+        outcome = await self.reaper.finish(claimed)
+        final = await repo.get(record.id)
+        message = {
+            Outcome.ENDED: "ended",
+            Outcome.GONE: "ended (LemonSlice no longer knew it)",
+            Outcome.LOST: "ended by another process",
+            Outcome.RESCHEDULED: "terminate failed; the reaper retries",
+        }[outcome]
+        return EndResult(final, outcome is not Outcome.RESCHEDULED, message)
+
+    async def adopt_session(
+        self,
+        session_id: str,
+        control_url: str | None = None,
+        room_url: str | None = None,
+        *,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        agent_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionRecord:
+        """Guard a session created elsewhere (e.g. by pipecat's own transport)."""
+        record, created = await self.repository.adopt(
+            session_id=session_id,
+            control_url=control_url or self.client.control_url_for(session_id),
+            room_url=room_url,
+            idle_window=idle_window or self.idle_window,
+            max_age=max_age if max_age is not None else self.max_age,
+            agent_id=agent_id,
+            metadata=metadata,
+        )
+        if created and self.on_created is not None:
+            await self._call_hook(self.on_created, record)
+        return record
+
+    async def get(self, key: str | int) -> SessionRecord:
+        return await self.repository.get(key)
+
+    async def reconcile(
+        self, *, dry_run: bool = False, end_orphans: bool = False
+    ) -> ReconcileReport:
+        return await reconcile(
+            self.repository,
+            self.client,
+            self.reaper,
+            dry_run=dry_run,
+            end_orphans=end_orphans,
+        )
+
+    @staticmethod
+    async def _call_hook(hook: SessionHook, record: SessionRecord) -> None:
+        try:
+            await hook(record)
+        except Exception:
+            logger.exception("session hook failed for session %s", record.session_id)

@@ -1,0 +1,1 @@
+"""Alembic migrations of the sessionmgr schema (script_location ``sessionmgr:migrations``)."""

@@ -1,0 +1,1 @@
+"""One file per schema revision; never edit a released one, add the next."""

@@ -1,0 +1,347 @@
+"""The reaper: ends sessions past their idle window or max age, safely from several processes.
+
+Each tick flushes buffered touches, then claims due rows with a lease (one statement, see the
+repository) and terminates them with at most ``concurrency`` requests in flight. Claims are taken in
+small slices as workers free up, so a slow API never leaves hundreds of rows leased but unattended,
+and a renewer keeps the leases of held rows alive while their terminates are slow. A process that
+dies leaves leases that expire; another reaper takes the rows over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from . import config
+from .client import LemonSliceClient
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import AuthError, LemonSliceError, RateLimitedError
+from .records import SessionFilter, SessionRecord
+from .repository import SessionRepository
+from .retry import RetryPolicy
+from .states import EndReason, SessionStatus
+
+logger = logging.getLogger(__name__)
+
+EndedHook = Callable[[SessionRecord], Awaitable[None]]
+
+STOP_GRACE = 10.0  # seconds in-flight terminates may take to finish on stop()
+RESCHEDULE_POLICY = RetryPolicy(
+    attempts=1_000_000, base=config.RETRY_BASE, cap=config.RETRY_MAX, deadline=float("inf")
+)
+
+
+def new_owner() -> str:
+    """A lease owner name that says which process holds a row: host:pid:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Outcome(enum.StrEnum):
+    ENDED = "ended"  # terminated now
+    GONE = "gone"  # the server no longer knew it (404/410): ended, reason gone
+    RESCHEDULED = "rescheduled"  # terminate failed; retried later with backoff
+    LOST = "lost"  # our lease was taken over before we could record the end
+
+
+@dataclasses.dataclass
+class Heartbeat:
+    """What health checks read: when the reaper last ticked and what it has done so far."""
+
+    started_at: datetime | None = None
+    last_tick_at: datetime | None = None
+    last_tick_seconds: float | None = None
+    ticks: int = 0
+    claimed: int = 0
+    ended: int = 0
+    gone: int = 0
+    rescheduled: int = 0
+    auth_failures: int = 0
+    tick_errors: int = 0
+    last_error: str | None = None
+
+
+@dataclasses.dataclass
+class TickResult:
+    """One pass: the rows it ended (or, in a dry run, would end) and what became of each."""
+
+    outcomes: dict[Outcome, list[SessionRecord]] = dataclasses.field(
+        default_factory=lambda: {o: [] for o in Outcome}
+    )
+    due: list[SessionRecord] = dataclasses.field(default_factory=list)  # dry run only
+    auth_failed: bool = False
+
+    @property
+    def ended(self) -> list[SessionRecord]:
+        return self.outcomes[Outcome.ENDED] + self.outcomes[Outcome.GONE]
+
+
+class Reaper:
+    def __init__(
+        self,
+        repository: SessionRepository,
+        client: LemonSliceClient,
+        *,
+        owner: str | None = None,
+        interval: float = config.REAPER_INTERVAL,
+        concurrency: int = config.REAPER_CONCURRENCY,
+        batch: int = config.REAPER_BATCH,
+        lease: float = config.LEASE,
+        retry: RetryPolicy = RESCHEDULE_POLICY,
+        clock: Clock | None = None,
+        on_ended: EndedHook | None = None,
+    ) -> None:
+        if concurrency < 1 or batch < 1:
+            raise ValueError("reaper concurrency and batch must be at least 1")
+        self.repository = repository
+        self.client = client
+        self.owner = owner or new_owner()
+        self.interval = interval
+        self.concurrency = concurrency
+        self.batch = batch
+        self.lease = lease
+        self.retry = retry
+        self.clock = clock or repository.clock or SYSTEM_CLOCK
+        self.on_ended = on_ended
+        self.heartbeat = Heartbeat()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    # --- one session -----------------------------------------------------------------------
+
+    async def finish(self, record: SessionRecord) -> Outcome:
+        """Terminate a row this reaper holds (status ``ending``) and record what happened.
+
+        Shared by the reaper's ticks and ``SessionManager.end_session`` so that one session ends
+        the same way whoever ends it. Errors are recorded on the row (rescheduled) and re-raised.
+        """
+        repo = self.repository
+        if record.session_id is None:  # cannot happen for claimed rows; keep the row, say why
+            await repo.reschedule(
+                record.id, owner=self.owner, error="no session_id", retry_at=self._retry_at(record)
+            )
+            return Outcome.RESCHEDULED
+        try:
+            terminated = await self.client.end_session(record.session_id, record.control_url)
+        except LemonSliceError as exc:
+            retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
+            await repo.reschedule(
+                record.id,
+                owner=self.owner,
+                error=str(exc),
+                retry_at=self._retry_at(record, retry_after),
+            )
+            self.heartbeat.rescheduled += 1
+            raise
+        reason = None if terminated else EndReason.GONE
+        if not await repo.mark_ended(record.id, owner=self.owner, reason=reason):
+            logger.warning(
+                "lease on session %s was taken over before its end was recorded",
+                record.session_id,
+                extra={"session_id": record.session_id, "owner": self.owner},
+            )
+            return Outcome.LOST
+        outcome = Outcome.ENDED if terminated else Outcome.GONE
+        if outcome is Outcome.ENDED:
+            self.heartbeat.ended += 1
+        else:
+            self.heartbeat.gone += 1
+        logger.info(
+            "ended session %s (%s)",
+            record.session_id,
+            reason or record.end_reason,
+            extra={"session_id": record.session_id, "reason": str(reason or record.end_reason)},
+        )
+        if self.on_ended is not None:
+            ended = await repo.find(record.id)
+            if ended is not None:
+                await self._call_hook(self.on_ended, ended)
+        return outcome
+
+    def _retry_at(self, record: SessionRecord, retry_after: float | None = None) -> datetime:
+        delay = self.retry.delay(max(record.attempts, 1), retry_after)
+        return self.clock.now() + timedelta(seconds=delay)
+
+    @staticmethod
+    async def _call_hook(hook: EndedHook, record: SessionRecord) -> None:
+        try:
+            await hook(record)
+        except Exception:  # a user's hook must not break the reaper
+            logger.exception("on_ended hook failed for session %s", record.session_id)
+
+    # --- one tick --------------------------------------------------------------------------
+
+    async def run_once(self, *, dry_run: bool = False) -> TickResult:
+        """One pass: flush touches, then claim and end everything due now.
+
+        ``dry_run`` lists what is due without claiming or terminating anything.
+        """
+        started = self.clock.monotonic()
+        result = TickResult()
+        await self.repository.flush_touches()
+        if dry_run:
+            result.due = await self.due_now()
+            return result
+        queue: asyncio.Queue[SessionRecord] = asyncio.Queue()
+        held: dict[int, SessionRecord] = {}  # claimed and not yet finished: leases to renew
+        exhausted = False
+        auth_failed = asyncio.Event()
+        wakeup = asyncio.Event()
+
+        async def worker() -> None:
+            while True:
+                record = await queue.get()
+                try:
+                    if auth_failed.is_set():  # give the row back at once; don't burn the queue
+                        await self.repository.reschedule(
+                            record.id,
+                            owner=self.owner,
+                            error="not attempted: API key rejected",
+                            retry_at=self._retry_at(record),
+                        )
+                        result.outcomes[Outcome.RESCHEDULED].append(record)
+                        continue
+                    outcome = await self.finish(record)
+                    result.outcomes[outcome].append(record)
+                except AuthError as exc:
+                    if not auth_failed.is_set():
+                        auth_failed.set()
+                        self.heartbeat.auth_failures += 1
+                        logger.error(
+                            "LemonSlice rejected the API key while ending sessions: %s; "
+                            "fix LEMONSLICE_API_KEY (sessions stay due and are retried)",
+                            exc,
+                        )
+                    result.outcomes[Outcome.RESCHEDULED].append(record)
+                except LemonSliceError as exc:
+                    logger.warning(
+                        "terminate of %s failed, will retry: %s",
+                        record.session_id,
+                        exc,
+                        extra={"session_id": record.session_id},
+                    )
+                    result.outcomes[Outcome.RESCHEDULED].append(record)
+                except Exception:
+                    logger.exception("ending session %s failed", record.session_id)
+                    result.outcomes[Outcome.RESCHEDULED].append(record)
+                finally:
+                    held.pop(record.id, None)
+                    queue.task_done()
+                    wakeup.set()
+
+        async def renew() -> None:
+            while True:
+                await self.clock.sleep(self.lease / 3)
+                if held:
+                    await self.repository.renew_leases(
+                        list(held), owner=self.owner, lease=self.lease
+                    )
+
+        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
+        renewer = asyncio.create_task(renew())
+        try:
+            while not exhausted and not auth_failed.is_set() and not self._stopping.is_set():
+                room = 2 * self.concurrency - len(held)
+                if room <= 0:
+                    wakeup.clear()
+                    await wakeup.wait()
+                    continue
+                claimed = await self.repository.claim_due(
+                    owner=self.owner, limit=min(room, self.batch), lease=self.lease
+                )
+                self.heartbeat.claimed += len(claimed)
+                exhausted = len(claimed) < min(room, self.batch)
+                for record in claimed:
+                    held[record.id] = record
+                    queue.put_nowait(record)
+            await queue.join()
+        finally:
+            for task in [*workers, renewer]:
+                task.cancel()
+            await asyncio.gather(*workers, renewer, return_exceptions=True)
+        result.auth_failed = auth_failed.is_set()
+        self.heartbeat.ticks += 1
+        self.heartbeat.last_tick_at = self.clock.now()
+        self.heartbeat.last_tick_seconds = self.clock.monotonic() - started
+        return result
+
+    async def due_now(self, limit: int = 10_000) -> list[SessionRecord]:
+        """Active sessions whose deadline has passed, soonest first (what a tick would end)."""
+        now = self.clock.now()
+        due: list[SessionRecord] = []
+        cursor: str | None = None
+        while len(due) < limit:
+            page = await self.repository.list(
+                SessionFilter(statuses=[SessionStatus.ACTIVE, SessionStatus.ENDING]),
+                limit=min(500, limit - len(due)),
+                after=cursor,
+                sort="deadline",
+            )
+            for record in page.items:
+                if record.deadline is None or record.deadline > now:
+                    return due
+                if record.status is SessionStatus.ENDING and (
+                    (record.lease_until is not None and record.lease_until > now)
+                    or (record.next_attempt_at is not None and record.next_attempt_at > now)
+                ):
+                    continue
+                due.append(record)
+            if page.next_cursor is None:
+                break
+            cursor = page.next_cursor
+        return due
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Tick every ``interval`` seconds until ``stop()``; a failed tick is logged, not fatal."""
+        self.heartbeat.started_at = self.clock.now()
+        while not self._stopping.is_set():
+            try:
+                await self.run_once()
+            except Exception as exc:
+                self.heartbeat.tick_errors += 1
+                self.heartbeat.last_error = str(exc)
+                logger.exception("reaper tick failed; retrying next interval")
+            await self._sleep(self.interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            stopper.cancel()
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None or self._task.done():
+            self._stopping.clear()
+            self._task = asyncio.create_task(self.run(), name=f"reaper {self.owner}")
+        return self._task
+
+    async def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop claiming, let in-flight terminates finish within ``grace``, release our leases."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(task), grace)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        released = await self.repository.release_leases(self.owner)
+        if released:
+            logger.info("released %d lease(s) for other reapers", released)
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()

@@ -1,0 +1,48 @@
+"""Builders shared by the manager, reaper and reconcile tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from sessionmgr.client import LemonSliceClient, Timeouts
+from sessionmgr.clock import FakeClock
+from sessionmgr.manager import SessionManager
+from sessionmgr.retry import RetryPolicy
+from sessionmgr.testing import FakeLemonSlice
+
+FAST_RETRY = RetryPolicy(attempts=3, base=0.001, cap=0.01, deadline=5.0)
+FAST_TIMEOUTS = Timeouts(connect=1.0, total=1.0)
+
+
+def fast_client(fake: FakeLemonSlice) -> LemonSliceClient:
+    """A client that retries in milliseconds, so fault tests stay fast."""
+    return LemonSliceClient(
+        fake.api_key, api_url=fake.url, retry=FAST_RETRY, timeouts=FAST_TIMEOUTS
+    )
+
+
+@contextlib.asynccontextmanager
+async def make_manager(
+    fake: FakeLemonSlice, clock: FakeClock, db_url: str, **kw: Any
+) -> AsyncIterator[SessionManager]:
+    """A manager whose reaper the test drives by hand (``reaper.run_once()`` after advancing)."""
+    kw.setdefault("idle_window", 60.0)
+    kw.setdefault("max_age", 3600.0)
+    kw.setdefault("reaper", False)
+    async with (
+        fast_client(fake) as client,
+        SessionManager(
+            database_url=db_url, client=client, clock=clock, auto_upgrade=True, **kw
+        ) as mgr,
+    ):
+        yield mgr
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Yield to other tasks until ``condition()`` holds; fails the test past ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.002)

@@ -1,0 +1,211 @@
+"""SessionManager: crash-safe create, touch, end, adopt, hooks and exit policy."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sessionmgr import (
+    ClientRequestError,
+    CreateOutcomeUnknown,
+    EndReason,
+    SessionNotFound,
+    SessionRecord,
+    SessionStatus,
+)
+from sessionmgr.clock import FakeClock
+from sessionmgr.manager import SessionManager
+from sessionmgr.testing import FakeLemonSlice, Fault
+
+from .helpers import make_manager
+
+
+async def test_create_records_an_active_session(manager: SessionManager, lemon: FakeLemonSlice):
+    record = await manager.create_session(
+        agent_id="agent_1", idle_timeout=60, metadata={"bot": "b1"}
+    )
+    assert record.status is SessionStatus.ACTIVE
+    assert record.session_id in lemon.sessions
+    assert record.control_url == f"{lemon.url}/{record.session_id}/control"
+    assert record.metadata == {"bot": "b1"}
+    assert record.idle_timeout == 60
+    events = await manager.repository.events(record.id)
+    assert [(e.from_status, e.to_status) for e in events] == [
+        (None, SessionStatus.PENDING),
+        (SessionStatus.PENDING, SessionStatus.ACTIVE),
+    ]
+
+
+async def test_create_validates_agent_source_before_any_io(
+    manager: SessionManager, lemon: FakeLemonSlice
+):
+    with pytest.raises(ValueError, match="exactly one"):
+        await manager.create_session()
+    with pytest.raises(ValueError, match="exactly one"):
+        await manager.create_session(agent_id="a", agent_image_url="https://x/y.png")
+    assert lemon.requests == []
+    assert (await manager.repository.list()).items == []
+
+
+async def test_rejected_create_marks_the_intent_failed(
+    manager: SessionManager, lemon: FakeLemonSlice
+):
+    lemon.inject("create", Fault.status(400, body='{"error": "bad agent"}'))
+    with pytest.raises(ClientRequestError):
+        await manager.create_session(agent_id="agent_bad")
+    [row] = (await manager.repository.list()).items
+    assert row.status is SessionStatus.FAILED
+    assert row.end_reason is EndReason.CREATE_REJECTED
+    assert "400" in (row.last_error or "")
+    assert lemon.creates == 0
+
+
+async def test_lost_create_answer_stays_pending_and_never_posts_twice(
+    manager: SessionManager, lemon: FakeLemonSlice
+):
+    lemon.inject("create", Fault.lost_answer())
+    with pytest.raises(CreateOutcomeUnknown):
+        await manager.create_session(agent_id="agent_1")
+    [row] = (await manager.repository.list()).items
+    assert row.status is SessionStatus.PENDING
+    assert row.session_id is None
+    assert lemon.creates == 1  # taken once by the server, never re-posted
+    assert lemon.live_count == 1
+
+
+async def test_cancelled_create_does_not_leak_a_session(
+    manager: SessionManager, lemon: FakeLemonSlice
+):
+    lemon.latency["create"] = 0.2
+    task = asyncio.create_task(manager.create_session(agent_id="agent_1"))
+    for _ in range(200):  # until the POST has reached the server
+        if lemon.requests:
+            break
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.wait(set(manager._background), timeout=5)
+    while manager._background:  # the end it spawned
+        await asyncio.wait(set(manager._background), timeout=5)
+    assert lemon.live_count == 0
+    assert sum(lemon.terminate_counts.values()) == 1
+    [row] = (await manager.repository.list()).items
+    assert row.status is SessionStatus.ENDED
+
+
+async def test_end_session_is_idempotent(manager: SessionManager, lemon: FakeLemonSlice):
+    record = await manager.create_session(agent_id="agent_1")
+    assert record.session_id is not None
+    first = await manager.end_session(record.session_id)
+    assert first.changed
+    assert first.record.status is SessionStatus.ENDED
+    assert first.record.end_reason is EndReason.MANUAL
+    second = await manager.end_session(record.session_id)
+    assert not second.changed
+    assert "already ended" in second.message
+    assert lemon.terminate_counts[record.session_id] == 1
+
+
+async def test_end_session_by_local_id(manager: SessionManager, lemon: FakeLemonSlice):
+    record = await manager.create_session(agent_id="agent_1")
+    result = await manager.end_session(record.id, reason="shutdown")
+    assert result.record.end_reason is EndReason.SHUTDOWN
+
+
+async def test_end_unknown_session_raises_not_found(manager: SessionManager):
+    with pytest.raises(SessionNotFound):
+        await manager.end_session("sess_nope")
+
+
+async def test_end_failing_terminate_is_left_to_the_reaper(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    record = await manager.create_session(agent_id="agent_1")
+    assert record.session_id is not None
+    lemon.inject("terminate", Fault.status(503), times=50)
+    with pytest.raises(Exception, match="503"):
+        await manager.end_session(record.session_id)
+    row = await manager.get(record.id)
+    assert row.status is SessionStatus.ENDING
+    assert row.lease_owner is None
+    assert row.next_attempt_at is not None
+    assert row.next_attempt_at > clock.now()
+    lemon.faults.clear()
+    clock.advance(400)
+    await manager.reaper.run_once()
+    row = await manager.get(record.id)
+    assert row.status is SessionStatus.ENDED
+    assert row.end_reason is EndReason.MANUAL
+    assert lemon.terminate_counts[record.session_id] == 1
+
+
+async def test_adopt_guards_a_session_created_elsewhere(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    answer = await manager.client.create_session(agent_id="agent_pipecat")
+    record = await manager.adopt_session(answer["session_id"], idle_window=30)
+    assert record.status is SessionStatus.ACTIVE
+    assert record.control_url == answer["control_url"]
+    again = await manager.adopt_session(answer["session_id"])
+    assert again.id == record.id
+    clock.advance(31)
+    result = await manager.reaper.run_once()
+    assert [r.session_id for r in result.ended] == [answer["session_id"]]
+    assert lemon.terminate_counts[answer["session_id"]] == 1
+
+
+async def test_touch_pushes_the_deadline_out(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    record = await manager.create_session(agent_id="agent_1")
+    assert record.session_id is not None
+    assert record.deadline is not None
+    clock.advance(30)
+    for _ in range(1000):  # cheap: coalesced into one write at the next flush
+        manager.touch(record.session_id)
+    await manager.repository.flush_touches()
+    touched = await manager.get(record.id)
+    assert touched.deadline is not None
+    assert (touched.deadline - record.deadline).total_seconds() == pytest.approx(30)
+
+
+async def test_hooks_fire_once_per_transition(lemon: FakeLemonSlice, clock: FakeClock, db_url):
+    created: list[SessionRecord] = []
+    ended: list[SessionRecord] = []
+
+    async def on_created(r: SessionRecord) -> None:
+        created.append(r)
+
+    async def on_ended(r: SessionRecord) -> None:
+        ended.append(r)
+
+    async with make_manager(lemon, clock, db_url, on_created=on_created, on_ended=on_ended) as mgr:
+        record = await mgr.create_session(agent_id="agent_1")
+        await mgr.end_session(record.id)
+        await mgr.end_session(record.id)  # a no-op: no second hook
+    assert [r.id for r in created] == [record.id]
+    assert [(r.id, r.status) for r in ended] == [(record.id, SessionStatus.ENDED)]
+
+
+async def test_on_exit_end_ends_own_sessions(lemon: FakeLemonSlice, clock: FakeClock, db_url):
+    async with make_manager(lemon, clock, db_url, on_exit="end") as mgr:
+        a = await mgr.create_session(agent_id="agent_1")
+        b = await mgr.create_session(agent_id="agent_2")
+    async with make_manager(lemon, clock, db_url) as mgr:
+        for r in (a, b):
+            row = await mgr.get(r.id)
+            assert row.status is SessionStatus.ENDED
+            assert row.end_reason is EndReason.SHUTDOWN
+    assert lemon.live_count == 0
+
+
+async def test_on_exit_leave_keeps_sessions_for_the_reaper(
+    lemon: FakeLemonSlice, clock: FakeClock, db_url
+):
+    async with make_manager(lemon, clock, db_url) as mgr:
+        a = await mgr.create_session(agent_id="agent_1")
+    assert lemon.live_count == 1
+    async with make_manager(lemon, clock, db_url) as mgr:
+        assert (await mgr.get(a.id)).status is SessionStatus.ACTIVE
