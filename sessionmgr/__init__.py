@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .client import LemonSliceClient, Timeouts
 from .clock import Clock, FakeClock, SystemClock
 from .config import Settings
 from .errors import (
@@ -23,7 +24,12 @@ from .errors import (
     SessionNotFound,
     TransportError,
 )
-from .records import SessionEvent, SessionRecord
+from .manager import EndResult, SessionManager
+from .reaper import Reaper
+from .reconcile import ReconcileReport
+from .records import Page, SessionEvent, SessionFilter, SessionRecord, Stats
+from .repository import SessionRepository
+from .retry import RetryPolicy
 from .states import EndReason, SessionStatus
 
 __all__ = [
@@ -36,19 +42,30 @@ __all__ = [
     "DatabaseLocked",
     "DatabaseNotMigrated",
     "EndReason",
+    "EndResult",
     "FakeClock",
     "InvalidResponseError",
+    "LemonSliceClient",
     "LemonSliceError",
     "NotFoundError",
+    "Page",
     "RateLimitedError",
+    "Reaper",
+    "ReconcileReport",
+    "RetryPolicy",
     "ServerError",
     "SessionEvent",
+    "SessionFilter",
+    "SessionManager",
     "SessionMgrError",
     "SessionNotFound",
     "SessionRecord",
+    "SessionRepository",
     "SessionStatus",
     "Settings",
+    "Stats",
     "SystemClock",
+    "Timeouts",
     "TransportError",
     "__version__",
 ]

@@ -49,6 +49,7 @@ from .errors import (
     TransportError,
     excerpt,
 )
+from .records import is_secret_key
 from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insens
 TRANSPORT_TYPE = "daily"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TERMINATE_BODY = json.dumps({"event": "terminate"}).encode()
-_SECRET_MARKERS = ("token", "secret", "key")
 _MIN_SECRET_LEN = 4  # shorter "secrets" would blank out ordinary words in error excerpts
 
 T = TypeVar("T")
@@ -721,7 +721,7 @@ def _secrets_of(payload: Mapping[str, Any]) -> tuple[str, ...]:
     def walk(value: Any, sensitive: bool) -> None:
         if isinstance(value, Mapping):
             for k, v in value.items():
-                walk(v, sensitive or any(m in str(k).lower() for m in _SECRET_MARKERS))
+                walk(v, sensitive or is_secret_key(k))
         elif isinstance(value, list | tuple):
             for v in value:
                 walk(v, sensitive)

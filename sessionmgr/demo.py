@@ -90,7 +90,8 @@ async def run_demo(db_path: Path = DEMO_DB, console: Console | None = None) -> P
         ) as mgr,
     ):
         console.print(
-            f"FakeLemonSlice on {fake.url}; idle window {IDLE_WINDOW:g}s, max age {MAX_AGE:g}s"
+            f"FakeLemonSlice on {fake.url}\nidle window {IDLE_WINDOW:g}s, max age {MAX_AGE:g}s",
+            soft_wrap=True,
         )
         busy: list[str] = []
         for agent, bot, touched, max_age in AGENTS:
@@ -128,6 +129,7 @@ async def run_demo(db_path: Path = DEMO_DB, console: Console | None = None) -> P
                     await asyncio.sleep(0.25)
         finally:
             toucher.cancel()
+        console.line()  # off a terminal, Live leaves its last frame without a newline
         for session_id in busy:
             result = await mgr.end_session(session_id, reason="manual")
             console.print(f"end {session_id}: {result.message}")
@@ -139,6 +141,7 @@ async def run_demo(db_path: Path = DEMO_DB, console: Console | None = None) -> P
         )
     console.print(
         f"database: {path}\n"
-        f"try: sessionmgr --database-url sqlite+aiosqlite:///{path} list --status ended"
+        f"try: sessionmgr --database-url sqlite+aiosqlite:///{path} list --status ended",
+        soft_wrap=True,
     )
     return path

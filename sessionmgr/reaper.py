@@ -111,16 +111,26 @@ class Reaper:
         self.clock = clock or repository.clock or SYSTEM_CLOCK
         self.on_ended = on_ended
         self.heartbeat = Heartbeat()
+        self._slots = asyncio.Semaphore(concurrency)  # terminate requests in flight
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # --- one session -----------------------------------------------------------------------
 
-    async def finish(self, record: SessionRecord) -> Outcome:
+    async def finish(
+        self,
+        record: SessionRecord,
+        *,
+        abort: asyncio.Event | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> Outcome:
         """Terminate a row this reaper holds (status ``ending``) and record what happened.
 
         Shared by the reaper's ticks and ``SessionManager.end_session`` so that one session ends
         the same way whoever ends it. Errors are recorded on the row (rescheduled) and re-raised.
+        Only the HTTP call holds one of the ``concurrency`` slots: recording the end waits for
+        the group commit without keeping a terminate from starting. ``abort`` set (the API key
+        was rejected) gives the row back untried; ``on_sent`` is called when the slot is freed.
         """
         repo = self.repository
         if record.session_id is None:  # cannot happen for claimed rows; keep the row, say why
@@ -128,18 +138,34 @@ class Reaper:
                 record.id, owner=self.owner, error="no session_id", retry_at=self._retry_at(record)
             )
             return Outcome.RESCHEDULED
-        try:
-            terminated = await self.client.end_session(record.session_id, record.control_url)
-        except LemonSliceError as exc:
-            retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
+        failure: LemonSliceError | None = None
+        async with self._slots:
+            if abort is not None and abort.is_set():
+                failure = None
+                terminated = None
+            else:
+                try:
+                    terminated = await self.client.end_session(
+                        record.session_id, record.control_url
+                    )
+                except LemonSliceError as exc:
+                    failure, terminated = exc, None
+                    if isinstance(exc, AuthError) and abort is not None:
+                        abort.set()  # before the slot passes on: no other row is tried
+        if on_sent is not None:
+            on_sent()
+        if terminated is None:
+            retry_after = failure.retry_after if isinstance(failure, RateLimitedError) else None
             await repo.reschedule(
                 record.id,
                 owner=self.owner,
-                error=str(exc),
+                error=str(failure) if failure else "not attempted: API key rejected",
                 retry_at=self._retry_at(record, retry_after),
             )
             self.heartbeat.rescheduled += 1
-            raise
+            if failure is not None:
+                raise failure
+            return Outcome.RESCHEDULED
         reason = None if terminated else EndReason.GONE
         if not await repo.mark_ended(record.id, owner=self.owner, reason=reason):
             logger.warning(
@@ -189,52 +215,48 @@ class Reaper:
         if dry_run:
             result.due = await self.due_now()
             return result
-        queue: asyncio.Queue[SessionRecord] = asyncio.Queue()
         held: dict[int, SessionRecord] = {}  # claimed and not yet finished: leases to renew
-        exhausted = False
+        unsent: set[int] = set()  # claimed and not yet through their terminate request
+        tasks: set[asyncio.Task[None]] = set()
         auth_failed = asyncio.Event()
-        wakeup = asyncio.Event()
+        auth_logged = False  # log the rejected key once per tick
+        room_freed = asyncio.Event()
 
-        async def worker() -> None:
-            while True:
-                record = await queue.get()
-                try:
-                    if auth_failed.is_set():  # give the row back at once; don't burn the queue
-                        await self.repository.reschedule(
-                            record.id,
-                            owner=self.owner,
-                            error="not attempted: API key rejected",
-                            retry_at=self._retry_at(record),
-                        )
-                        result.outcomes[Outcome.RESCHEDULED].append(record)
-                        continue
-                    outcome = await self.finish(record)
-                    result.outcomes[outcome].append(record)
-                except AuthError as exc:
-                    if not auth_failed.is_set():
-                        auth_failed.set()
-                        self.heartbeat.auth_failures += 1
-                        logger.error(
-                            "LemonSlice rejected the API key while ending sessions: %s; "
-                            "fix LEMONSLICE_API_KEY (sessions stay due and are retried)",
-                            exc,
-                        )
-                    result.outcomes[Outcome.RESCHEDULED].append(record)
-                except LemonSliceError as exc:
-                    logger.warning(
-                        "terminate of %s failed, will retry: %s",
-                        record.session_id,
+        async def end_one(record: SessionRecord) -> None:
+            try:
+                outcome = await self.finish(
+                    record, abort=auth_failed, on_sent=lambda: sent(record.id)
+                )
+                result.outcomes[outcome].append(record)
+            except AuthError as exc:
+                nonlocal auth_logged
+                if not auth_logged:
+                    auth_logged = True
+                    self.heartbeat.auth_failures += 1
+                    logger.error(
+                        "LemonSlice rejected the API key while ending sessions: %s; "
+                        "fix LEMONSLICE_API_KEY (sessions stay due and are retried)",
                         exc,
-                        extra={"session_id": record.session_id},
                     )
-                    result.outcomes[Outcome.RESCHEDULED].append(record)
-                except Exception:
-                    logger.exception("ending session %s failed", record.session_id)
-                    result.outcomes[Outcome.RESCHEDULED].append(record)
-                finally:
-                    held.pop(record.id, None)
-                    queue.task_done()
-                    wakeup.set()
+                result.outcomes[Outcome.RESCHEDULED].append(record)
+            except LemonSliceError as exc:
+                logger.warning(
+                    "terminate of %s failed, will retry: %s",
+                    record.session_id,
+                    exc,
+                    extra={"session_id": record.session_id},
+                )
+                result.outcomes[Outcome.RESCHEDULED].append(record)
+            except Exception:
+                logger.exception("ending session %s failed", record.session_id)
+                result.outcomes[Outcome.RESCHEDULED].append(record)
+            finally:
+                held.pop(record.id, None)
+                sent(record.id)
+
+        def sent(pk: int) -> None:
+            unsent.discard(pk)
+            room_freed.set()
 
         async def renew() -> None:
             while True:
@@ -244,28 +266,37 @@ class Reaper:
                         list(held), owner=self.owner, lease=self.lease
                     )
 
-        workers = [asyncio.create_task(worker()) for _ in range(self.concurrency)]
         renewer = asyncio.create_task(renew())
         try:
+            exhausted = False
             while not exhausted and not auth_failed.is_set() and not self._stopping.is_set():
-                room = 2 * self.concurrency - len(held)
+                # Keep twice the concurrency claimed and unsent: enough that no slot idles while
+                # the next claim runs, few enough that slow terminates never sit on a pile of
+                # leases. Rows already terminated and waiting for their commit do not count.
+                room = 2 * self.concurrency - len(unsent)
                 if room <= 0:
-                    wakeup.clear()
-                    await wakeup.wait()
+                    room_freed.clear()
+                    await room_freed.wait()
                     continue
+                want = min(room, self.batch)
                 claimed = await self.repository.claim_due(
-                    owner=self.owner, limit=min(room, self.batch), lease=self.lease
+                    owner=self.owner, limit=want, lease=self.lease
                 )
                 self.heartbeat.claimed += len(claimed)
-                exhausted = len(claimed) < min(room, self.batch)
+                exhausted = len(claimed) < want
                 for record in claimed:
                     held[record.id] = record
-                    queue.put_nowait(record)
-            await queue.join()
+                    unsent.add(record.id)
+                    task = asyncio.create_task(end_one(record))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*tasks)
         finally:
-            for task in [*workers, renewer]:
+            renewer.cancel()
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*workers, renewer, return_exceptions=True)
+            await asyncio.gather(renewer, *tasks, return_exceptions=True)
         result.auth_failed = auth_failed.is_set()
         self.heartbeat.ticks += 1
         self.heartbeat.last_tick_at = self.clock.now()

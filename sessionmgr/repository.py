@@ -675,7 +675,7 @@ class SessionRepository:
         """One short write transaction, retried if the database stays busy past its timeout."""
         for attempt in range(CLAIM_LOCK_RETRIES + 1):
             try:
-                async with self._write.begin() as conn:
+                async with self._writer.exclusive(), self._write.begin() as conn:
                     return await run(conn)
             except SQLAlchemyError as exc:
                 if not db.is_locked(exc) or attempt == CLAIM_LOCK_RETRIES:

@@ -43,6 +43,7 @@ from aiohttp import web
 from yarl import URL
 
 from .clock import SYSTEM_CLOCK, Clock
+from .records import is_secret_key
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ FAKE_ROOM_BASE = "https://fake-lemonslice.daily.co"  # rooms of sessions created
 
 STATUSES = ("QUEUED", "ACTIVE", "COMPLETED", "TIMED_OUT", "FAILED")
 LIVE_STATUSES = frozenset({"QUEUED", "ACTIVE"})
-_SECRET_MARKERS = ("token", "secret", "key")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HTML_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -877,10 +877,7 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, FormField]:
 def _redact(value: Any) -> Any:
     """A copy with values under token/secret/key-like keys replaced, at any depth."""
     if isinstance(value, Mapping):
-        return {
-            k: (REDACTED if any(m in str(k).lower() for m in _SECRET_MARKERS) else _redact(v))
-            for k, v in value.items()
-        }
+        return {k: (REDACTED if is_secret_key(k) else _redact(v)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v) for v in value]
     return value

@@ -20,6 +20,7 @@ they outlast ``LOCK_RETRY_TOTAL``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -229,6 +230,10 @@ class GroupWriter:
         self._engine = write_engine(engine)
         self._url = engine.url
         self._lock_rows = engine.dialect.name == "postgresql"
+        # SQLite has one write lock per file. Within this process, writers take turns on an
+        # asyncio lock (an instant hand-over) instead of on SQLite's busy handler, which polls
+        # in sleeps of up to 100 ms; the busy timeout is left to contention between processes.
+        self.lock: asyncio.Lock | None = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         self._max_batch = max_batch
         self._queue: list[Op] = []
         self._wakeup = asyncio.Event()
@@ -278,6 +283,10 @@ class GroupWriter:
             self._queue.clear()
             raise
 
+    def exclusive(self) -> contextlib.AbstractAsyncContextManager[object]:
+        """This process's turn at the write lock (a no-op where the database has row locks)."""
+        return self.lock if self.lock is not None else contextlib.nullcontext()
+
     async def _execute(self, batch: list[Op], retries: int = INTEGRITY_RETRIES) -> None:
         try:
             outcomes = await self._with_lock_retry(batch)
@@ -326,7 +335,7 @@ class GroupWriter:
     async def _transaction(self, batch: list[Op]) -> list[tuple[Op, Thunk | Exception]]:
         uow = UnitOfWork(lock_rows=self._lock_rows)
         outcomes: list[tuple[Op, Thunk | Exception]] = []
-        async with self._engine.begin() as conn:
+        async with self.exclusive(), self._engine.begin() as conn:
             await uow.load(
                 conn, (pk for op in batch for pk in op.pks), (s for op in batch for s in op.sids)
             )
