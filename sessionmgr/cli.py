@@ -13,29 +13,64 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import csv
 import dataclasses
-import io
 import json
 import logging
-import math
-import re
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from rich import box
-from rich.cells import cell_len
-from rich.console import Console, RenderableType
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import __version__, config, db
+from .cli_output import COLUMN_GAP as COLUMN_GAP
+from .cli_output import CSV_FIELDS as CSV_FIELDS
+from .cli_output import SHRINK_ORDER as SHRINK_ORDER
+from .cli_output import URL_WIDTH as URL_WIDTH
+from .cli_output import WIDE_WIDTH as WIDE_WIDTH
+from .cli_output import (
+    _due_reason,
+    _echo_json,
+    _iso,
+    _iso_seconds,
+    _print_reconcile,
+    _print_record,
+    brief_table,
+    events_table,
+    human_seconds,
+    new_table,
+    print_out,
+    progress_bar,
+    record_view,
+    records_csv,
+    records_table,
+    stderr_console,
+    stdin_is_tty,
+    stdout_console,
+)
+from .cli_output import shorten as shorten
+from .cli_params import (
+    _SECRET_HINT,
+    DURATION,
+    DURATION_OR_OFF,
+    KEY_JSON,
+    KEY_VALUE,
+    MOMENT,
+    POSITIVE_DURATION,
+    _json_option,
+    _latency_option,
+    _off_to_none,
+)
+from .cli_params import DURATION_UNITS as DURATION_UNITS
+from .cli_params import Duration as Duration
+from .cli_params import KeyValue as KeyValue
+from .cli_params import Moment as Moment
+from .cli_params import parse_duration as parse_duration
 from .config import ENV_API_KEY, ENV_API_URL, ENV_DATABASE_URL, Settings
 from .errors import (
     AuthError,
@@ -54,6 +89,8 @@ from .records import Page, SessionEvent, SessionFilter, SessionRecord, Stats
 from .repository import MAX_PAGE, SORTS, SessionRepository
 from .server import RECONCILE_INTERVAL, SHUTDOWN_GRACE
 from .states import FINAL_STATUSES, EndReason, SessionStatus
+
+# Names imported `as` themselves are re-exported: callers and tests import them from here.
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -215,14 +252,9 @@ def main() -> None:
 
 # --- commands -------------------------------------------------------------------------------
 # Admin commands drive the library (repository, manager, reaper); the helpers they share come first:
-# parameter types, opening the database, output (tables, JSON, CSV, progress) and batch results.
+# opening the database and batch results. Parameter types live in cli_params, output (tables,
+# JSON, CSV, progress) in cli_output.
 
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}  # seconds
-WIDE_WIDTH = 10_000  # columns: effectively unlimited, for --wide
-COLUMN_GAP = 2  # blanks between table columns
-# (column index, narrowest width) of the `list` columns cut short, in order, to fit the terminal
-SHRINK_ORDER = ((1, 14), (3, 10), (6, 8))
-URL_WIDTH = 60  # characters of a URL shown in `show` before it is shortened in the middle
 LIST_LIMIT = 50  # rows per `list` page
 WALK_PAGE = 500  # rows per query when a command walks every match (end-all)
 END_CONCURRENCY = config.REAPER_CONCURRENCY  # terminate requests in flight in end/end-all
@@ -231,120 +263,6 @@ STATS_DAYS = 7  # days of history in `stats`
 MAX_ERRORS_SHOWN = 5  # error lines a batch command prints before summarising the rest
 MANUAL_REASONS = (EndReason.MANUAL.value, EndReason.SHUTDOWN.value, EndReason.ORPHAN.value)
 DRY_RUN_API_KEY = "dry-run-no-key"  # dry runs never call the API, but the client wants a key
-
-_DURATION_PLAIN = re.compile(r"\d+(?:\.\d+)?")
-_DURATION_COMPOUND = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_OFF_WORDS = frozenset({"none", "off", "never"})
-_SECRET_HINT = re.compile(r"token|secret|key", re.IGNORECASE)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``90``, ``90s``, ``10m``, ``2h``, ``7d``, ``1w`` or ``1h30m``."""
-    raw = text.strip().lower()
-    if _DURATION_PLAIN.fullmatch(raw):
-        return float(raw)
-    if _DURATION_COMPOUND.fullmatch(raw):
-        return sum(float(n) * DURATION_UNITS[u] for n, u in _DURATION_PART.findall(raw))
-    raise ValueError(f"{text!r} is not a duration: use e.g. 90, 90s, 10m, 2h or 7d")
-
-
-class Duration(click.ParamType[float, Any]):
-    """A duration in seconds; ``allow_off`` also takes none/off/never (returned as ``inf``)."""
-
-    name = "duration"
-
-    def __init__(self, *, positive: bool = False, allow_off: bool = False) -> None:
-        self.positive = positive
-        self.allow_off = allow_off
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> float:
-        if isinstance(value, int | float):
-            return float(value)
-        if self.allow_off and str(value).strip().lower() in _OFF_WORDS:
-            return math.inf
-        try:
-            seconds = parse_duration(str(value))
-        except ValueError as exc:
-            hint = " (or 'off')" if self.allow_off else ""
-            self.fail(f"{exc}{hint}", param, ctx)
-        if self.positive and seconds <= 0:
-            self.fail(f"{value!r} must be longer than 0 seconds", param, ctx)
-        return seconds
-
-
-class Moment(click.ParamType[datetime, Any]):
-    """An ISO 8601 time (naive means UTC), or a duration meaning "that long ago"."""
-
-    name = "time"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        text = str(value).strip()
-        try:
-            return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
-        except ValueError:
-            pass
-        try:
-            moment = datetime.fromisoformat(text)
-        except ValueError:
-            self.fail(
-                f"{value!r} is neither an ISO 8601 time (e.g. 2026-01-31T12:00:00Z) "
-                "nor a duration ago (e.g. 2h, 7d)",
-                param,
-                ctx,
-            )
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.astimezone(UTC)
-
-
-class KeyValue(click.ParamType[tuple[str, Any], Any]):
-    """``KEY=VALUE``; with ``json_values`` the value is parsed as JSON when it is JSON."""
-
-    name = "KEY=VALUE"
-
-    def __init__(self, *, json_values: bool = False) -> None:
-        self.json_values = json_values
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[str, Any]:
-        if isinstance(value, tuple):
-            return value
-        key, sep, raw = str(value).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            shown = "<redacted>" if _SECRET_HINT.search(str(value)) else repr(value)
-            self.fail(f"{shown} is not KEY=VALUE (e.g. user=alice)", param, ctx)
-        parsed: Any = raw
-        if self.json_values:
-            try:
-                parsed = json.loads(raw)
-            except ValueError:
-                parsed = raw
-        return key, parsed
-
-
-DURATION = Duration()
-POSITIVE_DURATION = Duration(positive=True)
-DURATION_OR_OFF = Duration(positive=True, allow_off=True)
-MOMENT = Moment()
-KEY_VALUE = KeyValue()
-KEY_JSON = KeyValue(json_values=True)
-
-
-def _off_to_none(seconds: float | None) -> float | None:
-    return None if seconds is None or math.isinf(seconds) else seconds
-
-
-def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
 # --- opening the database and the manager ----------------------------------------------------
@@ -399,281 +317,6 @@ async def open_manager(
     )
     async with manager:
         yield manager
-
-
-# --- output ----------------------------------------------------------------------------------
-
-
-def stdout_console(*, wide: bool = False) -> Console:
-    """Fits the terminal (80 columns when not a TTY); no colour unless stdout is a terminal."""
-    return Console(highlight=False, emoji=False, width=WIDE_WIDTH if wide else None)
-
-
-def print_out(*renderables: RenderableType, wide: bool = False) -> None:
-    """Print to stdout without the trailing blanks rich pads table cells with."""
-    console = stdout_console(wide=wide)
-    with console.capture() as capture:
-        for item in renderables:
-            console.print(item)
-    for line in capture.get().splitlines():
-        click.echo(line.rstrip())
-
-
-def stderr_console() -> Console:
-    """Where progress goes; tests replace it to exercise the TTY path."""
-    return Console(stderr=True, highlight=False, emoji=False)
-
-
-def stdin_is_tty() -> bool:
-    """Whether a confirmation can be asked; tests replace it."""
-    return sys.stdin.isatty()
-
-
-def _echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
-
-
-def _iso(moment: datetime | None) -> str:
-    return "" if moment is None else moment.isoformat().replace("+00:00", "Z")
-
-
-def _iso_seconds(moment: datetime | None) -> str:
-    """ISO 8601 UTC to the second, for people (JSON keeps the microseconds)."""
-    return "" if moment is None else _iso(moment.astimezone(UTC).replace(microsecond=0))
-
-
-def _short_time(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%m-%d %H:%M")
-
-
-def human_seconds(seconds: float) -> str:
-    """``45s``, ``4m10s``, ``2h05m``, ``3d04h``: compact enough for a table cell."""
-    total = round(abs(seconds))
-    if total < 60:
-        return f"{total}s"
-    minutes, secs = divmod(total, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s" if secs else f"{minutes}m"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m" if minutes else f"{hours}h"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h" if hours else f"{days}d"
-
-
-def shorten(text: str, width: int = URL_WIDTH) -> str:
-    """Cut the middle out of a long URL, keeping its host and its tail (the session id)."""
-    if len(text) <= width:
-        return text
-    head = (width - 1) // 2
-    return f"{text[:head]}…{text[len(text) - (width - 1 - head) :]}"
-
-
-_STATUS_STYLE = {
-    "pending": "cyan",
-    "active": "green",
-    "ending": "yellow",
-    "ended": "dim",
-    "failed": "red",
-}
-
-
-def _status_text(status: str) -> Text:
-    return Text(status, style=_STATUS_STYLE.get(status, ""))
-
-
-def _idle_cell(record: SessionRecord, now: datetime) -> str:
-    if record.status in (SessionStatus.ACTIVE, SessionStatus.ENDING):
-        return human_seconds((now - record.last_activity_at).total_seconds())
-    return ""
-
-
-def _end_cell(record: SessionRecord, now: datetime) -> str:
-    """When an active session will be ended, or why a finished one ended."""
-    if record.status is SessionStatus.PENDING:
-        return "creating"
-    if record.status is SessionStatus.ACTIVE:
-        if record.deadline is None:
-            return "-"
-        left = (record.deadline - now).total_seconds()
-        return "due" if left <= 0 else f"in {human_seconds(left)}"
-    reason = str(record.end_reason) if record.end_reason else "-"
-    if record.status is SessionStatus.ENDING and record.attempts > 1:
-        return f"{reason} (try {record.attempts})"
-    return reason
-
-
-def _meta_text(metadata: dict[str, Any]) -> str:
-    return " ".join(
-        f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in metadata.items()
-    )
-
-
-def new_table() -> Table:
-    """The one table style: a rule under the header, two blanks between columns, no frame."""
-    return Table(
-        box=box.SIMPLE_HEAD,
-        padding=(0, COLUMN_GAP - 1, 0, 0),
-        pad_edge=False,
-        show_edge=False,
-        header_style="bold",
-    )
-
-
-def records_table(records: Sequence[SessionRecord], now: datetime, *, width: int | None) -> Table:
-    """Sessions as rows. Within ``width`` columns the session id, agent and end reason are cut
-    short first (a local id works wherever a session id does); ``None`` shows everything."""
-    headers = ["ID", "SESSION ID", "STATUS", "AGENT", "CREATED", "IDLE", "END"]
-    rows = [
-        [
-            str(r.id),
-            r.session_id or "-",
-            str(r.status),
-            r.agent_id or r.agent_image_url or "-",
-            _short_time(r.created_at) if width else _iso_seconds(r.created_at),
-            _idle_cell(r, now),
-            _end_cell(r, now),
-        ]
-        for r in records
-    ]
-    if width is None:
-        headers[4] = "CREATED (UTC)"
-        headers += ["DEADLINE", "COST", "METADATA", "ROOM URL", "CONTROL URL", "LAST ERROR"]
-        for row, r in zip(rows, records, strict=True):
-            row += [
-                _iso_seconds(r.deadline),
-                "" if r.cost is None else f"{r.cost:g}",
-                _meta_text(r.metadata),
-                r.room_url or "",
-                r.control_url or "",
-                r.last_error or "",
-            ]
-    caps: dict[int, int] = {}
-    if width is not None:
-        natural = [
-            max([cell_len(h), *(cell_len(row[i]) for row in rows)]) for i, h in enumerate(headers)
-        ]
-        excess = sum(natural) + COLUMN_GAP * (len(headers) - 1) - width
-        for index, minimum in SHRINK_ORDER:
-            if excess <= 0:
-                break
-            cut = min(excess, max(0, natural[index] - minimum))
-            caps[index] = natural[index] - cut
-            excess -= cut
-    table = new_table()
-    for i, header in enumerate(headers):
-        table.add_column(
-            header,
-            justify="right" if header in ("ID", "IDLE", "COST") else "left",
-            no_wrap=True,
-            overflow="ellipsis",
-            max_width=caps.get(i),
-        )
-    for row in rows:
-        cells = [Text(cell) for cell in row]
-        cells[2].stylize(_STATUS_STYLE.get(row[2], ""))
-        table.add_row(*cells)
-    return table
-
-
-def _seconds_cell(seconds: float | None) -> str:
-    if seconds is None:
-        return "none"
-    short, exact = human_seconds(seconds), f"{seconds:g}s"
-    return short if short == exact else f"{short} ({exact})"
-
-
-def _relative(moment: datetime | None, now: datetime) -> str:
-    if moment is None:
-        return "-"
-    delta = (moment - now).total_seconds()
-    when = f"in {human_seconds(delta)}" if delta > 0 else f"{human_seconds(delta)} ago"
-    return f"{_iso_seconds(moment)} ({when})"
-
-
-def record_view(record: SessionRecord, now: datetime, *, wide: bool) -> Table:
-    """One session as field / value lines; long URLs shortened unless ``wide``."""
-
-    def url(value: str | None) -> Text:
-        return Text("-" if value is None else value if wide else shorten(value))
-
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column(overflow="fold")
-    rows: list[tuple[str, Text | str]] = [
-        ("id", str(record.id)),
-        ("session_id", Text(record.session_id or "-")),
-        ("status", _status_text(record.status)),
-        ("agent_id", Text(record.agent_id or "-")),
-        ("agent_image_url", url(record.agent_image_url)),
-        ("agent_prompt", Text(record.agent_prompt or "-")),
-        ("idle_timeout", "-" if record.idle_timeout is None else f"{record.idle_timeout}s"),
-        ("room_url", url(record.room_url)),
-        ("control_url", url(record.control_url)),
-        ("idle_window", _seconds_cell(record.idle_window)),
-        ("max_age", _seconds_cell(record.max_age)),
-        ("created_at", _relative(record.created_at, now)),
-        ("updated_at", _relative(record.updated_at, now)),
-        ("last_activity_at", _relative(record.last_activity_at, now)),
-        ("deadline", _relative(record.deadline, now)),
-        ("ended_at", _relative(record.ended_at, now)),
-        ("end_reason", str(record.end_reason or "-")),
-        ("remote_status", record.remote_status or "-"),
-        ("cost", "-" if record.cost is None else f"{record.cost:g}"),
-        ("attempts", str(record.attempts)),
-        ("next_attempt_at", _relative(record.next_attempt_at, now)),
-        ("last_error", Text(record.last_error or "-")),
-        ("lease_owner", record.lease_owner or "-"),
-        ("lease_until", _relative(record.lease_until, now)),
-        ("metadata", Text(_meta_text(record.metadata) or "-")),
-    ]
-    for name, value in rows:
-        grid.add_row(name, value)
-    return grid
-
-
-def events_table(events: Sequence[SessionEvent]) -> Table:
-    table = new_table()
-    table.add_column("AT (UTC)", no_wrap=True)
-    table.add_column("FROM", no_wrap=True)
-    table.add_column("TO", no_wrap=True)
-    table.add_column("REASON", no_wrap=True)
-    table.add_column("DETAIL", overflow="fold")
-    for e in events:
-        table.add_row(
-            e.at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            str(e.from_status or "-"),
-            _status_text(e.to_status),
-            str(e.reason or ""),
-            Text(e.detail or ""),
-        )
-    return table
-
-
-def _print_record(record: SessionRecord, *, as_json: bool, wide: bool, now: datetime) -> None:
-    if as_json:
-        _echo_json(record.to_dict())
-    else:
-        print_out(record_view(record, now, wide=wide), wide=wide)
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr when it is a terminal; otherwise nothing at all."""
-    console = stderr_console()
-    if not console.is_terminal:
-        yield lambda _n: None
-        return
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n: progress.advance(task, n)
 
 
 # --- batch results ---------------------------------------------------------------------------
@@ -1099,21 +742,6 @@ def list_(
         click.echo(f"more: add --after {page.next_cursor}", err=True)
 
 
-CSV_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
-
-
-def records_csv(records: Sequence[SessionRecord]) -> str:
-    """Record fields as columns; times ISO-8601 UTC, metadata as JSON, None as empty."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for r in records:
-        row = r.to_dict()
-        row["metadata"] = json.dumps(row["metadata"], ensure_ascii=False, sort_keys=True)
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
-    return out.getvalue()
-
-
 @cli.command()
 @click.argument("session_id")
 @_json_option
@@ -1212,37 +840,6 @@ def stats(obj: CliContext, days: int, as_json: bool) -> None:
 
 
 # --- reap, end-all, reconcile, prune ---------------------------------------------------------
-
-
-def _due_reason(record: SessionRecord, now: datetime) -> str:
-    if record.end_reason:
-        return str(record.end_reason)
-    if record.max_age is not None and record.created_at + timedelta(seconds=record.max_age) <= now:
-        return EndReason.MAX_AGE.value
-    return EndReason.IDLE.value
-
-
-def _idle_at(record: SessionRecord, now: datetime) -> str:
-    """How long the session had been idle: until now if live, until its end if finished."""
-    if record.status is SessionStatus.PENDING:
-        return ""
-    until = now if record.live else (record.ended_at or record.updated_at)
-    return human_seconds((until - record.last_activity_at).total_seconds())
-
-
-def brief_table(rows: Sequence[tuple[SessionRecord, str]], now: datetime, last: str) -> Table:
-    """The few columns that say which sessions a batch command touched and how."""
-    table = new_table()
-    table.add_column("ID", justify="right", no_wrap=True)
-    table.add_column("SESSION ID", no_wrap=True, overflow="ellipsis")
-    table.add_column("AGENT", overflow="fold")
-    table.add_column("IDLE", justify="right", no_wrap=True)
-    table.add_column(last, overflow="fold")
-    for r, value in rows:
-        table.add_row(
-            str(r.id), Text(r.session_id or "-"), Text(r.agent_id or "-"), _idle_at(r, now), value
-        )
-    return table
 
 
 @cli.command()
@@ -1478,45 +1075,6 @@ def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) 
         sys.exit(EXIT_PARTIAL)
 
 
-def _print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
-    now = datetime.now(UTC)
-    dry = report.dry_run
-    click.echo(f"checked {report.checked} live session(s) with LemonSlice")
-    if report.ended_remote:
-        verb = "would end" if dry else "ended"
-        click.echo(f"{verb} {len(report.ended_remote)} that LemonSlice had already finished:")
-        rows = [(r, str(r.end_reason or r.remote_status or "")) for r in report.ended_remote]
-        print_out(brief_table(rows, now, "REASON"))
-    if report.adopted:
-        verb = "would adopt and end" if dry else "adopted and ended"
-        click.echo(f"{verb} {len(report.adopted)} session(s) whose create answer was lost:")
-        print_out(brief_table([(r, str(r.status)) for r in report.adopted], now, "STATUS"))
-    if report.intents_failed:
-        verb = "would mark" if dry else "marked"
-        click.echo(
-            f"{verb} {len(report.intents_failed)} unresolved create(s) failed "
-            "(no matching remote session)"
-        )
-    if report.orphans:
-        ended = set(report.orphans_ended)
-        hint = "" if end_orphans else " (--end-orphans ends them)"
-        click.echo(f"{len(report.orphans)} live remote session(s) unknown here{hint}:")
-        table = new_table()
-        for name in ("SESSION ID", "REMOTE STATUS", "CREATED (UTC)", "ACTION"):
-            table.add_column(name, no_wrap=True)
-        for o in report.orphans:
-            if o.session_id in ended:
-                action = "ended"
-            elif end_orphans:
-                action = "would end" if dry else "not ended (see errors)"
-            else:
-                action = "left running"
-            table.add_row(Text(o.session_id), o.status or "-", _iso_seconds(o.created_at), action)
-        print_out(table)
-    if not (report.ended_remote or report.adopted or report.intents_failed or report.orphans):
-        click.echo("nothing to repair")
-
-
 @cli.command()
 @click.option(
     "--older-than",
@@ -1673,28 +1231,6 @@ def demo(database: Path) -> None:
 
 
 # --- fake-server -----------------------------------------------------------------------------
-
-
-def _latency_option(
-    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
-) -> dict[str, float]:
-    from .testing import ENDPOINTS
-
-    out: dict[str, float] = {}
-    for value in values:
-        endpoint, sep, seconds = value.partition("=")
-        try:
-            if not sep or endpoint not in ENDPOINTS:
-                raise ValueError
-            out[endpoint] = float(seconds)
-            if not out[endpoint] >= 0:
-                raise ValueError
-        except ValueError:
-            raise click.BadParameter(
-                f"{value!r} is not ENDPOINT=SECONDS with ENDPOINT one of {', '.join(ENDPOINTS)} "
-                f"and SECONDS >= 0 (e.g. terminate=0.02)"
-            ) from None
-    return out
 
 
 @cli.command(name="fake-server")

@@ -17,17 +17,13 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 
 from sessionmgr import db
-from sessionmgr.client import LemonSliceClient, Timeouts
+from sessionmgr.client import LemonSliceClient
 from sessionmgr.clock import FakeClock
 from sessionmgr.manager import SessionManager
 from sessionmgr.repository import SessionRepository
-from sessionmgr.retry import RetryPolicy
 from sessionmgr.testing import FakeLemonSlice
 
-FAKE_API_KEY = "test-key"
-# Retries in milliseconds and a 1 s attempt limit, so fault tests stay fast.
-TEST_RETRY = RetryPolicy(attempts=4, base=0.001, cap=0.01, deadline=5.0)
-TEST_TIMEOUTS = Timeouts(connect=1.0, total=1.0)
+from .helpers import FAKE_API_KEY, fast_client, make_manager
 
 
 @pytest.fixture
@@ -40,9 +36,7 @@ async def fake() -> AsyncIterator[FakeLemonSlice]:
 @pytest.fixture
 async def client(fake: FakeLemonSlice) -> AsyncIterator[LemonSliceClient]:
     """A LemonSliceClient against ``fake`` with fast retries and short timeouts."""
-    async with LemonSliceClient(
-        FAKE_API_KEY, api_url=fake.url, retry=TEST_RETRY, timeouts=TEST_TIMEOUTS
-    ) as c:
+    async with fast_client(fake) as c:
         yield c
 
 
@@ -243,7 +237,5 @@ async def manager(
     lemon: FakeLemonSlice, clock: FakeClock, db_url: str
 ) -> AsyncIterator[SessionManager]:
     """A manager on SQLite whose reaper the test drives: advance the clock, call run_once()."""
-    from .helpers import make_manager
-
     async with make_manager(lemon, clock, db_url) as mgr:
         yield mgr

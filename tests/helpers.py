@@ -13,14 +13,16 @@ from sessionmgr.manager import SessionManager
 from sessionmgr.retry import RetryPolicy
 from sessionmgr.testing import FakeLemonSlice
 
-FAST_RETRY = RetryPolicy(attempts=3, base=0.001, cap=0.01, deadline=5.0)
-FAST_TIMEOUTS = Timeouts(connect=1.0, total=1.0)
+FAKE_API_KEY = "test-key"
+# Retries in milliseconds and a 1 s attempt limit, so fault tests stay fast.
+TEST_RETRY = RetryPolicy(attempts=4, base=0.001, cap=0.01, deadline=5.0)
+TEST_TIMEOUTS = Timeouts(connect=1.0, total=1.0)
 
 
 def fast_client(fake: FakeLemonSlice) -> LemonSliceClient:
     """A client that retries in milliseconds, so fault tests stay fast."""
     return LemonSliceClient(
-        fake.api_key, api_url=fake.url, retry=FAST_RETRY, timeouts=FAST_TIMEOUTS
+        fake.api_key, api_url=fake.url, retry=TEST_RETRY, timeouts=TEST_TIMEOUTS
     )
 
 

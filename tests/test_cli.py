@@ -24,8 +24,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from sessionmgr import cli as cli_module
+from sessionmgr import cli_output, db
 from sessionmgr import client as client_module
-from sessionmgr import db
 from sessionmgr.cli import cli
 from sessionmgr.client import LemonSliceClient
 from sessionmgr.clock import Clock, FakeClock
@@ -939,11 +939,12 @@ def test_progress_bars_on_a_terminal(
     from rich.console import Console
 
     buffer = io.StringIO()
-    monkeypatch.setattr(
-        cli_module,
-        "stderr_console",
-        lambda: Console(file=buffer, force_terminal=True, width=80),
-    )
+    for module in (cli_module, cli_output):  # prune asks cli, progress_bar asks cli_output
+        monkeypatch.setattr(
+            module,
+            "stderr_console",
+            lambda: Console(file=buffer, force_terminal=True, width=80),
+        )
     seed(sm.db_url, fake, 2, ago=7200, idle_window=60)
     seed(sm.db_url, fake, 2, ago=40 * 86400, end=True)
     assert "ended 2 session(s)" in ok(sm("reap")).stdout

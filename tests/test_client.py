@@ -38,7 +38,7 @@ from sessionmgr.errors import (
 from sessionmgr.retry import RetryPolicy
 from sessionmgr.testing import REDACTED, FakeLemonSlice, Fault
 
-from .conftest import FAKE_API_KEY, TEST_RETRY
+from .helpers import FAKE_API_KEY, TEST_RETRY
 
 AGENT_ID = "agent_abc123"
 IMAGE_URL = "https://cdn.example.com/avatar.png"

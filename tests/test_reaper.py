@@ -10,7 +10,7 @@ from sessionmgr.manager import SessionManager
 from sessionmgr.reaper import Outcome, Reaper
 from sessionmgr.testing import FakeLemonSlice, Fault
 
-from .helpers import fast_client, wait_for
+from .helpers import TEST_RETRY, fast_client, wait_for
 
 
 async def test_idle_sessions_end_and_touched_ones_live(
@@ -63,7 +63,7 @@ async def test_transient_failures_are_retried_with_backoff_never_dropped(
 ):
     record = await manager.create_session(agent_id="agent_1")
     assert record.session_id
-    lemon.inject("terminate", Fault.status(503), times=6)  # 2 ticks x 3 client attempts
+    lemon.inject("terminate", Fault.status(503), times=2 * TEST_RETRY.attempts)  # 2 ticks
     clock.advance(61)
     first = await manager.reaper.run_once()
     assert [r.id for r in first.outcomes[Outcome.RESCHEDULED]] == [record.id]

@@ -30,7 +30,7 @@ from sessionmgr.testing import (
     fake_state,
 )
 
-from .conftest import FAKE_API_KEY, TEST_RETRY
+from .helpers import FAKE_API_KEY, TEST_RETRY
 
 KEY_HEADERS = {"x-api-key": FAKE_API_KEY}
 START_TIMEOUT = 20.0  # seconds for the fake-server process to print its address
