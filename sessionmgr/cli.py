@@ -34,17 +34,17 @@ from .cli_output import SHRINK_ORDER as SHRINK_ORDER
 from .cli_output import URL_WIDTH as URL_WIDTH
 from .cli_output import WIDE_WIDTH as WIDE_WIDTH
 from .cli_output import (
-    _due_reason,
-    _echo_json,
-    _iso,
-    _iso_seconds,
-    _print_reconcile,
-    _print_record,
     brief_table,
+    due_reason,
+    echo_json,
     events_table,
     human_seconds,
+    iso_seconds,
+    iso_time,
     new_table,
     print_out,
+    print_reconcile,
+    print_record,
     progress_bar,
     record_view,
     records_csv,
@@ -55,16 +55,16 @@ from .cli_output import (
 )
 from .cli_output import shorten as shorten
 from .cli_params import (
-    _SECRET_HINT,
     DURATION,
     DURATION_OR_OFF,
     KEY_JSON,
     KEY_VALUE,
     MOMENT,
     POSITIVE_DURATION,
-    _json_option,
-    _latency_option,
-    _off_to_none,
+    SECRET_HINT,
+    json_option,
+    latency_option,
+    off_to_none,
 )
 from .cli_params import DURATION_UNITS as DURATION_UNITS
 from .cli_params import Duration as Duration
@@ -392,7 +392,7 @@ def _label(outcome: EndOutcome) -> str:
 def report_end_outcomes(outcomes: Sequence[EndOutcome], *, as_json: bool, extra: Any = None) -> int:
     """Print results (stdout) and failures (stderr); returns the exit code of the batch."""
     if as_json:
-        _echo_json(extra if extra is not None else [o.to_dict() for o in outcomes])
+        echo_json(extra if extra is not None else [o.to_dict() for o in outcomes])
     errors: list[str] = []
     for o in outcomes:
         if o.outcome == "not_found":
@@ -454,7 +454,7 @@ def report_end_outcomes(outcomes: Sequence[EndOutcome], *, as_json: bool, extra:
 )
 @click.option("--max-age", type=POSITIVE_DURATION, help="Longest life before the reaper ends it.")
 @click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE stored with it.")
-@_json_option
+@json_option
 @click.option("--wide", is_flag=True, help="Show long URLs in full.")
 @click.pass_obj
 def create(
@@ -481,7 +481,7 @@ def create(
     if daily_token:
         _SECRETS.add(daily_token)
     for key, value in properties:
-        if isinstance(value, str) and _SECRET_HINT.search(key) and value:
+        if isinstance(value, str) and SECRET_HINT.search(key) and value:
             _SECRETS.add(value)
     image = agent_image.read_bytes() if agent_image is not None else None
 
@@ -506,7 +506,7 @@ def create(
                 raise click.UsageError(str(exc)) from None
 
     record = run(go())
-    _print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
+    print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
 
 
 @cli.command()
@@ -525,7 +525,7 @@ def create(
     show_default=True,
     help="Terminate requests in flight at once.",
 )
-@_json_option
+@json_option
 @click.pass_obj
 def end(
     obj: CliContext, session_ids: tuple[str, ...], reason: str, concurrency: int, as_json: bool
@@ -554,7 +554,7 @@ def end(
 
 @cli.command()
 @click.argument("session_ids", metavar="SESSION_ID...", nargs=-1, required=True)
-@_json_option
+@json_option
 @click.pass_obj
 def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
     """Record activity now for active sessions.
@@ -585,7 +585,7 @@ def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
 
     touched, not_active, unknown = run(go())
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "touched": [r.to_dict() for r in touched],
                 "not_active": [r.to_dict() for r in not_active],
@@ -613,7 +613,7 @@ def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
 @click.option("--idle-window", type=POSITIVE_DURATION, help="Idle time before the reaper ends it.")
 @click.option("--max-age", type=POSITIVE_DURATION, help="Longest life before the reaper ends it.")
 @click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE stored with it.")
-@_json_option
+@json_option
 @click.option("--wide", is_flag=True, help="Show long URLs in full.")
 @click.pass_obj
 def adopt(
@@ -651,7 +651,7 @@ def adopt(
     record, adopted = run(go())
     if not as_json:
         click.echo(f"adopted as #{record.id}" if adopted else f"already known as #{record.id}")
-    _print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
+    print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
 
 
 # --- list, show, stats -----------------------------------------------------------------------
@@ -727,7 +727,7 @@ def list_(
 
     page, now = run(go())
     if fmt == "json":
-        _echo_json([r.to_dict() for r in page.items])
+        echo_json([r.to_dict() for r in page.items])
     elif fmt == "jsonl":
         for r in page.items:
             click.echo(json.dumps(r.to_dict(), ensure_ascii=False, default=str))
@@ -744,7 +744,7 @@ def list_(
 
 @cli.command()
 @click.argument("session_id")
-@_json_option
+@json_option
 @click.option("--wide", is_flag=True, help="Show long URLs in full.")
 @click.pass_obj
 def show(obj: CliContext, session_id: str, as_json: bool, wide: bool) -> None:
@@ -760,7 +760,7 @@ def show(obj: CliContext, session_id: str, as_json: bool, wide: bool) -> None:
 
     record, events, now = run(go())
     if as_json:
-        _echo_json({**record.to_dict(), "events": [e.to_dict() for e in events]})
+        echo_json({**record.to_dict(), "events": [e.to_dict() for e in events]})
         return
     print_out(
         record_view(record, now, wide=wide),
@@ -778,7 +778,7 @@ def show(obj: CliContext, session_id: str, as_json: bool, wide: bool) -> None:
     show_default=True,
     help="Days of per-day history (UTC).",
 )
-@_json_option
+@json_option
 @click.pass_obj
 def stats(obj: CliContext, days: int, as_json: bool) -> None:
     """Counts, live sessions, durations and credits.
@@ -793,7 +793,7 @@ def stats(obj: CliContext, days: int, as_json: bool) -> None:
 
     result, now = run(go())
     if as_json:
-        _echo_json(result.to_dict())
+        echo_json(result.to_dict())
         return
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -810,7 +810,7 @@ def stats(obj: CliContext, days: int, as_json: bool) -> None:
             "oldest live",
             Text(
                 f"#{oldest.id} {oldest.session_id or '(pending)'} {oldest.agent_id or ''} "
-                f"created {_iso_seconds(oldest.created_at)} ({age} ago)"
+                f"created {iso_seconds(oldest.created_at)} ({age} ago)"
             ),
         )
     else:
@@ -847,7 +847,7 @@ def stats(obj: CliContext, days: int, as_json: bool) -> None:
 @click.option(
     "--concurrency", type=click.IntRange(min=1), help="Terminate requests in flight at once."
 )
-@_json_option
+@json_option
 @click.pass_obj
 def reap(obj: CliContext, dry_run: bool, concurrency: int | None, as_json: bool) -> None:
     """End every due session now: one reaper pass, for cron.
@@ -879,16 +879,16 @@ def reap(obj: CliContext, dry_run: bool, concurrency: int | None, as_json: bool)
     if dry_run:
         due = result.due
         if as_json:
-            _echo_json({"dry_run": True, "due": [r.to_dict() for r in due]})
+            echo_json({"dry_run": True, "due": [r.to_dict() for r in due]})
         elif due:
-            print_out(brief_table([(r, _due_reason(r, now)) for r in due], now, "REASON"))
+            print_out(brief_table([(r, due_reason(r, now)) for r in due], now, "REASON"))
             click.echo(f"would end {len(due)} session(s)")
         else:
             click.echo("nothing due")
         return
     lost = result.outcomes[Outcome.LOST]
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "dry_run": False,
                 "ended": [r.to_dict() for r in ended],
@@ -946,7 +946,7 @@ def reap(obj: CliContext, dry_run: bool, concurrency: int | None, as_json: bool)
     show_default=True,
     help="Terminate requests in flight at once.",
 )
-@_json_option
+@json_option
 @click.pass_obj
 def end_all(
     obj: CliContext,
@@ -1007,7 +1007,7 @@ def end_all(
     matches, outcomes = run(go())
     if outcomes is None:
         if as_json:
-            _echo_json(
+            echo_json(
                 {
                     "dry_run": dry_run,
                     "matched": len(matches),
@@ -1043,7 +1043,7 @@ def end_all(
     help="Also end live remote sessions this database does not know (they may be another "
     "system's: only if this API key is yours alone).",
 )
-@_json_option
+@json_option
 @click.pass_obj
 def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) -> None:
     """Compare the database with LemonSlice and repair it.
@@ -1061,9 +1061,9 @@ def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) 
     errors = [_scrub(e) for e in report.errors]
     nothing_done = not (report.checked or report.adopted or report.orphans)
     if as_json:
-        _echo_json(report.to_dict())
+        echo_json(report.to_dict())
     elif not (errors and nothing_done):
-        _print_reconcile(report, end_orphans=end_orphans)
+        print_reconcile(report, end_orphans=end_orphans)
     if errors and nothing_done:  # the API could not be used at all: one line says why
         more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
         fail(f"{errors[0]}{more}", EXIT_FAILURE)
@@ -1090,7 +1090,7 @@ def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) 
     show_default=True,
     help="Rows deleted per transaction.",
 )
-@_json_option
+@json_option
 @click.pass_obj
 def prune(
     obj: CliContext, older_than: float, dry_run: bool, batch_size: int, as_json: bool
@@ -1122,10 +1122,10 @@ def prune(
 
     count, cutoff = run(go())
     if as_json:
-        _echo_json({"dry_run": dry_run, "older_than": _iso(cutoff), "pruned": count})
+        echo_json({"dry_run": dry_run, "older_than": iso_time(cutoff), "pruned": count})
     else:
         verb = "would delete" if dry_run else "deleted"
-        click.echo(f"{verb} {count} session(s) that ended before {_iso_seconds(cutoff)}")
+        click.echo(f"{verb} {count} session(s) that ended before {iso_seconds(cutoff)}")
 
 
 # --- serve, demo -----------------------------------------------------------------------------
@@ -1205,11 +1205,11 @@ def serve(
         obj.settings, **{k: v for k, v in changes.items() if v is not None}
     )
     if max_age is not None:
-        settings = dataclasses.replace(settings, max_age=_off_to_none(max_age))
+        settings = dataclasses.replace(settings, max_age=off_to_none(max_age))
     configure_logging(
         level=logging.DEBUG if obj.verbose else logging.INFO, fmt=obj.log_format, stream=sys.stderr
     )
-    run(serve_forever(settings, reconcile_interval=_off_to_none(reconcile_every), grace=grace))
+    run(serve_forever(settings, reconcile_interval=off_to_none(reconcile_every), grace=grace))
 
 
 @cli.command()
@@ -1249,7 +1249,7 @@ def demo(database: Path) -> None:
     "latency",
     multiple=True,
     metavar="ENDPOINT=SECONDS",
-    callback=_latency_option,
+    callback=latency_option,
     help="Added latency per endpoint (create, get, list, terminate); repeatable.",
 )
 @click.option(

@@ -21,7 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .reconcile import ReconcileReport
-from .records import SessionEvent, SessionRecord
+from .records import SessionEvent, SessionRecord, iso_utc
 from .states import EndReason, SessionStatus
 
 WIDE_WIDTH = 10_000  # columns: effectively unlimited, for --wide
@@ -56,17 +56,17 @@ def stdin_is_tty() -> bool:
     return sys.stdin.isatty()
 
 
-def _echo_json(data: Any) -> None:
+def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False, default=str))
 
 
-def _iso(moment: datetime | None) -> str:
-    return "" if moment is None else moment.isoformat().replace("+00:00", "Z")
+def iso_time(moment: datetime | None) -> str:
+    return "" if moment is None else iso_utc(moment)
 
 
-def _iso_seconds(moment: datetime | None) -> str:
+def iso_seconds(moment: datetime | None) -> str:
     """ISO 8601 UTC to the second, for people (JSON keeps the microseconds)."""
-    return "" if moment is None else _iso(moment.astimezone(UTC).replace(microsecond=0))
+    return "" if moment is None else iso_time(moment.astimezone(UTC).replace(microsecond=0))
 
 
 def _short_time(moment: datetime) -> str:
@@ -157,7 +157,7 @@ def records_table(records: Sequence[SessionRecord], now: datetime, *, width: int
             r.session_id or "-",
             str(r.status),
             r.agent_id or r.agent_image_url or "-",
-            _short_time(r.created_at) if width else _iso_seconds(r.created_at),
+            _short_time(r.created_at) if width else iso_seconds(r.created_at),
             _idle_cell(r, now),
             _end_cell(r, now),
         ]
@@ -168,7 +168,7 @@ def records_table(records: Sequence[SessionRecord], now: datetime, *, width: int
         headers += ["DEADLINE", "COST", "METADATA", "ROOM URL", "CONTROL URL", "LAST ERROR"]
         for row, r in zip(rows, records, strict=True):
             row += [
-                _iso_seconds(r.deadline),
+                iso_seconds(r.deadline),
                 "" if r.cost is None else f"{r.cost:g}",
                 _meta_text(r.metadata),
                 r.room_url or "",
@@ -215,7 +215,7 @@ def _relative(moment: datetime | None, now: datetime) -> str:
         return "-"
     delta = (moment - now).total_seconds()
     when = f"in {human_seconds(delta)}" if delta > 0 else f"{human_seconds(delta)} ago"
-    return f"{_iso_seconds(moment)} ({when})"
+    return f"{iso_seconds(moment)} ({when})"
 
 
 def record_view(record: SessionRecord, now: datetime, *, wide: bool) -> Table:
@@ -277,9 +277,9 @@ def events_table(events: Sequence[SessionEvent]) -> Table:
     return table
 
 
-def _print_record(record: SessionRecord, *, as_json: bool, wide: bool, now: datetime) -> None:
+def print_record(record: SessionRecord, *, as_json: bool, wide: bool, now: datetime) -> None:
     if as_json:
-        _echo_json(record.to_dict())
+        echo_json(record.to_dict())
     else:
         print_out(record_view(record, now, wide=wide), wide=wide)
 
@@ -318,7 +318,7 @@ def records_csv(records: Sequence[SessionRecord]) -> str:
     return out.getvalue()
 
 
-def _due_reason(record: SessionRecord, now: datetime) -> str:
+def due_reason(record: SessionRecord, now: datetime) -> str:
     if record.end_reason:
         return str(record.end_reason)
     if record.max_age is not None and record.created_at + timedelta(seconds=record.max_age) <= now:
@@ -349,7 +349,7 @@ def brief_table(rows: Sequence[tuple[SessionRecord, str]], now: datetime, last: 
     return table
 
 
-def _print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
+def print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
     now = datetime.now(UTC)
     dry = report.dry_run
     click.echo(f"checked {report.checked} live session(s) with LemonSlice")
@@ -382,7 +382,7 @@ def _print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
                 action = "would end" if dry else "not ended (see errors)"
             else:
                 action = "left running"
-            table.add_row(Text(o.session_id), o.status or "-", _iso_seconds(o.created_at), action)
+            table.add_row(Text(o.session_id), o.status or "-", iso_seconds(o.created_at), action)
         print_out(table)
     if not (report.ended_remote or report.adopted or report.intents_failed or report.orphans):
         click.echo("nothing to repair")

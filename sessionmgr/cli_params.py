@@ -17,7 +17,7 @@ _DURATION_PLAIN = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_COMPOUND = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _OFF_WORDS = frozenset({"none", "off", "never"})
-_SECRET_HINT = re.compile(r"token|secret|key", re.IGNORECASE)
+SECRET_HINT = re.compile(r"token|secret|key", re.IGNORECASE)
 
 
 def parse_duration(text: str) -> float:
@@ -101,7 +101,7 @@ class KeyValue(click.ParamType[tuple[str, Any], Any]):
         key, sep, raw = str(value).partition("=")
         key = key.strip()
         if not sep or not key:
-            shown = "<redacted>" if _SECRET_HINT.search(str(value)) else repr(value)
+            shown = "<redacted>" if SECRET_HINT.search(str(value)) else repr(value)
             self.fail(f"{shown} is not KEY=VALUE (e.g. user=alice)", param, ctx)
         parsed: Any = raw
         if self.json_values:
@@ -120,15 +120,15 @@ KEY_VALUE = KeyValue()
 KEY_JSON = KeyValue(json_values=True)
 
 
-def _off_to_none(seconds: float | None) -> float | None:
+def off_to_none(seconds: float | None) -> float | None:
     return None if seconds is None or math.isinf(seconds) else seconds
 
 
-def _json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
 
 
-def _latency_option(
+def latency_option(
     ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
 ) -> dict[str, float]:
     from .testing import ENDPOINTS

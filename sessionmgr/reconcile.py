@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import IDLE_WINDOW
 from .errors import LemonSliceError, NotFoundError
-from .records import SessionRecord
+from .records import SessionRecord, iso_utc
 from .states import REMOTE_FINAL, REMOTE_LIVE, EndReason, SessionStatus
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ class RemoteSession:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         if self.created_at is not None:
-            out["created_at"] = self.created_at.isoformat().replace("+00:00", "Z")
+            out["created_at"] = iso_utc(self.created_at)
         return out
 
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from .states import EndReason, SessionStatus
+
+
+def iso_utc(moment: datetime) -> str:
+    """The JSON form of a time everywhere: ISO 8601, UTC spelled ``Z``."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,7 +55,7 @@ class SessionRecord:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, datetime):
-                value = value.isoformat().replace("+00:00", "Z")
+                value = iso_utc(value)
             out[field.name] = value
         return out
 
@@ -69,7 +74,7 @@ class SessionEvent:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["at"] = self.at.isoformat().replace("+00:00", "Z")
+        out["at"] = iso_utc(self.at)
         return out
 
 
