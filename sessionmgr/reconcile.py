@@ -118,7 +118,8 @@ async def reconcile(
         report.errors.append(f"listing remote sessions failed: {exc}")
         return report  # without the list, no intent can be judged unmatched
     now = repo.clock.now()
-    unknown = [r for r in remote if await repo.find(r.session_id) is None]
+    known = await repo.known_session_ids(r.session_id for r in remote)
+    unknown = [r for r in remote if r.session_id not in known]
     matched = await _resolve_intents(
         repo, client, reaper, report, unknown, now, settle, pending_grace, match_window
     )

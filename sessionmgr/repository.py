@@ -62,6 +62,7 @@ MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
 MAX_PAGE = 1000  # rows per page of list()
 DEFAULT_PAGE = 50  # rows per page of list()
 CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
+LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -751,6 +752,17 @@ class SessionRepository:
             .order_by(sessions.c.created_at, sessions.c.id)
         )
         return [_record(r) for r in await self._fetch(stmt)]
+
+    @_db_errors
+    async def known_session_ids(self, session_ids: Iterable[str]) -> set[str]:
+        """Which of these LemonSlice ids have a row (one query per chunk, for reconcile)."""
+        wanted = sorted(set(session_ids))
+        known: set[str] = set()
+        for start in range(0, len(wanted), LOOKUP_CHUNK):
+            chunk = wanted[start : start + LOOKUP_CHUNK]
+            stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
+            known.update(r["session_id"] for r in await self._fetch(stmt))
+        return known
 
     @_db_errors
     async def events(self, key: int | str) -> list[SessionEvent]:

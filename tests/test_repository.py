@@ -740,3 +740,13 @@ async def test_secrets_never_reach_the_database_file(tmp_path: Path, fake: Any, 
     assert b"***" in blob
     for secret in secrets:
         assert secret.encode() not in blob
+
+
+async def test_known_session_ids_finds_only_recorded_ids(repo: SessionRepository) -> None:
+    for i in range(3):
+        await repo.adopt(
+            session_id=f"sess_{i}", control_url="http://x", idle_window=60, max_age=None
+        )
+    asked = [f"sess_{i}" for i in range(1200)]  # more than one chunk
+    assert await repo.known_session_ids(asked) == {"sess_0", "sess_1", "sess_2"}
+    assert await repo.known_session_ids([]) == set()
