@@ -76,6 +76,7 @@ class SessionManager:
         reaper: bool = True,
         reaper_interval: float = config.REAPER_INTERVAL,
         reaper_concurrency: int = config.REAPER_CONCURRENCY,
+        reaper_batch: int = config.REAPER_BATCH,
         lease: float = config.LEASE,
         touch_flush_interval: float = config.TOUCH_FLUSH_INTERVAL,
         reconcile_interval: float | None = None,
@@ -101,6 +102,7 @@ class SessionManager:
         self._reaper_enabled = reaper
         self._reaper_interval = reaper_interval
         self._reaper_concurrency = reaper_concurrency
+        self._reaper_batch = reaper_batch
         self._lease = lease
         self._touch_flush_interval = touch_flush_interval
         self._reconcile_interval = reconcile_interval
@@ -150,6 +152,7 @@ class SessionManager:
                 owner=self.owner,
                 interval=self._reaper_interval,
                 concurrency=self._reaper_concurrency,
+                batch=self._reaper_batch,
                 lease=self._lease,
                 clock=self.clock,
                 on_ended=self.on_ended,

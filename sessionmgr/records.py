@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
-from .states import EndReason, SessionStatus
+from .states import LIVE_STATUSES, EndReason, SessionStatus
 
 
 def iso_utc(moment: datetime) -> str:
@@ -47,7 +47,7 @@ class SessionRecord:
 
     @property
     def live(self) -> bool:
-        return self.status in (SessionStatus.PENDING, SessionStatus.ACTIVE, SessionStatus.ENDING)
+        return self.status in LIVE_STATUSES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: stable field names, ISO-8601 UTC times."""

@@ -53,7 +53,7 @@ from .records import (
     Stats,
     redact,
 )
-from .states import LIVE_STATUSES, EndReason, SessionStatus
+from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
 from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork
 
 logger = logging.getLogger(__name__)
@@ -229,6 +229,7 @@ class SessionRepository:
             if row is None or decision is None:
                 return lambda: None
             changes, reason, detail = decision
+            _check_transition(row["status"], changes.get("status") or row["status"])
             uow.change(
                 row,
                 changes | {"updated_at": now},
@@ -963,6 +964,12 @@ class SessionRepository:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def _check_transition(src: str, dst: str) -> None:
+    """Every status change must be one that ``states.TRANSITIONS`` declares (a bug otherwise)."""
+    if src != dst and not can_transition(SessionStatus(src), SessionStatus(dst)):
+        raise AssertionError(f"{src} -> {dst} is not a transition of the session state machine")
 
 
 def _clip(text: str | None) -> str | None:

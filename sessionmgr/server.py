@@ -42,6 +42,7 @@ async def serve(
             max_age=settings.max_age,
             reaper_interval=settings.reaper_interval,
             reaper_concurrency=settings.reaper_concurrency,
+            reaper_batch=settings.reaper_batch,
             lease=settings.lease,
             reconcile_interval=reconcile_interval,
             auto_upgrade=True,

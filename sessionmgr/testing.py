@@ -44,6 +44,7 @@ from yarl import URL
 
 from .clock import SYSTEM_CLOCK, Clock
 from .records import is_secret_key
+from .states import REMOTE_LIVE
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,6 @@ REDACTED = "REDACTED"
 FAKE_ROOM_BASE = "https://fake-lemonslice.daily.co"  # rooms of sessions created without one
 
 STATUSES = ("QUEUED", "ACTIVE", "COMPLETED", "TIMED_OUT", "FAILED")
-LIVE_STATUSES = frozenset({"QUEUED", "ACTIVE"})
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HTML_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -356,7 +356,7 @@ class FakeLemonSlice:
 
     @property
     def live_count(self) -> int:
-        return sum(1 for s in self.sessions.values() if s.status in LIVE_STATUSES)
+        return sum(1 for s in self.sessions.values() if s.status in REMOTE_LIVE)
 
     @property
     def terminate_counts(self) -> dict[str, int]:
@@ -411,7 +411,7 @@ class FakeLemonSlice:
             raise ValueError(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
         session = self._session(session_id)
         session.status = status
-        if status in LIVE_STATUSES:
+        if status in REMOTE_LIVE:
             session.ended_at = None
         elif session.ended_at is None:
             session.ended_at = self.clock.now()
@@ -431,7 +431,7 @@ class FakeLemonSlice:
         expired = []
         for session in self.sessions.values():
             if (
-                session.status in LIVE_STATUSES
+                session.status in REMOTE_LIVE
                 and session.idle_timeout >= 0
                 and (now - session.last_activity).total_seconds() >= session.idle_timeout
             ):
@@ -627,7 +627,7 @@ class FakeLemonSlice:
         if not isinstance(recorded.json, dict) or recorded.json.get("event") != "terminate":
             return _error(400, 'the body must be {"event": "terminate"}')
         session = self.sessions.get(request.match_info["session_id"])
-        if session is None or session.status not in LIVE_STATUSES:
+        if session is None or session.status not in REMOTE_LIVE:
             return _error(404, "session not found or already ended")
         session.status = "COMPLETED"
         session.ended_at = self.clock.now()
