@@ -177,8 +177,13 @@ class SessionManager:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         self._loops.clear()
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=grace)
+        # Creates whose callers were cancelled, and the ends they spawn once they complete.
+        deadline = asyncio.get_running_loop().time() + grace
+        while self._background:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            await asyncio.wait(set(self._background), timeout=left)
         if self.reaper.running:
             await self.reaper.stop()
         if self.on_exit == "end":

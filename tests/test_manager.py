@@ -75,7 +75,7 @@ async def test_lost_create_answer_stays_pending_and_never_posts_twice(
 
 
 async def test_cancelled_create_does_not_leak_a_session(
-    manager: SessionManager, lemon: FakeLemonSlice
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock, db_url: str
 ):
     lemon.latency["create"] = 0.2
     task = asyncio.create_task(manager.create_session(agent_id="agent_1"))
@@ -86,12 +86,11 @@ async def test_cancelled_create_does_not_leak_a_session(
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.wait(set(manager._background), timeout=5)
-    while manager._background:  # the end it spawned
-        await asyncio.wait(set(manager._background), timeout=5)
+    await manager.close()  # waits for the create and the end it spawns
     assert lemon.live_count == 0
     assert sum(lemon.terminate_counts.values()) == 1
-    [row] = (await manager.repository.list()).items
+    async with make_manager(lemon, clock, db_url) as again:
+        [row] = (await again.repository.list()).items
     assert row.status is SessionStatus.ENDED
 
 
