@@ -85,7 +85,7 @@ from .logs import configure_logging
 from .manager import SessionManager
 from .reaper import Outcome, TickResult
 from .reconcile import ReconcileReport
-from .records import Page, SessionEvent, SessionFilter, SessionRecord, Stats
+from .records import MIN_SECRET_CHARS, Page, SessionEvent, SessionFilter, SessionRecord, Stats
 from .repository import MAX_PAGE, SORTS, SessionRepository
 from .server import RECONCILE_INTERVAL, SHUTDOWN_GRACE
 from .states import FINAL_STATUSES, EndReason, SessionStatus
@@ -119,7 +119,8 @@ class CliContext:
 def _scrub(text: str) -> str:
     """One line, without any secret this invocation knows of."""
     for secret in _SECRETS:
-        text = text.replace(secret, "***")
+        if len(secret) >= MIN_SECRET_CHARS:
+            text = text.replace(secret, "***")
     return " ".join(text.splitlines())
 
 

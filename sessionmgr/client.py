@@ -49,7 +49,7 @@ from .errors import (
     TransportError,
     excerpt,
 )
-from .records import is_secret_key
+from .records import MIN_SECRET_CHARS, is_secret_key
 from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,6 @@ API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insens
 TRANSPORT_TYPE = "daily"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TERMINATE_BODY = json.dumps({"event": "terminate"}).encode()
-_MIN_SECRET_LEN = 4  # shorter "secrets" would blank out ordinary words in error excerpts
 
 T = TypeVar("T")
 
@@ -725,7 +724,7 @@ def _secrets_of(payload: Mapping[str, Any]) -> tuple[str, ...]:
         elif isinstance(value, list | tuple):
             for v in value:
                 walk(v, sensitive)
-        elif sensitive and isinstance(value, str) and len(value) >= _MIN_SECRET_LEN:
+        elif sensitive and isinstance(value, str) and len(value) >= MIN_SECRET_CHARS:
             found.append(value)
 
     walk(payload, False)
@@ -736,7 +735,7 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     """The body excerpt an error keeps, with any echoed secret blanked out."""
     text = excerpt(text, limit=4096)  # bound the work before replacing
     for secret in secrets:
-        if len(secret) >= _MIN_SECRET_LEN:
+        if len(secret) >= MIN_SECRET_CHARS:
             text = text.replace(secret, "***")
     return text
 

@@ -82,6 +82,7 @@ class SessionEvent:
 
 SECRET_KEY_PARTS = ("token", "secret", "key")  # a key containing one of these holds a secret
 REDACTED = "***"
+MIN_SECRET_CHARS = 4  # shorter values are not scrubbed from text: they would blank out words
 
 
 def is_secret_key(key: object) -> bool:

@@ -500,6 +500,11 @@ def test_create_with_api_unreachable(sm: Cli, dead_url: str) -> None:
     assert [r["status"] for r in failed] == ["failed"]  # never sent: the intent is closed
 
 
+def test_a_short_api_key_does_not_blank_out_words_of_errors(sm: Cli, dead_url: str) -> None:
+    line = error_line(sm("create", "--agent-id", "a", api_url=dead_url, api_key="k"), 1, "check")
+    assert "***" not in line
+
+
 def test_create_outcome_unknown_leaves_the_intent_pending(sm: Cli, fake: FakeThread) -> None:
     fake.inject("create", Fault.lost_answer())
     line = error_line(sm("create", "--agent-id", "lost"), 1, "sessionmgr reconcile")
