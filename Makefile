@@ -40,7 +40,8 @@ bench-smoke: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/sessionmgr demo
 
-test: lint typecheck pytest bench-smoke
+# pytest last, so its summary is the closing line CI reads.
+test: lint typecheck bench-smoke pytest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
