@@ -40,7 +40,7 @@ async def client(fake: FakeLemonSlice) -> AsyncIterator[LemonSliceClient]:
         yield c
 
 
-# --- storage (issue 3): ``repo_url`` on SQLite and PostgreSQL, ``repo`` on a FakeClock -----------
+# --- storage: ``repo_url`` on SQLite and PostgreSQL, ``repo`` on a FakeClock -----------
 
 T = TypeVar("T")
 PG_URL_ENV = "SESSIONMGR_TEST_POSTGRES_URL"  # e.g. postgresql+asyncpg://postgres@127.0.0.1/test
