@@ -261,10 +261,14 @@ class Reaper:
         async def renew() -> None:
             while True:
                 await self.clock.sleep(self.lease / 3)
-                if held:
+                if not held:
+                    continue
+                try:
                     await self.repository.renew_leases(
                         list(held), owner=self.owner, lease=self.lease
                     )
+                except Exception:  # the leases may lapse; another reaper then takes over
+                    logger.exception("renewing %d lease(s) failed; retrying", len(held))
 
         renewer = asyncio.create_task(renew())
         try:
@@ -290,13 +294,15 @@ class Reaper:
                     task = asyncio.create_task(end_one(record))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
-            while tasks:
-                await asyncio.gather(*tasks)
         finally:
-            renewer.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(renewer, *tasks, return_exceptions=True)
+            # However the claiming stopped (all done, stop(), a failed claim), the terminates
+            # already sent run to the end and are recorded; cancelling us cancels them too.
+            try:
+                while tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
         result.auth_failed = auth_failed.is_set()
         self.heartbeat.ticks += 1
         self.heartbeat.last_tick_at = self.clock.now()

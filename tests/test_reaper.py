@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from sessionmgr import EndReason, SessionStatus
@@ -185,3 +187,30 @@ async def test_the_loop_ticks_on_the_injected_clock_and_stops_cleanly(
 def test_bad_settings_are_refused(manager: SessionManager, concurrency: int):
     with pytest.raises(ValueError, match="at least 1"):
         Reaper(manager.repository, manager.client, concurrency=concurrency)
+
+
+async def test_a_slow_terminate_keeps_its_lease_renewed(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    import asyncio
+
+    record = await manager.create_session(agent_id="agent_1")
+    lemon.latency["terminate"] = 0.5  # real seconds: the request stays in flight meanwhile
+    reaper = Reaper(manager.repository, manager.client, clock=clock, lease=30)
+    clock.advance(61)
+    tick = asyncio.create_task(reaper.run_once())
+    await wait_for(lambda: len(lemon.terminate_requests_total()) == 1)
+    claimed = await manager.get(record.id)
+    assert claimed.lease_until is not None
+    clock.advance(11)  # past lease / 3: the renewer extends the lease from the new now
+    renewed_by = claimed.lease_until + timedelta(seconds=11)
+
+    async def renewed() -> bool:
+        row = await manager.get(record.id)
+        return row.lease_until is not None and row.lease_until >= renewed_by
+
+    async with asyncio.timeout(10):
+        while not await renewed():
+            await asyncio.sleep(0.01)
+    result = await tick
+    assert [r.id for r in result.ended] == [record.id]
