@@ -510,22 +510,27 @@ def create(
     print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
 
 
+def end_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--reason`` and ``--concurrency``, shared by ``end`` and ``end-all``."""
+    fn = click.option(
+        "--concurrency",
+        type=click.IntRange(min=1),
+        default=END_CONCURRENCY,
+        show_default=True,
+        help="Terminate requests in flight at once.",
+    )(fn)
+    return click.option(
+        "--reason",
+        type=click.Choice(MANUAL_REASONS),
+        default=EndReason.MANUAL.value,
+        show_default=True,
+        help="End reason recorded.",
+    )(fn)
+
+
 @cli.command()
 @click.argument("session_ids", metavar="SESSION_ID...", nargs=-1, required=True)
-@click.option(
-    "--reason",
-    type=click.Choice(MANUAL_REASONS),
-    default=EndReason.MANUAL.value,
-    show_default=True,
-    help="End reason recorded.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=END_CONCURRENCY,
-    show_default=True,
-    help="Terminate requests in flight at once.",
-)
+@end_options
 @json_option
 @click.pass_obj
 def end(
@@ -933,20 +938,7 @@ def reap(obj: CliContext, dry_run: bool, concurrency: int | None, as_json: bool)
 @click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE (repeatable: all).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be ended.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.option(
-    "--reason",
-    type=click.Choice(MANUAL_REASONS),
-    default=EndReason.MANUAL.value,
-    show_default=True,
-    help="End reason recorded.",
-)
-@click.option(
-    "--concurrency",
-    type=click.IntRange(min=1),
-    default=END_CONCURRENCY,
-    show_default=True,
-    help="Terminate requests in flight at once.",
-)
+@end_options
 @json_option
 @click.pass_obj
 def end_all(
