@@ -20,15 +20,10 @@ from . import config
 from .client import LemonSliceClient, build_create_request
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
-    AuthError,
-    ClientRequestError,
     ConfigurationError,
     CreateOutcomeUnknown,
     LemonSliceError,
-    RateLimitedError,
-    ServerError,
     SessionMgrError,
-    TransportError,
 )
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
@@ -42,8 +37,6 @@ SessionHook = Callable[[SessionRecord], Awaitable[None]]
 OnExit = Literal["leave", "end"]
 
 BACKGROUND_GRACE = 30.0  # seconds close() waits for creates whose callers were cancelled
-# A create answered with one of these statuses was provably not taken by the server.
-NOT_TAKEN_STATUSES = frozenset({429, 503})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -323,18 +316,11 @@ class SessionManager:
                 "create outcome unknown for intent %d; left pending for reconcile", intent.id
             )
             raise
-        except (AuthError, ClientRequestError, RateLimitedError) as exc:
+        except LemonSliceError as exc:
+            # The client raises anything but CreateOutcomeUnknown only when the server provably
+            # did not take the request (a 4xx, 429, 503, or nothing sent): nothing to reconcile.
             await repo.mark_failed(intent.id, reason=EndReason.CREATE_REJECTED, error=str(exc))
             raise
-        except ServerError as exc:
-            if exc.status in NOT_TAKEN_STATUSES:
-                await repo.mark_failed(intent.id, reason=EndReason.CREATE_REJECTED, error=str(exc))
-            raise
-        except TransportError as exc:  # not CreateOutcomeUnknown: the request never left
-            await repo.mark_failed(intent.id, reason=EndReason.CREATE_REJECTED, error=str(exc))
-            raise
-        # InvalidResponseError and anything else: the server may have started a session; the
-        # intent stays pending and reconcile resolves it.
         session_id = answer["session_id"]
         try:
             record = await repo.mark_active(

@@ -208,3 +208,17 @@ async def test_on_exit_leave_keeps_sessions_for_the_reaper(
     assert lemon.live_count == 1
     async with make_manager(lemon, clock, db_url) as mgr:
         assert (await mgr.get(a.id)).status is SessionStatus.ACTIVE
+
+
+@pytest.mark.parametrize(
+    ("code", "status"), [(503, SessionStatus.FAILED), (500, SessionStatus.PENDING)]
+)
+async def test_server_errors_on_create_follow_the_clients_verdict(
+    manager: SessionManager, lemon: FakeLemonSlice, code: int, status: SessionStatus
+):
+    """503 provably was not taken (retried, then failed); 500 might have been: left pending."""
+    lemon.inject("create", Fault.status(code), times=50)
+    with pytest.raises(Exception, match=str(code)):
+        await manager.create_session(agent_id="agent_1")
+    [row] = (await manager.repository.list()).items
+    assert row.status is status
