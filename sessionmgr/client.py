@@ -204,8 +204,14 @@ def build_create_request(
     if extra_properties:
         payload.update(extra_properties)
     try:
-        json.dumps(payload)
-    except (TypeError, ValueError) as exc:
+        # strict JSON (no NaN) of valid Unicode (no lone surrogates): what a server can read
+        json.dumps(payload, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            "the create payload holds text that is not valid Unicode (a lone surrogate): "
+            "fix its decoding"
+        ) from None
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"the create payload is not JSON-serializable: {exc}") from None
 
     image = _encode_png(agent_image) if agent_image is not None else None
