@@ -51,6 +51,7 @@ from .records import (
     SessionFilter,
     SessionRecord,
     Stats,
+    is_clean_text,
     redact,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
@@ -145,15 +146,10 @@ def check_text(
         raise ValueError(f"{name} must be a non-empty string")
     if max_chars is not None and len(value) > max_chars:
         raise ValueError(f"{name} is {len(value)} characters long; at most {max_chars} fit")
-    if "\x00" in value:
-        raise ValueError(f"{name} contains a NUL character: remove it")
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(
-                f"{name} is not valid Unicode text (it holds a lone surrogate): fix its decoding"
-            ) from None
+    if not is_clean_text(value):
+        raise ValueError(
+            f"{name} is not valid text (a NUL character or a lone surrogate): fix its encoding"
+        )
     return value
 
 
