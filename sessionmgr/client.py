@@ -239,6 +239,10 @@ def _usable_id(value: Any) -> TypeGuard[str]:
     )
 
 
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _usable_url(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip()) and is_clean_text(value)
 
@@ -525,18 +529,21 @@ class LemonSliceClient:
                 **self._error_fields(call, answer),
             )
         pagination = data.get("pagination")
-        if isinstance(pagination, dict) and isinstance(pagination.get("has_more"), bool):
+        if not isinstance(pagination, dict):
+            pagination = {}
+        page, total_pages = pagination.get("page"), pagination.get("total_pages")
+        if isinstance(pagination.get("has_more"), bool):
             more = pagination["has_more"]
-        elif isinstance(pagination, dict) and isinstance(pagination.get("total_pages"), int):
-            more = pagination.get("page", 0) < pagination["total_pages"]
-        else:
+        elif _is_int(page) and _is_int(total_pages):
+            more = page < total_pages
+        else:  # no usable pagination: a full page may have a next one
             more = len(sessions) >= limit
         return sessions, bool(more and sessions)
 
     def _json_object(self, call: _Call, answer: _Answer) -> dict[str, Any]:
         try:
             data = json.loads(answer.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
             head = answer.body.lstrip()[:1]
             what = "an HTML page" if head == b"<" else "an empty body" if not head else "non-JSON"
             raise InvalidResponseError(
@@ -775,7 +782,7 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
 def _loads_or_none(body: bytes) -> Any:
     try:
         return json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

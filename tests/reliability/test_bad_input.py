@@ -8,17 +8,25 @@ and the file stays well under 30 s.
 
 from __future__ import annotations
 
+import json
 import math
-from datetime import datetime
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from aiohttp import web
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from sessionmgr.client import LemonSliceClient, Timeouts
 from sessionmgr.clock import FakeClock
 from sessionmgr.errors import (
+    CreateOutcomeUnknown,
     DatabaseError,
+    LemonSliceError,
     SessionMgrError,
     SessionNotFound,
 )
@@ -26,6 +34,7 @@ from sessionmgr.manager import SessionManager
 from sessionmgr.models import NAME_LENGTH, SESSION_ID_LENGTH
 from sessionmgr.records import SessionFilter
 from sessionmgr.repository import MAX_SECONDS
+from sessionmgr.retry import RetryPolicy
 from sessionmgr.states import SessionStatus
 from sessionmgr.testing import FakeLemonSlice
 
@@ -253,3 +262,275 @@ async def test_manager_settings_are_checked_when_built(value: float) -> None:
         SessionManager(database_url="sqlite+aiosqlite:///unused.db", idle_window=value)
     with pytest.raises(ConfigurationError, match="max_age"):
         SessionManager(database_url="sqlite+aiosqlite:///unused.db", max_age=value)
+
+
+# --- malformed answers to the client -------------------------------------------------------------
+
+GARBAGE_ANSWERS = 4  # requests of one example answered with its reply; later ones: an empty page
+API_KEY = "garbage-test-key"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"{}"
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class GarbageServer:
+    """A loopback HTTP server answering every path and method with ``reply``, whatever it is."""
+
+    def __init__(self) -> None:
+        self.reply = Reply()
+        self.count = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    def answer(self, reply: Reply) -> None:
+        self.reply, self.count = reply, 0
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.count += 1
+        reply = self.reply if self.count <= GARBAGE_ANSWERS else Reply(body=b'{"sessions": []}')
+        body = b"" if reply.status in (204, 304) else reply.body
+        headers = {"Content-Type": reply.content_type, **reply.headers}
+        return web.Response(status=reply.status, body=body, headers=headers)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/api/liveai/sessions"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@pytest.fixture
+async def garbage() -> AsyncIterator[GarbageServer]:
+    server = GarbageServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def garbage_client(garbage: GarbageServer) -> AsyncIterator[LemonSliceClient]:
+    retry = RetryPolicy(attempts=2, base=0.0, cap=0.0, deadline=5.0)  # one quick retry
+    async with LemonSliceClient(
+        API_KEY, api_url=garbage.url, retry=retry, timeouts=Timeouts(connect=2.0, total=5.0)
+    ) as client:
+        yield client
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=10**20, max_value=10**400)
+    | st.floats()
+    | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+    max_leaves=8,
+)
+session_item = st.fixed_dictionaries(
+    {},
+    optional={
+        "session_id": st.one_of(st.text(max_size=8), json_values, unstorable_text),
+        "session_status": st.sampled_from(["ACTIVE", "COMPLETED", "QUEUED"]) | json_values,
+        "created_at": st.one_of(
+            st.sampled_from(["2026-01-01T00:00:00", "2026-01-01T00:00:00Z", "yesterday", ""]),
+            json_values,
+        ),
+        "credits_used": json_values,
+    },
+)
+# JSON shaped like the protocol's answers, every field any type (or missing).
+protocol_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "session_id": st.one_of(st.text(max_size=8), json_values, unstorable_text),
+        "room_url": json_values | unstorable_text,
+        "control_url": json_values | unstorable_text,
+        "session_status": st.one_of(st.sampled_from(["ACTIVE", "COMPLETED"]), json_values),
+        "cost": json_values,
+        "success": json_values,
+        "sessions": st.lists(session_item, max_size=3) | json_values,
+        "pagination": st.fixed_dictionaries(
+            {},
+            optional={
+                "page": json_values,
+                "total_pages": json_values,
+                "has_more": json_values,
+                "total": json_values,
+            },
+        )
+        | json_values,
+    },
+)
+
+
+def _encode(value: Any, encoding: str) -> bytes:
+    return json.dumps(value, ensure_ascii=False).encode(encoding, "surrogatepass")
+
+
+# Bodies that once broke the client, or come close; each is also an explicit example below.
+NASTY_BODIES = [
+    b"",
+    b"<html><body>502 Bad Gateway</body></html>",
+    b"1" * 5000,  # past int's digit limit
+    b"1e999",
+    b"NaN",
+    b"[" * 100_000,  # nested past the parser's recursion limit: was a RecursionError
+    b'{"session_id": "sess_\\ud800"}',  # a lone surrogate escaped in JSON
+    b'{"session_id": "sess_1", "control_url": "\\u0000", "room_url": "\\ud800"}',
+    b'{"session_status": ["ACTIVE"], "cost": 1e999}',
+    b'{"sessions": [{"session_id": "a"}], "pagination": {"page": "1", "total_pages": 2}}',
+    b'{"sessions": [{"session_id": "a"}], "pagination": {"page": null, "total_pages": 9}}',
+    b'{"sessions": [{"session_id": "a"}], "pagination": {"page": 1, "total_pages": 1e999}}',
+    b'{"sessions": [{"session_id": "a"}, {"session_id": "a\\u0000"}]}',
+    b'{"success": "false"}',
+]
+bodies = st.one_of(
+    st.builds(_encode, protocol_like, st.sampled_from(["utf-8", "utf-16", "utf-32"])),
+    st.builds(_encode, json_values, st.just("utf-8")),
+    st.binary(max_size=64),  # arbitrary bytes, non-UTF-8 included
+    st.sampled_from(NASTY_BODIES),
+)
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40)
+replies = st.builds(
+    Reply,
+    status=st.one_of(
+        st.sampled_from([200, 201, 204, 301, 302, 304, 400, 404, 410, 418, 429, 500, 503]),
+        st.integers(min_value=200, max_value=599),
+    ),
+    body=bodies,
+    content_type=st.sampled_from(
+        ["application/json", "text/html", "text/plain; charset=latin-1", "application/octet-stream"]
+    ),
+    headers=st.fixed_dictionaries(
+        {},
+        optional={
+            "Retry-After": st.one_of(
+                header_text,
+                st.sampled_from(["1e400", "-5", "nan", "inf", "Mon, 01 Jan 99999 00:00:00 GMT"]),
+            ),
+            "Location": header_text,
+        },
+    ),
+)
+OPS = ("create", "get", "list", "terminate")
+
+
+async def _call(op: str, client: LemonSliceClient) -> Any:
+    if op == "create":
+        return await client.create_session(agent_id="agent_1")
+    if op == "get":
+        return await client.get_session("sess_1")
+    if op == "terminate":
+        return await client.end_session("sess_1")
+    return [item async for item in client.list_sessions(limit=2)]
+
+
+def _assert_valid(op: str, value: Any) -> None:
+    """What each call promises when it returns."""
+    if op == "create":
+        assert isinstance(value, dict)
+        assert isinstance(value["session_id"], str)
+        assert value["session_id"].strip()
+        assert isinstance(value["control_url"], str)
+        assert value["room_url"] is None or isinstance(value["room_url"], str)
+    elif op == "get":
+        assert isinstance(value, dict)
+        assert isinstance(value["session_status"], str)
+    elif op == "terminate":
+        assert isinstance(value, bool)
+    else:
+        ids = [item["session_id"] for item in value]
+        assert all(isinstance(i, str) and i.strip() for i in ids)
+        assert len(ids) == len(set(ids))
+
+
+def _with_nasty_examples(test: Any) -> Any:
+    for body in NASTY_BODIES:
+        test = example(reply=Reply(status=200, body=body))(test)
+    return test
+
+
+@pytest.mark.parametrize("op", OPS)
+@given(reply=replies)
+@_with_nasty_examples
+@ANSWERS
+async def test_the_client_answers_any_reply_with_a_value_or_a_typed_error(
+    garbage: GarbageServer, garbage_client: LemonSliceClient, op: str, reply: Reply
+) -> None:
+    garbage.answer(reply)
+    error: LemonSliceError | None = None
+    try:
+        value = await _call(op, garbage_client)
+    except LemonSliceError as exc:  # anything else (KeyError, TypeError, ...) fails the test
+        error = exc
+    if error is None:
+        assert 200 <= reply.status < 300 or (op == "terminate" and reply.status in (404, 410))
+        _assert_valid(op, value)
+        return
+    assert "\n" not in str(error)
+    assert API_KEY not in str(error)
+    if op == "create" and 200 <= reply.status < 300:
+        assert isinstance(error, CreateOutcomeUnknown)  # a session may have been created
+
+
+@pytest.fixture
+async def garbage_manager(
+    garbage_client: LemonSliceClient, tmp_path: Path
+) -> AsyncIterator[SessionManager]:
+    async with SessionManager(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'garbage.db'}",
+        client=garbage_client,
+        clock=FakeClock(datetime(2026, 1, 1, tzinfo=UTC)),
+        reaper=False,
+        auto_upgrade=True,
+    ) as manager:
+        yield manager
+
+
+@given(reply=replies)
+@_with_nasty_examples
+@example(
+    reply=Reply(
+        body=b'{"sessions": [{"session_id": "x1", "session_status": ["ACTIVE"], '
+        b'"created_at": "2026-01-01T00:00:30", "credits_used": 1e999}]}'
+    )
+)
+@example(reply=Reply(body=b'{"session_status": "COMPLETED", "cost": 1e400}'))
+@example(reply=Reply(body=b'{"session_status": "COMPLETED", "cost": ' + b"9" * 400 + b"}"))
+@ANSWERS
+async def test_reconcile_reports_malformed_answers_and_never_raises(
+    garbage: GarbageServer, garbage_manager: SessionManager, reply: Reply
+) -> None:
+    """What ``sessionmgr reconcile`` (and serve's periodic pass) meets when LemonSlice answers
+    garbage to its GETs and lists: a report, never an exception; rows stay in possible states."""
+    manager = garbage_manager
+    repo = manager.repository
+    assert isinstance(manager.clock, FakeClock)
+    await manager.adopt_session(f"sess_{garbage.count}_{id(reply)}", "http://127.0.0.1:9/x")
+    await repo.record_intent(agent_id="agent_1", idle_window=60.0, max_age=None)
+    manager.clock.advance(700)  # past SETTLE and PENDING_GRACE: every intent is judged
+    garbage.answer(reply)
+    report = await manager.reconcile()
+    assert all("\n" not in error for error in report.errors)
+    for row in (await repo.list(limit=1000)).items:
+        assert row.status in SessionStatus
+        if row.status is SessionStatus.ACTIVE:
+            assert row.session_id
+        if row.cost is not None:
+            assert math.isfinite(row.cost)
