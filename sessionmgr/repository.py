@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import SessionNotFound
+from .errors import InvalidArgument, SessionNotFound
 from .models import NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
 from .records import (
     DayStats,
@@ -78,6 +78,7 @@ _ENDED = SessionStatus.ENDED.value
 _FAILED = SessionStatus.FAILED.value
 _LIVE = tuple(s.value for s in SessionStatus if s in LIVE_STATUSES)
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
+_STATUS_VALUES = tuple(s.value for s in SessionStatus)
 
 
 def _db_errors(
@@ -97,9 +98,11 @@ def _db_errors(
 
 def _aware(value: datetime, name: str) -> datetime:
     if not isinstance(value, datetime):
-        raise TypeError(f"{name} must be a timezone-aware datetime, not {type(value).__name__}")
+        raise InvalidArgument(
+            f"{name} must be a timezone-aware datetime, not {type(value).__name__}"
+        )
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
+        raise InvalidArgument(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
     return value.astimezone(UTC)
 
 
@@ -116,10 +119,10 @@ def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
     """A finite number of seconds, > 0 (``positive``) or >= 0, and at most ``MAX_SECONDS``:
     anything longer is a mistake, and would run past the end of datetime's range."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+        raise InvalidArgument(f"{name} must be a number of seconds, not {type(value).__name__}")
     low_ok = value > 0 if positive else value >= 0
     if not (low_ok and value <= MAX_SECONDS):  # NaN fails both
-        raise ValueError(
+        raise InvalidArgument(
             f"{name} must be {'> 0' if positive else '>= 0'} and at most {MAX_SECONDS:.0f} "
             f"seconds (100 years), got {value!r}"
         )
@@ -133,7 +136,7 @@ def check_windows(idle_window: object, max_age: object) -> None:
         try:
             check_seconds("max_age", max_age)
         except ValueError as exc:
-            raise ValueError(f"{exc} (None: no limit)") from None
+            raise InvalidArgument(f"{exc} (None: no limit)") from None
 
 
 def check_text(
@@ -141,13 +144,13 @@ def check_text(
 ) -> str:
     """A non-empty string both databases can store: no NUL, no lone surrogate, not too long."""
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be a string, not {type(value).__name__}")
+        raise InvalidArgument(f"{name} must be a string, not {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise ValueError(f"{name} must be a non-empty string")
+        raise InvalidArgument(f"{name} must be a non-empty string")
     if max_chars is not None and len(value) > max_chars:
-        raise ValueError(f"{name} is {len(value)} characters long; at most {max_chars} fit")
+        raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_chars} fit")
     if not is_clean_text(value):
-        raise ValueError(
+        raise InvalidArgument(
             f"{name} is not valid text (a NUL character or a lone surrogate): fix its encoding"
         )
     return value
@@ -172,7 +175,7 @@ def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     if metadata is None:
         return {}
     if not isinstance(metadata, Mapping):
-        raise TypeError(
+        raise InvalidArgument(
             f"metadata must be a mapping of tags (e.g. {{'bot': 'support'}}), "
             f"not {type(metadata).__name__}"
         )
@@ -181,7 +184,7 @@ def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
         json.dumps(clean, allow_nan=False)  # strict JSON: PostgreSQL's JSONB refuses NaN
         _check_json_text(clean)
     except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"metadata must be JSON-serializable tags: {exc}") from None
+        raise InvalidArgument(f"metadata must be JSON-serializable tags: {exc}") from None
     return clean
 
 
@@ -346,7 +349,7 @@ class SessionRepository:
             or not isinstance(idle_timeout, int)
             or not -INT32 <= idle_timeout < INT32
         ):
-            raise ValueError(
+            raise InvalidArgument(
                 f"idle_timeout must be whole seconds between {-INT32} and {INT32 - 1} "
                 f"(negative: never), got {idle_timeout!r}"
             )
@@ -881,7 +884,7 @@ class SessionRepository:
         """Counts per status, live sessions, per-day activity over the last ``days`` UTC days,
         duration percentiles and end reasons of sessions ended in that window; all in SQL."""
         if days < 1:
-            raise ValueError(f"days must be at least 1, got {days}")
+            raise InvalidArgument(f"days must be at least 1, got {days}")
         now = _aware(now, "now") if now is not None else self.clock.now()
         first_day = now.date() - timedelta(days=days - 1)
         start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)
@@ -981,9 +984,11 @@ class SessionRepository:
         c = sessions.c
         conds: list[ColumnElement[bool]] = []
         if isinstance(flt.statuses, str):
-            raise TypeError("statuses must be a list of statuses, e.g. ['active'], not a string")
+            raise InvalidArgument(
+                "statuses must be a list of statuses, e.g. ['active'], not a string"
+            )
         if flt.statuses:
-            conds.append(c.status.in_([SessionStatus(s).value for s in flt.statuses]))
+            conds.append(c.status.in_([_status(s) for s in flt.statuses]))
         if flt.agent_id is not None:
             check_text("agent_id", flt.agent_id, max_chars=NAME_LENGTH)
             conds.append(c.agent_id == flt.agent_id)
@@ -992,7 +997,7 @@ class SessionRepository:
         if flt.created_before is not None:
             conds.append(c.created_at < _aware(flt.created_before, "created_before"))
         if not isinstance(flt.meta, Mapping):
-            raise TypeError(f"meta must be a mapping of tags, not {type(flt.meta).__name__}")
+            raise InvalidArgument(f"meta must be a mapping of tags, not {type(flt.meta).__name__}")
         for name, value in flt.meta.items():
             check_text("a meta tag name", name)
             wanted = check_text("a meta value", str(value), allow_empty=True)
@@ -1016,7 +1021,7 @@ class SessionRepository:
         descending: see ``SORTS``); pass the page's ``next_cursor`` as ``after`` for the next."""
         spec = _sort_spec(sort)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+            raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         stmt = select(sessions).where(*self._filters(flt or SessionFilter()))
         if after is not None:
             stmt = stmt.where(spec.after(*_decode_cursor(after, sort)))
@@ -1046,7 +1051,7 @@ class SessionRepository:
         number deleted (``dry_run``: that would be)."""
         cutoff = _aware(older_than, "older_than")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
         c = sessions.c
         old = and_(c.status.in_((_ENDED, _FAILED)), c.ended_at < cutoff)
         if dry_run:
@@ -1089,10 +1094,12 @@ def _clip(text: str | None) -> str | None:
 def _key(key: int | str) -> int | str:
     """Local ids may come as ints or digit strings; session_ids are strings."""
     if isinstance(key, bool) or not isinstance(key, int | str):
-        raise TypeError(f"a session key is a local id or a session_id, not {type(key).__name__}")
+        raise InvalidArgument(
+            f"a session key is a local id or a session_id, not {type(key).__name__}"
+        )
     if isinstance(key, int):
         if not 0 < key < BIGINT:
-            raise ValueError(f"a local session id is a positive 64-bit integer, got {key}")
+            raise InvalidArgument(f"a local session id is a positive 64-bit integer, got {key}")
         return key
     check_text("session key", key, max_chars=max(SESSION_ID_LENGTH, len(str(BIGINT))))
     return key
@@ -1119,6 +1126,12 @@ def _lookup(uow: UnitOfWork, key: int | str) -> Row | None:
     if local is not None:
         return uow.get(local) or uow.get(key)
     return uow.get(key)
+
+
+def _status(value: object) -> str:
+    if isinstance(value, str) and value in _STATUS_VALUES:
+        return value
+    raise InvalidArgument(f"unknown status {value!r}: use one of {', '.join(_STATUS_VALUES)}")
 
 
 def _local_id(key: str) -> int | None:
@@ -1192,7 +1205,7 @@ def _sort_spec(sort: str) -> _Sort:
     try:
         return SORTS[sort]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}") from None
+        raise InvalidArgument(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}") from None
 
 
 def _encode_cursor(sort: str, value: datetime | None, pk: int) -> str:
@@ -1208,12 +1221,12 @@ def _decode_cursor(cursor: str, sort: str) -> tuple[datetime | None, int]:
         if not isinstance(pk, int) or (when is not None and when.tzinfo is None):
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ValueError(
+        raise InvalidArgument(
             f"invalid cursor {cursor[:40]!r}: pass the next_cursor of the previous page"
             " unchanged, or leave it out to start from the first page"
         ) from None
     if made_for != sort:
-        raise ValueError(
+        raise InvalidArgument(
             f"this cursor belongs to a listing sorted by {made_for!r}, not {sort!r}: keep the"
             " sort between pages, or leave the cursor out to start over"
         )
