@@ -8,19 +8,30 @@ and the file stays well under 30 s.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import math
-from collections.abc import AsyncIterator
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from aiohttp import web
+from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from sessionmgr import db
+from sessionmgr.cli import cli
+from sessionmgr.cli_params import DURATION, MOMENT, POSITIVE_DURATION
 from sessionmgr.client import LemonSliceClient, Timeouts
 from sessionmgr.clock import FakeClock
 from sessionmgr.errors import (
@@ -32,8 +43,8 @@ from sessionmgr.errors import (
 )
 from sessionmgr.manager import SessionManager
 from sessionmgr.models import NAME_LENGTH, SESSION_ID_LENGTH
-from sessionmgr.records import SessionFilter
-from sessionmgr.repository import MAX_SECONDS
+from sessionmgr.records import SessionFilter, is_clean_text
+from sessionmgr.repository import MAX_SECONDS, SORTS, SessionRepository
 from sessionmgr.retry import RetryPolicy
 from sessionmgr.states import SessionStatus
 from sessionmgr.testing import FakeLemonSlice
@@ -534,3 +545,191 @@ async def test_reconcile_reports_malformed_answers_and_never_raises(
             assert row.session_id
         if row.cost is not None:
             assert math.isfinite(row.cost)
+
+
+# --- malformed arguments to the CLI ---------------------------------------------------------------
+
+SEED_ID = "sess_seed"  # the one session in the CLI tests' database (local id 1)
+DEAD_API = "http://127.0.0.1:9/api/liveai/sessions"  # nothing listens: no bad value may get there
+CLI_BASE = ["--api-key", "k-123456", "--api-url", DEAD_API]
+
+
+@dataclass
+class CliDb:
+    url: str
+    path: Path
+
+    def snapshot(self) -> tuple[list[tuple[Any, ...]], int]:
+        """Every session row and how many events: what a bad command must leave alone."""
+        with contextlib.closing(sqlite3.connect(self.path)) as conn:
+            rows = conn.execute("SELECT * FROM sessions ORDER BY id").fetchall()
+            events = conn.execute("SELECT count(*) FROM session_events").fetchone()[0]
+        return rows, int(events)
+
+
+@pytest.fixture
+def cli_db(tmp_path: Path) -> CliDb:
+    path = tmp_path / "cli.db"
+    url = f"sqlite+aiosqlite:///{path}"
+
+    async def seed() -> None:
+        await db.upgrade(url)
+        async with await SessionRepository.open(url) as repo:
+            await repo.adopt(
+                session_id=SEED_ID, control_url=f"{DEAD_API}/x", idle_window=60.0, max_age=None
+            )
+
+    asyncio.run(seed())
+    return CliDb(url, path)
+
+
+def _unusable_id(key: str) -> bool:
+    return not key.strip() or len(key) > SESSION_ID_LENGTH or not is_clean_text(key)
+
+
+def _names_the_seed(key: str) -> bool:
+    return key == SEED_ID or (key.isascii() and key.isdigit() and int(key) == 1)
+
+
+def _bad_value(convert: Callable[[str], object]) -> Callable[[str], bool]:
+    """A filter keeping the strings ``convert`` (a click type's) refuses."""
+
+    def refused(text: str) -> bool:
+        try:
+            convert(text)
+        except click.BadParameter:
+            return True
+        return False
+
+    return refused
+
+
+cli_text = st.text(max_size=12) | unstorable_text
+bad_positive_duration = st.sampled_from(
+    ["0", "0s", "-5", "1e5", "inf", "nan", "5 m", "", "9" * 400, "99999999999999", "1h-5m"]
+) | cli_text.filter(_bad_value(lambda t: POSITIVE_DURATION.convert(t, None, None)))
+bad_duration = st.sampled_from(["-1", "1e5", "9" * 400, "99999999999999", "3y"]) | cli_text.filter(
+    _bad_value(lambda t: DURATION.convert(t, None, None))
+)
+bad_moment = st.sampled_from(
+    [
+        "99999999999d",
+        "0001-01-01T00:00:00+01:00",
+        "9999-12-31T23:59:59-05:00",
+        "2026-13-01",
+        "9" * 400,
+        "yesterday",
+    ]
+) | cli_text.filter(_bad_value(lambda t: MOMENT.convert(t, None, None)))
+bad_key_value = st.sampled_from(["novalue", "=v", " =v", "k\udcff=v", "k=v\x00"]) | st.builds(
+    lambda k, v: f"{k}={v}", unstorable_text, st.text(max_size=4)
+)
+bad_cli_id = st.one_of(
+    unstorable_text,
+    st.sampled_from(["", " ", "9" * 40, "0", "-1", "²", "x" * 200]),
+    st.text(max_size=20),
+).filter(lambda k: not _names_the_seed(k))
+bad_int = st.integers().map(str) | st.text(max_size=6)
+statuses = [s.value for s in SessionStatus]
+
+CLI_CASES: dict[str, st.SearchStrategy[list[str]]] = {
+    "create": st.one_of(
+        st.tuples(st.just("--agent-id"), bad_name.filter(lambda v: isinstance(v, str))),
+        st.tuples(st.just("--agent-id=agent_ok --idle-window"), bad_positive_duration),
+        st.tuples(st.just("--agent-id=agent_ok --max-age"), bad_positive_duration),
+        st.tuples(st.just("--agent-id=agent_ok --meta"), bad_key_value),
+        st.tuples(
+            st.just("--agent-id=agent_ok --idle-timeout"),
+            bad_int.filter(lambda v: not v.lstrip("-").isdigit() or abs(int(v)) >= 2**31),
+        ),
+        st.tuples(st.just("--agent-id=agent_ok --agent-prompt"), unstorable_text),
+        st.tuples(st.just("--agent-id=agent_ok --daily-room-url"), unstorable_text),
+        st.tuples(st.just("--agent-id=agent_ok --property"), bad_key_value),
+    ).map(lambda pair: [*pair[0].split(), pair[1]]),
+    "adopt": st.one_of(
+        bad_cli_id.filter(_unusable_id).map(lambda k: [k]),
+        bad_positive_duration.map(lambda v: ["sess_new", "--idle-window", v]),
+        bad_positive_duration.map(lambda v: ["sess_new", "--max-age", v]),
+        bad_key_value.map(lambda v: ["sess_new", "--meta", v]),
+        unstorable_text.map(lambda v: ["sess_new", "--agent-id", v]),
+    ),
+    "end": bad_cli_id.map(lambda k: [k]),
+    "touch": bad_cli_id.map(lambda k: [k]),
+    "show": bad_cli_id.map(lambda k: [k]),
+    "list": st.one_of(
+        bad_moment.map(lambda v: ["--since", v]),
+        bad_moment.map(lambda v: ["--until", v]),
+        bad_duration.map(lambda v: ["--idle-for", v]),
+        bad_key_value.map(lambda v: ["--meta", v]),
+        unstorable_text.map(lambda v: ["--agent-id", v]),
+        cli_text.filter(lambda v: v not in statuses).map(lambda v: ["--status", v]),
+        bad_int.filter(lambda v: not (v.isdigit() and 1 <= int(v) <= 1000)).map(
+            lambda v: ["--limit", v]
+        ),
+        st.text(min_size=1, max_size=30).map(lambda v: ["--after", v]),
+        cli_text.filter(lambda v: v not in SORTS).map(lambda v: ["--sort", v]),
+    ),
+    "end-all": st.one_of(
+        unstorable_text.map(lambda v: ["--yes", "--agent-id", v]),
+        bad_key_value.map(lambda v: ["--yes", "--meta", v]),
+        bad_int.filter(lambda v: not (v.isdigit() and int(v) >= 1)).map(
+            lambda v: ["--yes", "--concurrency", v]
+        ),
+    ),
+    "prune": st.one_of(
+        bad_positive_duration.map(lambda v: ["--older-than", v]),
+        bad_int.filter(lambda v: not (v.isdigit() and int(v) >= 1)).map(
+            lambda v: ["--older-than", "30d", "--batch-size", v]
+        ),
+    ),
+    "stats": bad_int.filter(lambda v: not (v.isdigit() and 1 <= int(v) <= 3660)).map(
+        lambda v: ["--days", v]
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(CLI_CASES))
+@given(data=st.data())
+@CLI
+def test_the_cli_refuses_bad_flags_in_one_line_and_writes_nothing(
+    cli_db: CliDb, command: str, data: st.DataObject
+) -> None:
+    args = data.draw(CLI_CASES[command], label="args")
+    before = cli_db.snapshot()
+    result = CliRunner().invoke(
+        cli,
+        [*CLI_BASE, "--database-url", cli_db.url, command, *args],
+        env={"LEMONSLICE_API_KEY": None, "SESSIONMGR_DATABASE_URL": None, "COLUMNS": "200"},
+    )
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert result.exit_code in (2, 3), (result.exit_code, result.output)  # usage / not found
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert cli_db.snapshot() == before  # no half-written (or any) row
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [b"end", b"sess_\xff\xfe"],  # not UTF-8: Python hands the command lone surrogates
+        [b"list", b"--agent-id", b"\xc3("],
+        [b"prune", b"--older-than", b"9" * 400],
+    ],
+    ids=["end-undecodable", "list-undecodable", "prune-huge"],
+)
+def test_real_processes_print_one_line_for_bad_bytes(cli_db: CliDb, argv: list[bytes]) -> None:
+    """Through a real argv (bytes from the OS, decoded with surrogateescape), not CliRunner."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LEMONSLICE_", "SESSIONMGR_"))}
+    cmd = [sys.executable.encode(), b"-m", b"sessionmgr", b"--database-url", cli_db.url.encode()]
+    proc = subprocess.run(cmd + argv, capture_output=True, env=env, timeout=60, check=False)
+    assert proc.returncode in (2, 3), proc
+    assert proc.stdout == b""
+    assert b"Traceback" not in proc.stderr
+    lines = proc.stderr.decode("utf-8", "replace").splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ")
