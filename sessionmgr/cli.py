@@ -77,6 +77,7 @@ from .errors import (
     ConfigurationError,
     CreateOutcomeUnknown,
     DatabaseError,
+    InvalidArgument,
     SessionMgrError,
     SessionNotFound,
     TransportError,
@@ -149,7 +150,7 @@ def exit_for(exc: Exception) -> tuple[str, int] | None:
     """The one-line message and exit code for an expected failure; None for a bug."""
     if isinstance(exc, SessionNotFound):
         return str(exc), EXIT_NOT_FOUND
-    if isinstance(exc, ConfigurationError):
+    if isinstance(exc, ConfigurationError | InvalidArgument):
         return str(exc), EXIT_USAGE
     if isinstance(exc, SessionMgrError):  # LemonSliceError, DatabaseError and the rest
         return describe(exc), EXIT_FAILURE
@@ -727,8 +728,8 @@ def list_(
         async with open_repository(obj.settings) as repo:
             try:
                 page = await repo.list(flt, limit=limit, after=after, sort=sort)
-            except ValueError as exc:  # a cursor from another query or a damaged one
-                raise click.BadParameter(str(exc), param_hint="--after/--sort") from None
+            except ValueError as exc:  # a damaged cursor, a filter no database can hold
+                raise click.UsageError(str(exc)) from None
             return page, repo.clock.now()
 
     page, now = run(go())

@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from .repository import MAX_SECONDS
+
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}  # seconds
 
 _DURATION_PLAIN = re.compile(r"\d+(?:\.\d+)?")
@@ -51,6 +53,8 @@ class Duration(click.ParamType[float, Any]):
         except ValueError as exc:
             hint = " (or 'off')" if self.allow_off else ""
             self.fail(f"{exc}{hint}", param, ctx)
+        if not seconds <= MAX_SECONDS:  # inf too (a long enough string of digits)
+            self.fail(f"{_shown(value)} is longer than 100 years: use less", param, ctx)
         if self.positive and seconds <= 0:
             self.fail(f"{value!r} must be longer than 0 seconds", param, ctx)
         return seconds
@@ -68,21 +72,29 @@ class Moment(click.ParamType[datetime, Any]):
             return value
         text = str(value).strip()
         try:
-            return datetime.now(UTC) - timedelta(seconds=parse_duration(text))
+            ago = parse_duration(text)
         except ValueError:
             pass
+        else:
+            if not ago <= MAX_SECONDS:
+                self.fail(f"{_shown(value)} is more than 100 years ago", param, ctx)
+            return datetime.now(UTC) - timedelta(seconds=ago)
         try:
             moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            return moment.astimezone(UTC)
+        except OverflowError:  # e.g. year 1 with a positive offset: before datetime.min in UTC
+            self.fail(
+                f"{_shown(value)} is out of range: use a time between years 2 and 9998", param, ctx
+            )
         except ValueError:
             self.fail(
-                f"{value!r} is neither an ISO 8601 time (e.g. 2026-01-31T12:00:00Z) "
+                f"{_shown(value)} is neither an ISO 8601 time (e.g. 2026-01-31T12:00:00Z) "
                 "nor a duration ago (e.g. 2h, 7d)",
                 param,
                 ctx,
             )
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        return moment.astimezone(UTC)
 
 
 class KeyValue(click.ParamType[tuple[str, Any], Any]):
@@ -107,7 +119,7 @@ class KeyValue(click.ParamType[tuple[str, Any], Any]):
         if self.json_values:
             try:
                 parsed = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON (or nested absurdly deep): text
                 parsed = raw
         return key, parsed
 
@@ -118,6 +130,12 @@ DURATION_OR_OFF = Duration(positive=True, allow_off=True)
 MOMENT = Moment()
 KEY_VALUE = KeyValue()
 KEY_JSON = KeyValue(json_values=True)
+
+
+def _shown(value: Any) -> str:
+    """A value for an error line: quoted, and cut short (a 400-digit number is not news)."""
+    text = repr(str(value))
+    return text if len(text) <= 40 else text[:37] + "…'"
 
 
 def off_to_none(seconds: float | None) -> float | None:

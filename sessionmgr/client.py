@@ -29,7 +29,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, TypeVar
+from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -49,7 +49,7 @@ from .errors import (
     TransportError,
     excerpt,
 )
-from .records import MIN_SECRET_CHARS, is_secret_key
+from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key
 from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ MIN_ATTEMPT_TIMEOUT = 0.05  # seconds; floor of an attempt squeezed by the retry
 MAX_CONNECTIONS = 200  # pooled connections of a session the client creates itself
 LIST_PAGE_SIZE = 25  # sessions per page, as LemonSlice's default
 MAX_LIST_PAGES = 100_000  # a server whose pagination never ends is a bug, not a long list
+MAX_SESSION_ID_CHARS = 128  # a longer session_id in an answer is garbage (LemonSlice's are ~30)
 
 API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insensitive)
 TRANSPORT_TYPE = "daily"
@@ -204,12 +205,46 @@ def build_create_request(
     if extra_properties:
         payload.update(extra_properties)
     try:
-        json.dumps(payload)
-    except (TypeError, ValueError) as exc:
+        json.dumps(payload, allow_nan=False)  # strict JSON (no NaN): what a server can read
+        _check_text_values(payload)
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"the create payload is not JSON-serializable: {exc}") from None
 
     image = _encode_png(agent_image) if agent_image is not None else None
     return payload, image
+
+
+def _check_text_values(value: Any) -> None:
+    """Every string in the payload is valid text: no lone surrogate, no NUL."""
+    if isinstance(value, str):
+        if not is_clean_text(value):
+            shown = excerpt(repr(value), 40)
+            raise ValueError(f"{shown} is not valid text (a NUL or a lone surrogate)")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_text_values(key)
+            _check_text_values(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_text_values(item)
+
+
+def _usable_id(value: Any) -> TypeGuard[str]:
+    """A session id we can put in a URL and a database: clean, non-blank, not absurdly long."""
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and len(value) <= MAX_SESSION_ID_CHARS
+        and is_clean_text(value)
+    )
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _usable_url(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and is_clean_text(value)
 
 
 def _encode_png(image: AgentImage) -> bytes:
@@ -461,9 +496,9 @@ class LemonSliceClient:
         try:
             data = self._json_object(call, answer)
             session_id = data.get("session_id")
-            if not isinstance(session_id, str) or not session_id:
+            if not _usable_id(session_id):
                 raise InvalidResponseError(
-                    "LemonSlice's create answer has no 'session_id' string",
+                    "LemonSlice's create answer has no usable 'session_id' string",
                     **self._error_fields(call, answer),
                 )
         except InvalidResponseError as exc:
@@ -473,9 +508,9 @@ class LemonSliceClient:
         base = call.url
         result = dict(data)
         room_url = data.get("room_url")
-        result["room_url"] = room_url if isinstance(room_url, str) and room_url else None
+        result["room_url"] = room_url if _usable_url(room_url) else None
         control_url = data.get("control_url")
-        if not isinstance(control_url, str) or not control_url:
+        if not _usable_url(control_url):
             result["control_url"] = _control_url(base, session_id)
         logger.debug("created LemonSlice session %s", session_id, extra={"session_id": session_id})
         return result
@@ -486,25 +521,29 @@ class LemonSliceClient:
         data = self._json_object(call, answer)
         sessions = data.get("sessions")
         if not isinstance(sessions, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("session_id"), str) for s in sessions
+            isinstance(s, dict) and _usable_id(s.get("session_id")) for s in sessions
         ):
             raise InvalidResponseError(
-                "LemonSlice's session list has no 'sessions' array of objects with 'session_id'",
+                "LemonSlice's session list has no 'sessions' array of objects with a usable "
+                "'session_id'",
                 **self._error_fields(call, answer),
             )
         pagination = data.get("pagination")
-        if isinstance(pagination, dict) and isinstance(pagination.get("has_more"), bool):
+        if not isinstance(pagination, dict):
+            pagination = {}
+        page, total_pages = pagination.get("page"), pagination.get("total_pages")
+        if isinstance(pagination.get("has_more"), bool):
             more = pagination["has_more"]
-        elif isinstance(pagination, dict) and isinstance(pagination.get("total_pages"), int):
-            more = pagination.get("page", 0) < pagination["total_pages"]
-        else:
+        elif _is_int(page) and _is_int(total_pages):
+            more = page < total_pages
+        else:  # no usable pagination: a full page may have a next one
             more = len(sessions) >= limit
         return sessions, bool(more and sessions)
 
     def _json_object(self, call: _Call, answer: _Answer) -> dict[str, Any]:
         try:
             data = json.loads(answer.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past the parser's limit
             head = answer.body.lstrip()[:1]
             what = "an HTML page" if head == b"<" else "an empty body" if not head else "non-JSON"
             raise InvalidResponseError(
@@ -743,7 +782,7 @@ def _scrub(text: str, secrets: tuple[str, ...]) -> str:
 def _loads_or_none(body: bytes) -> Any:
     try:
         return json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
 
 

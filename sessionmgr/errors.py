@@ -13,6 +13,8 @@
     │   │   └── CreateOutcomeUnknown    a create was sent and its answer was lost
     │   └── InvalidResponseError        non-JSON, an HTML page, or JSON missing required fields
     ├── ConfigurationError              a missing API key, a bad URL or setting
+    ├── InvalidArgument                 a bad argument, refused before any I/O (also a
+    │                                   ValueError and a TypeError, as Python code expects)
     ├── DatabaseError                   the database cannot be used as it is
     │   ├── DatabaseNotMigrated         behind the migrations: run ``sessionmgr db upgrade``
     │   └── DatabaseLocked              another process held the write lock past the busy timeout
@@ -101,6 +103,12 @@ class InvalidResponseError(LemonSliceError):
 
 class ConfigurationError(SessionMgrError):
     """A setting is missing or malformed."""
+
+
+class InvalidArgument(SessionMgrError, ValueError, TypeError):
+    """A bad argument (a NaN window, text no database can store, a naive datetime...), refused
+    before anything is written or sent. Subclasses ValueError and TypeError, so code written
+    against the plain built-in errors keeps working."""
 
 
 class DatabaseError(SessionMgrError):

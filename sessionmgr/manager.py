@@ -28,7 +28,7 @@ from .errors import (
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
-from .repository import SessionRepository
+from .repository import SessionRepository, check_session_id, check_windows
 from .states import EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,10 @@ class SessionManager:
     ) -> None:
         if on_exit not in ("leave", "end"):
             raise ConfigurationError(f"on_exit must be 'leave' or 'end', not {on_exit!r}")
-        if idle_window <= 0 or (max_age is not None and max_age <= 0):
-            raise ConfigurationError("idle_window and max_age must be positive seconds")
+        try:
+            check_windows(idle_window, max_age)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(str(exc)) from None
         self._database_url = database_url
         self._repository = repository
         self._client = client
@@ -290,7 +292,7 @@ class SessionManager:
             agent_image_url=agent_image_url,
             agent_prompt=agent_prompt,
             idle_timeout=idle_timeout,
-            idle_window=idle_window or self.idle_window,
+            idle_window=self.idle_window if idle_window is None else idle_window,
             max_age=max_age if max_age is not None else self.max_age,
             metadata=metadata,
         )
@@ -426,11 +428,12 @@ class SessionManager:
         metadata: Mapping[str, Any] | None = None,
     ) -> SessionRecord:
         """Guard a session created elsewhere (e.g. by pipecat's own transport)."""
+        check_session_id(session_id)
         record, created = await self.repository.adopt(
             session_id=session_id,
             control_url=control_url or self.client.control_url_for(session_id),
             room_url=room_url,
-            idle_window=idle_window or self.idle_window,
+            idle_window=self.idle_window if idle_window is None else idle_window,
             max_age=max_age if max_age is not None else self.max_age,
             agent_id=agent_id,
             metadata=metadata,

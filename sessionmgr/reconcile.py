@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from datetime import datetime, timedelta
+import math
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .config import IDLE_WINDOW
@@ -59,12 +60,14 @@ class RemoteSession:
                 created_at = datetime.fromisoformat(created.replace("Z", "+00:00"))
             except ValueError:
                 created_at = None
-        credits = item.get("credits_used")
+            if created_at is not None and created_at.tzinfo is None:
+                created_at = created_at.replace(tzinfo=UTC)  # no offset given: UTC, as the API
+        status = item.get("session_status")
         return cls(
             session_id=str(item["session_id"]),
-            status=item.get("session_status"),
+            status=status if isinstance(status, str) else None,
             created_at=created_at,
-            credits_used=float(credits) if isinstance(credits, int | float) else None,
+            credits_used=credits(item.get("credits_used")),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -96,6 +99,17 @@ class ReconcileReport:
             "intents_failed": [r.to_dict() for r in self.intents_failed],
             "errors": self.errors,
         }
+
+
+def credits(value: Any) -> float | None:
+    """A cost as LemonSlice reported it, if it is a finite number (anything else: unknown)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 async def reconcile(
@@ -173,8 +187,7 @@ async def _check_live_rows(
                 return
         report.checked += 1
         status = str(remote.get("session_status"))
-        cost = remote.get("cost")
-        cost = float(cost) if isinstance(cost, int | float) else None
+        cost = credits(remote.get("cost"))
         reason = EndReason.GONE if status == "NOT_FOUND" else REMOTE_FINAL.get(status)
         if reason is None:
             if not report.dry_run:

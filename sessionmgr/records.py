@@ -106,6 +106,19 @@ def redact(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def is_clean_text(value: str) -> bool:
+    """No NUL and no lone surrogate: text that encodes as UTF-8 and both databases can store."""
+    if "\x00" in value:
+        return False
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # --- admin queries ---------------------------------------------------------------------------
 
 

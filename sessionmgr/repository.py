@@ -42,8 +42,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import SessionNotFound
-from .models import session_events, sessions
+from .errors import InvalidArgument, SessionNotFound
+from .models import NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
 from .records import (
     DayStats,
     Page,
@@ -51,6 +51,7 @@ from .records import (
     SessionFilter,
     SessionRecord,
     Stats,
+    is_clean_text,
     redact,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
@@ -63,6 +64,9 @@ MAX_PAGE = 1000  # rows per page of list()
 DEFAULT_PAGE = 50  # rows per page of list()
 CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
+MAX_SECONDS = 100 * 365.25 * 86400  # the longest window or age accepted: 100 years
+INT32 = 2**31  # idle_timeout is stored as a 32-bit integer
+BIGINT = 2**63  # local ids are 64-bit integers
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -74,6 +78,7 @@ _ENDED = SessionStatus.ENDED.value
 _FAILED = SessionStatus.FAILED.value
 _LIVE = tuple(s.value for s in SessionStatus if s in LIVE_STATUSES)
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
+_STATUS_VALUES = tuple(s.value for s in SessionStatus)
 
 
 def _db_errors(
@@ -92,8 +97,12 @@ def _db_errors(
 
 
 def _aware(value: datetime, name: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise InvalidArgument(
+            f"{name} must be a timezone-aware datetime, not {type(value).__name__}"
+        )
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
+        raise InvalidArgument(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
     return value.astimezone(UTC)
 
 
@@ -102,20 +111,94 @@ def _deadline(last_activity: datetime, idle_window: float, expires_at: datetime 
     return idle_deadline if expires_at is None else min(idle_deadline, expires_at)
 
 
-def _check_windows(idle_window: float, max_age: float | None) -> None:
-    if not idle_window > 0:
-        raise ValueError(f"idle_window must be > 0 seconds, got {idle_window!r}")
-    if max_age is not None and not max_age > 0:
-        raise ValueError(f"max_age must be > 0 seconds or None (no limit), got {max_age!r}")
+# --- argument checks: bad input fails here, with a one-line ValueError/TypeError, before any
+# row is written (and the same way on SQLite and PostgreSQL) --------------------------------------
+
+
+def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
+    """A finite number of seconds, > 0 (``positive``) or >= 0, and at most ``MAX_SECONDS``:
+    anything longer is a mistake, and would run past the end of datetime's range."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{name} must be a number of seconds, not {type(value).__name__}")
+    low_ok = value > 0 if positive else value >= 0
+    if not (low_ok and value <= MAX_SECONDS):  # NaN fails both
+        raise InvalidArgument(
+            f"{name} must be {'> 0' if positive else '>= 0'} and at most {MAX_SECONDS:.0f} "
+            f"seconds (100 years), got {value!r}"
+        )
+    return float(value)
+
+
+def check_windows(idle_window: object, max_age: object) -> None:
+    """What the reaper enforces: ``idle_window`` > 0 s, ``max_age`` > 0 s or None (no limit)."""
+    check_seconds("idle_window", idle_window)
+    if max_age is not None:
+        try:
+            check_seconds("max_age", max_age)
+        except ValueError as exc:
+            raise InvalidArgument(f"{exc} (None: no limit)") from None
+
+
+def check_text(
+    name: str, value: object, *, max_chars: int | None = None, allow_empty: bool = False
+) -> str:
+    """A non-empty string both databases can store: no NUL, no lone surrogate, not too long."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name} must be a string, not {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InvalidArgument(f"{name} must be a non-empty string")
+    if max_chars is not None and len(value) > max_chars:
+        raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_chars} fit")
+    if not is_clean_text(value):
+        raise InvalidArgument(
+            f"{name} is not valid text (a NUL character or a lone surrogate): fix its encoding"
+        )
+    return value
+
+
+def _optional_text(name: str, value: object, *, max_chars: int | None = None) -> None:
+    if value is not None:
+        check_text(name, value, max_chars=max_chars)
+
+
+def check_session_id(session_id: object) -> str:
+    return check_text("session_id", session_id, max_chars=SESSION_ID_LENGTH)
+
+
+def _check_remote(session_id: object, control_url: object, room_url: object) -> None:
+    check_session_id(session_id)
+    check_text("control_url", control_url)
+    _optional_text("room_url", room_url)
 
 
 def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    clean = redact(metadata)
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, Mapping):
+        raise InvalidArgument(
+            f"metadata must be a mapping of tags (e.g. {{'bot': 'support'}}), "
+            f"not {type(metadata).__name__}"
+        )
     try:
-        json.dumps(clean)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"metadata must be JSON-serializable: {exc}") from None
+        clean = redact(metadata)
+        json.dumps(clean, allow_nan=False)  # strict JSON: PostgreSQL's JSONB refuses NaN
+        _check_json_text(clean)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"metadata must be JSON-serializable tags: {exc}") from None
     return clean
+
+
+def _check_json_text(value: Any) -> None:
+    """Every string in a JSON value, keys included, is storable text (see ``check_text``)."""
+    if isinstance(value, str):
+        check_text("a string", value, allow_empty=True)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_json_text(str(key))
+            _check_json_text(item)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json_text(item)
 
 
 def _record(row: Mapping[str, Any]) -> SessionRecord:
@@ -256,7 +339,20 @@ class SessionRepository:
         metadata: Mapping[str, Any] | None = None,
     ) -> SessionRecord:
         """Record a ``pending`` intent, before the create request is sent."""
-        _check_windows(idle_window, max_age)
+        check_windows(idle_window, max_age)
+        _optional_text("agent_id", agent_id, max_chars=NAME_LENGTH)
+        _optional_text("agent_image_url", agent_image_url)
+        if agent_prompt is not None:
+            check_text("agent_prompt", agent_prompt, allow_empty=True)
+        if idle_timeout is not None and (
+            isinstance(idle_timeout, bool)
+            or not isinstance(idle_timeout, int)
+            or not -INT32 <= idle_timeout < INT32
+        ):
+            raise InvalidArgument(
+                f"idle_timeout must be whole seconds between {-INT32} and {INT32 - 1} "
+                f"(negative: never), got {idle_timeout!r}"
+            )
         now = self.clock.now()
         values: Row = {
             "status": _PENDING,
@@ -285,6 +381,7 @@ class SessionRepository:
         self, pk: int, *, session_id: str, room_url: str | None, control_url: str
     ) -> SessionRecord | None:
         """pending -> active once LemonSlice answered; None if the intent was no longer pending."""
+        _check_remote(session_id, control_url, room_url)
         now = self.clock.now()
 
         def decide(row: Row) -> Decision:
@@ -339,7 +436,9 @@ class SessionRepository:
         With ``pending_pk``, the pending intent it answers becomes that active session (if the
         intent is no longer pending, a new row is inserted instead).
         """
-        _check_windows(idle_window, max_age)
+        check_windows(idle_window, max_age)
+        _check_remote(session_id, control_url, room_url)
+        _optional_text("agent_id", agent_id, max_chars=NAME_LENGTH)
         now = self.clock.now()
         created = _aware(created_at, "created_at") if created_at is not None else now
         meta = _metadata(metadata)
@@ -393,7 +492,9 @@ class SessionRepository:
 
     def touch(self, session_id: str, at: datetime | None = None) -> None:
         """Note activity now (or at ``at``); no I/O. ``flush_touches`` writes the latest per
-        session, so a thousand touches between flushes cost one write."""
+        session, so a thousand touches between flushes cost one write. A bad ``session_id``
+        raises here: buffered, it would fail every later flush."""
+        check_session_id(session_id)
         when = self.clock.now() if at is None else _aware(at, "at")
         previous = self._touches.get(session_id)
         if previous is None or when > previous:
@@ -415,7 +516,8 @@ class SessionRepository:
     async def touch_many(self, session_ids: Iterable[str], at: datetime | None = None) -> set[str]:
         """Touch now, durably; returns the session_ids that were active (and so were touched)."""
         when = self.clock.now() if at is None else _aware(at, "at")
-        touched, _ = await self._write_touches({sid: when for sid in session_ids})
+        wanted = [check_session_id(sid) for sid in session_ids]
+        touched, _ = await self._write_touches(dict.fromkeys(wanted, when))
         return touched
 
     async def _write_touches(self, times: Mapping[str, datetime]) -> tuple[set[str], int]:
@@ -696,10 +798,11 @@ class SessionRepository:
         """The session with this local id (int or digit string) or session_id, or None."""
         key = _key(key)
         c = sessions.c
+        local = key if isinstance(key, int) else _local_id(key)
         if isinstance(key, int):
             cond: ColumnElement[bool] = c.id == key
-        elif key.isdigit():
-            cond = or_(c.id == int(key), c.session_id == key)
+        elif local is not None:
+            cond = or_(c.id == local, c.session_id == key)
         else:
             cond = c.session_id == key
         rows = await self._fetch(select(sessions).where(cond).order_by(sessions.c.id))
@@ -781,7 +884,7 @@ class SessionRepository:
         """Counts per status, live sessions, per-day activity over the last ``days`` UTC days,
         duration percentiles and end reasons of sessions ended in that window; all in SQL."""
         if days < 1:
-            raise ValueError(f"days must be at least 1, got {days}")
+            raise InvalidArgument(f"days must be at least 1, got {days}")
         now = _aware(now, "now") if now is not None else self.clock.now()
         first_day = now.date() - timedelta(days=days - 1)
         start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)
@@ -880,18 +983,28 @@ class SessionRepository:
     def _filters(self, flt: SessionFilter) -> list[ColumnElement[bool]]:
         c = sessions.c
         conds: list[ColumnElement[bool]] = []
+        if isinstance(flt.statuses, str):
+            raise InvalidArgument(
+                "statuses must be a list of statuses, e.g. ['active'], not a string"
+            )
         if flt.statuses:
-            conds.append(c.status.in_([SessionStatus(s).value for s in flt.statuses]))
+            conds.append(c.status.in_([_status(s) for s in flt.statuses]))
         if flt.agent_id is not None:
+            check_text("agent_id", flt.agent_id, max_chars=NAME_LENGTH)
             conds.append(c.agent_id == flt.agent_id)
         if flt.created_after is not None:
             conds.append(c.created_at >= _aware(flt.created_after, "created_after"))
         if flt.created_before is not None:
             conds.append(c.created_at < _aware(flt.created_before, "created_before"))
+        if not isinstance(flt.meta, Mapping):
+            raise InvalidArgument(f"meta must be a mapping of tags, not {type(flt.meta).__name__}")
         for name, value in flt.meta.items():
-            conds.append(c.metadata[name].as_string() == str(value))
+            check_text("a meta tag name", name)
+            wanted = check_text("a meta value", str(value), allow_empty=True)
+            conds.append(c.metadata[name].as_string() == wanted)
         if flt.idle_for is not None:
-            idle_since = self.clock.now() - timedelta(seconds=flt.idle_for)
+            idle_for = check_seconds("idle_for", flt.idle_for, positive=False)
+            idle_since = self.clock.now() - timedelta(seconds=idle_for)
             conds.append(c.last_activity_at <= idle_since)
         return conds
 
@@ -907,8 +1020,8 @@ class SessionRepository:
         """One page of sessions matching ``flt``, in ``sort`` order (a field, ``-`` for
         descending: see ``SORTS``); pass the page's ``next_cursor`` as ``after`` for the next."""
         spec = _sort_spec(sort)
-        if not 1 <= limit <= MAX_PAGE:
-            raise ValueError(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
         stmt = select(sessions).where(*self._filters(flt or SessionFilter()))
         if after is not None:
             stmt = stmt.where(spec.after(*_decode_cursor(after, sort)))
@@ -938,7 +1051,7 @@ class SessionRepository:
         number deleted (``dry_run``: that would be)."""
         cutoff = _aware(older_than, "older_than")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
         c = sessions.c
         old = and_(c.status.in_((_ENDED, _FAILED)), c.ended_at < cutoff)
         if dry_run:
@@ -981,7 +1094,14 @@ def _clip(text: str | None) -> str | None:
 def _key(key: int | str) -> int | str:
     """Local ids may come as ints or digit strings; session_ids are strings."""
     if isinstance(key, bool) or not isinstance(key, int | str):
-        raise TypeError(f"a session key is a local id or a session_id, not {type(key).__name__}")
+        raise InvalidArgument(
+            f"a session key is a local id or a session_id, not {type(key).__name__}"
+        )
+    if isinstance(key, int):
+        if not 0 < key < BIGINT:
+            raise InvalidArgument(f"a local session id is a positive 64-bit integer, got {key}")
+        return key
+    check_text("session key", key, max_chars=max(SESSION_ID_LENGTH, len(str(BIGINT))))
     return key
 
 
@@ -996,14 +1116,29 @@ def _key_parts(key: int | str) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """The local ids and session_ids a key may mean (a digit string may be either)."""
     if isinstance(key, int):
         return (key,), ()
-    return ((int(key),) if key.isdigit() else ()), (key,)
+    local = _local_id(key)
+    return ((local,) if local is not None else ()), (key,)
 
 
 def _lookup(uow: UnitOfWork, key: int | str) -> Row | None:
     """The row a key names; a digit string that is a local id means that id (as in ``find``)."""
-    if isinstance(key, str) and key.isdigit():
-        return uow.get(int(key)) or uow.get(key)
+    local = _local_id(key) if isinstance(key, str) else None
+    if local is not None:
+        return uow.get(local) or uow.get(key)
     return uow.get(key)
+
+
+def _status(value: object) -> str:
+    if isinstance(value, str) and value in _STATUS_VALUES:
+        return value
+    raise InvalidArgument(f"unknown status {value!r}: use one of {', '.join(_STATUS_VALUES)}")
+
+
+def _local_id(key: str) -> int | None:
+    """The local id a string of ASCII digits names (None: not one, or out of range)."""
+    if key.isascii() and key.isdigit() and int(key) < BIGINT:
+        return int(key)
+    return None
 
 
 def _lease_free(row: Row, now: datetime) -> bool:
@@ -1069,8 +1204,8 @@ SORTS: dict[str, _Sort] = {
 def _sort_spec(sort: str) -> _Sort:
     try:
         return SORTS[sort]
-    except KeyError:
-        raise ValueError(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}") from None
+    except (KeyError, TypeError):
+        raise InvalidArgument(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}") from None
 
 
 def _encode_cursor(sort: str, value: datetime | None, pk: int) -> str:
@@ -1086,12 +1221,12 @@ def _decode_cursor(cursor: str, sort: str) -> tuple[datetime | None, int]:
         if not isinstance(pk, int) or (when is not None and when.tzinfo is None):
             raise ValueError
     except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ValueError(
+        raise InvalidArgument(
             f"invalid cursor {cursor[:40]!r}: pass the next_cursor of the previous page"
             " unchanged, or leave it out to start from the first page"
         ) from None
     if made_for != sort:
-        raise ValueError(
+        raise InvalidArgument(
             f"this cursor belongs to a listing sorted by {made_for!r}, not {sort!r}: keep the"
             " sort between pages, or leave the cursor out to start over"
         )
