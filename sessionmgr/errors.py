@@ -16,7 +16,8 @@
     ├── DatabaseError                   the database cannot be used as it is
     │   ├── DatabaseNotMigrated         behind the migrations: run ``sessionmgr db upgrade``
     │   └── DatabaseLocked              another process held the write lock past the busy timeout
-    └── SessionNotFound                 no record with that id or session_id
+    ├── SessionNotFound                 no record with that id or session_id
+    └── InvalidDuration (ValueError)    an idle window, max age or idle-for out of range
 
 Messages are one line and say what to do; none carries the API key or a token.
 """
@@ -117,6 +118,10 @@ class DatabaseLocked(DatabaseError):
 
 class SessionNotFound(SessionMgrError):
     """No session record with that id or session_id."""
+
+
+class InvalidDuration(SessionMgrError, ValueError):
+    """A number of seconds that is not positive or too long to add to a date (e.g. 1e308)."""
 
 
 def excerpt(text: str, limit: int = BODY_EXCERPT_CHARS) -> str:

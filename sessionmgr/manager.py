@@ -28,12 +28,13 @@ from .errors import (
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
-from .repository import SessionRepository
+from .repository import MAX_WINDOW, SessionRepository
 from .states import EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
 
 SessionHook = Callable[[SessionRecord], Awaitable[None]]
+ReconciledHook = Callable[[ReconcileReport], None]
 OnExit = Literal["leave", "end"]
 
 BACKGROUND_GRACE = 30.0  # seconds close() waits for creates whose callers were cancelled
@@ -76,14 +77,19 @@ class SessionManager:
         on_exit: OnExit = "leave",
         on_created: SessionHook | None = None,
         on_ended: SessionHook | None = None,
+        on_reconciled: ReconciledHook | None = None,
         auto_upgrade: bool = False,
         clock: Clock | None = None,
         owner: str | None = None,
     ) -> None:
         if on_exit not in ("leave", "end"):
             raise ConfigurationError(f"on_exit must be 'leave' or 'end', not {on_exit!r}")
-        if idle_window <= 0 or (max_age is not None and max_age <= 0):
-            raise ConfigurationError("idle_window and max_age must be positive seconds")
+        if not 0 < idle_window <= MAX_WINDOW or (
+            max_age is not None and not 0 < max_age <= MAX_WINDOW
+        ):
+            raise ConfigurationError(
+                "idle_window and max_age must be positive seconds, at most 10 years"
+            )
         self._database_url = database_url
         self._repository = repository
         self._client = client
@@ -101,7 +107,8 @@ class SessionManager:
         self._reconcile_interval = reconcile_interval
         self.on_exit = on_exit
         self.on_created = on_created
-        self.on_ended = on_ended
+        self._on_ended = on_ended
+        self.on_reconciled = on_reconciled
         self._auto_upgrade = auto_upgrade
         self.clock = clock or (repository.clock if repository else SYSTEM_CLOCK)
         self.owner = owner or new_owner()
@@ -217,6 +224,17 @@ class SessionManager:
             except Exception:
                 logger.exception("periodic reconcile failed; retrying next interval")
             await self.clock.sleep(interval)
+
+    @property
+    def on_ended(self) -> SessionHook | None:
+        return self._on_ended
+
+    @on_ended.setter
+    def on_ended(self, hook: SessionHook | None) -> None:
+        """Every end goes through the reaper, so an open manager's reaper takes the new hook."""
+        self._on_ended = hook
+        if self._reaper is not None:
+            self._reaper.on_ended = hook
 
     # --- parts -----------------------------------------------------------------------------
 
@@ -440,13 +458,16 @@ class SessionManager:
     async def reconcile(
         self, *, dry_run: bool = False, end_orphans: bool = False
     ) -> ReconcileReport:
-        return await reconcile(
+        report = await reconcile(
             self.repository,
             self.client,
             self.reaper,
             dry_run=dry_run,
             end_orphans=end_orphans,
         )
+        if self.on_reconciled is not None:
+            self.on_reconciled(report)
+        return report
 
     @staticmethod
     async def _call_hook(hook: SessionHook, record: SessionRecord) -> None:

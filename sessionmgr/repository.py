@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import SessionNotFound
+from .errors import InvalidDuration, SessionNotFound
 from .models import session_events, sessions
 from .records import (
     DayStats,
@@ -63,6 +63,7 @@ MAX_PAGE = 1000  # rows per page of list()
 DEFAULT_PAGE = 50  # rows per page of list()
 CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
+MAX_WINDOW = 10 * 365 * 86400.0  # seconds (10 years): the longest idle window, max age, idle-for
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -103,10 +104,16 @@ def _deadline(last_activity: datetime, idle_window: float, expires_at: datetime 
 
 
 def _check_windows(idle_window: float, max_age: float | None) -> None:
-    if not idle_window > 0:
-        raise ValueError(f"idle_window must be > 0 seconds, got {idle_window!r}")
-    if max_age is not None and not max_age > 0:
-        raise ValueError(f"max_age must be > 0 seconds or None (no limit), got {max_age!r}")
+    """Positive and short enough that a deadline stays a date (1e308 s would overflow)."""
+    if not 0 < idle_window <= MAX_WINDOW:
+        raise InvalidDuration(
+            f"idle_window must be > 0 and <= {MAX_WINDOW:g} seconds (10 years), got {idle_window!r}"
+        )
+    if max_age is not None and not 0 < max_age <= MAX_WINDOW:
+        raise InvalidDuration(
+            f"max_age must be > 0 and <= {MAX_WINDOW:g} seconds (10 years) or None (no limit), "
+            f"got {max_age!r}"
+        )
 
 
 def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -745,6 +752,22 @@ class SessionRepository:
             last = rows[-1]["id"]
 
     @_db_errors
+    async def ping(self) -> None:
+        """One round trip to the database (health checks)."""
+        async with self._engine.connect() as conn:
+            await conn.execute(select(1))
+
+    @_db_errors
+    async def count_live(self) -> dict[SessionStatus, int]:
+        """Sessions per live status: one grouped COUNT on the status index, cheap enough for
+        every metrics scrape however long the history (``stats`` reads far more)."""
+        c = sessions.c
+        stmt = select(c.status, func.count()).where(c.status.in_(_LIVE)).group_by(c.status)
+        async with self._engine.connect() as conn:
+            counts: dict[str, int] = {s: n for s, n in (await conn.execute(stmt)).all()}
+        return {s: int(counts.get(s.value, 0)) for s in SessionStatus if s in LIVE_STATUSES}
+
+    @_db_errors
     async def pending_intents(self) -> list[SessionRecord]:
         """Intents whose create outcome is not recorded, oldest first (for reconcile)."""
         stmt = (
@@ -891,6 +914,10 @@ class SessionRepository:
         for name, value in flt.meta.items():
             conds.append(c.metadata[name].as_string() == str(value))
         if flt.idle_for is not None:
+            if not 0 <= flt.idle_for <= MAX_WINDOW:
+                raise InvalidDuration(
+                    f"idle_for must be >= 0 and <= {MAX_WINDOW:g} seconds, got {flt.idle_for!r}"
+                )
             idle_since = self.clock.now() - timedelta(seconds=flt.idle_for)
             conds.append(c.last_activity_at <= idle_since)
         return conds
