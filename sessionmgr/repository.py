@@ -63,6 +63,7 @@ MAX_PAGE = 1000  # rows per page of list()
 DEFAULT_PAGE = 50  # rows per page of list()
 CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
+MAX_PK = 2**63 - 1  # the largest local id (BIGINT); longer digit strings are session_ids
 MAX_WINDOW = 10 * 365 * 86400.0  # seconds (10 years): the longest idle window, max age, idle-for
 
 P = ParamSpec("P")
@@ -705,8 +706,8 @@ class SessionRepository:
         c = sessions.c
         if isinstance(key, int):
             cond: ColumnElement[bool] = c.id == key
-        elif key.isdigit():
-            cond = or_(c.id == int(key), c.session_id == key)
+        elif _pk_of(key) is not None:
+            cond = or_(c.id == _pk_of(key), c.session_id == key)
         else:
             cond = c.session_id == key
         rows = await self._fetch(select(sessions).where(cond).order_by(sessions.c.id))
@@ -1012,6 +1013,13 @@ def _key(key: int | str) -> int | str:
     return key
 
 
+def _pk_of(key: str) -> int | None:
+    """The local id a string may mean: ASCII digits within BIGINT ('²' or 20 digits are not)."""
+    if key.isascii() and key.isdigit() and int(key) <= MAX_PK:
+        return int(key)
+    return None
+
+
 def _image_url(url: str | None) -> str | None:
     """The image's address, never its bytes: an inline ``data:`` URL is cut to its media type."""
     if url is None or not url.startswith("data:"):
@@ -1023,13 +1031,14 @@ def _key_parts(key: int | str) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """The local ids and session_ids a key may mean (a digit string may be either)."""
     if isinstance(key, int):
         return (key,), ()
-    return ((int(key),) if key.isdigit() else ()), (key,)
+    pk = _pk_of(key)
+    return (() if pk is None else (pk,)), (key,)
 
 
 def _lookup(uow: UnitOfWork, key: int | str) -> Row | None:
     """The row a key names; a digit string that is a local id means that id (as in ``find``)."""
-    if isinstance(key, str) and key.isdigit():
-        return uow.get(int(key)) or uow.get(key)
+    if isinstance(key, str) and (pk := _pk_of(key)) is not None:
+        return uow.get(pk) or uow.get(key)
     return uow.get(key)
 
 
