@@ -65,6 +65,12 @@ CREATE_FIELDS: dict[str, tuple[type, ...]] = {  # JSON body of POST /api/session
     "metadata": (dict,),
 }
 
+KIND_NAMES: dict[tuple[type, ...], str] = {
+    (str,): "a string",
+    (dict,): "an object",
+    (int,): "a whole number",
+}
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MANAGER: web.AppKey[SessionManager] = web.AppKey("manager", SessionManager)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
@@ -397,9 +403,7 @@ def _create_args(body: Mapping[str, Any]) -> dict[str, Any]:
             continue
         kinds = CREATE_FIELDS[name]
         if isinstance(value, bool) or not isinstance(value, kinds):
-            what = {str: "a string", dict: "an object", int: "a whole number"}.get(
-                kinds[0], "a number"
-            )
+            what = KIND_NAMES.get(kinds, "a number")
             bad_request(f"{name} must be {what}")
         args[name] = value
     timeout = args.get("idle_timeout")
@@ -437,8 +441,9 @@ async def touch_session(request: web.Request) -> web.Response:
 
 
 async def end_session(request: web.Request) -> web.Response:
-    """End a session (idempotent, as the manager is). 200 when it is over, 202 when the
-    terminate failed and the reaper retries it, 409 while it is still being created."""
+    """End a session (idempotent, as the manager is). 200 when it is over, 202 while another
+    process is ending it, 409 while it is still being created, 502 when the terminate failed
+    (the session stays ``ending`` and the reaper retries it)."""
     _authorize(request)
     body = await _json_object(request, optional=True)
     unknown = sorted(set(body) - {"reason"})
@@ -455,7 +460,12 @@ async def end_session(request: web.Request) -> web.Response:
             f"session {record.id} is still being created (pending): retry shortly, or run "
             "`sessionmgr reconcile` if its creator died",
         )
-    result = await _manager(request).end_session(record.id, reason=reason)
+    try:
+        result = await _manager(request).end_session(record.id, reason=reason)
+    except LemonSliceError as exc:
+        raise ApiError(
+            502, "lemonslice_error", f"{exc}: the session stays ending and the reaper retries"
+        ) from None
     status = 202 if result.record.status is SessionStatus.ENDING else 200
     return web.json_response(
         {"changed": result.changed, "message": result.message, "record": result.record.to_dict()},
