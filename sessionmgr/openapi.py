@@ -14,6 +14,7 @@ from .repository import DEFAULT_PAGE, MAX_PAGE, MAX_WINDOW, SORTS
 from .states import EndReason, SessionStatus
 
 INT32 = 2**31 - 1
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?[smhdwSMHDW])+)\s*$"  # cli_params.parse_duration
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -232,15 +233,15 @@ LIST_PARAMETERS: list[dict[str, Any]] = [
         "name": "meta",
         "in": "query",
         "description": "Metadata tag KEY=VALUE (repeat: all must match)",
-        "schema": {"type": "array", "items": {"type": "string"}},
+        "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]*[^=\\s][^=]*="}},
         "style": "form",
         "explode": True,
     },
     {
         "name": "idle_for",
         "in": "query",
-        "description": "No activity for at least this long (90, 10m, 2h)",
-        "schema": {"type": "string"},
+        "description": "No activity for at least this long (90, 10m, 2h, 1h30m)",
+        "schema": {"type": "string", "pattern": DURATION_PATTERN},
     },
     {
         "name": "limit",
