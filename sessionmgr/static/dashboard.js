@@ -40,7 +40,7 @@ function fillCounts(stats) {
   }
   const today = stats.per_day[stats.per_day.length - 1];
   document.getElementById("credits-today").textContent =
-    today && today.credits !== null ? today.credits.toFixed(2) : "0";
+    today && today.credits !== null ? today.credits.toFixed(2) : "–";
 }
 
 function fillLive(page) {
