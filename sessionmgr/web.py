@@ -258,6 +258,8 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 
 def _filter(request: web.Request) -> SessionFilter:
     """The query of ``GET /api/sessions``: the same filters as ``sessionmgr list``."""
+    if not all(_storable(v) for v in request.query.values()):
+        bad_request("the query holds a NUL character or text that is not valid Unicode")
     statuses = []
     for raw in request.query.getall("status", []):
         for part in raw.split(","):
