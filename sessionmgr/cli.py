@@ -77,6 +77,7 @@ from .errors import (
     ConfigurationError,
     CreateOutcomeUnknown,
     DatabaseError,
+    InvalidDuration,
     SessionMgrError,
     SessionNotFound,
     TransportError,
@@ -727,6 +728,8 @@ def list_(
         async with open_repository(obj.settings) as repo:
             try:
                 page = await repo.list(flt, limit=limit, after=after, sort=sort)
+            except InvalidDuration as exc:  # an idle-for too long to subtract from now
+                raise click.BadParameter(str(exc), param_hint="--idle-for") from None
             except ValueError as exc:  # a cursor from another query or a damaged one
                 raise click.BadParameter(str(exc), param_hint="--after/--sort") from None
             return page, repo.clock.now()
