@@ -32,14 +32,16 @@ chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y chromium)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
-BENCHES := bench_repository bench_reaper
+BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
+	@$(BIN)/python -m benchmarks.summary
 
 # Every benchmark at a tiny size, in seconds, so the suite never rots (part of `make test`).
 bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
+	@$(BIN)/python -m benchmarks.summary --smoke
 
 demo: $(STAMP)
 	$(BIN)/sessionmgr demo

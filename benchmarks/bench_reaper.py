@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
-from collections.abc import Iterable
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from sessionmgr.reaper import Reaper
 from sessionmgr.repository import SessionRepository
 from sessionmgr.testing import fake_server_process, fake_state
 
-from .common import FAKE_KEY, median, print_table, record, timer
+from .common import FAKE_KEY, median, print_table, record, runs_text, timer
 
 LATENCY = 0.020  # seconds per terminate
 CONCURRENCY = 100
@@ -127,8 +126,8 @@ def main() -> None:
         f"P2 reaper drain: {n} due, {LATENCY * 1000:.0f} ms, concurrency {CONCURRENCY}",
         [
             ("limit N*L/C (s)", f"{limit:.3f}", ""),
-            ("reaper drain, median (s)", f"{drain_s:.3f}", _runs(d for d, _ in runs)),
-            ("bare aiohttp floor, median (s)", f"{floor_s:.3f}", _runs(f for _, f in runs)),
+            ("reaper drain, median (s)", f"{drain_s:.3f}", runs_text(d for d, _ in runs)),
+            ("bare aiohttp floor, median (s)", f"{floor_s:.3f}", runs_text(f for _, f in runs)),
             ("limit / drain", f"{ratio:.2f}", f">= {TARGET} {verdict}"),
             ("limit / floor", f"{limit / floor_s:.2f}", "the best this machine's HTTP allows"),
             ("drain / floor", f"{drain_s / floor_s:.2f}", "sessionmgr's own overhead"),
@@ -150,10 +149,6 @@ def main() -> None:
         },
         smoke=args.smoke,
     )
-
-
-def _runs(values: Iterable[float]) -> str:
-    return "runs: " + ", ".join(f"{v:.3f}" for v in values)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,3 +59,7 @@ def median(values: list[float]) -> float:
 
 def timer() -> float:
     return time.perf_counter()
+
+
+def runs_text(values: Iterable[float], fmt: str = "{:.3f}") -> str:
+    return "runs: " + ", ".join(fmt.format(v) for v in values)

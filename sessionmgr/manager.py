@@ -113,7 +113,9 @@ class SessionManager:
         self.clock = clock or (repository.clock if repository else SYSTEM_CLOCK)
         self.owner = owner or new_owner()
         self._reaper: Reaper | None = None
-        self._created: set[int] = set()  # pks this process created, for on_exit="end"
+        # pks this process created and has not ended itself, kept only for on_exit="end" (a
+        # long-running backend that leaves sessions to the reaper must not grow per create)
+        self._created: set[int] = set()
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._opened = False
@@ -318,7 +320,8 @@ class SessionManager:
         except asyncio.CancelledError:
             task.add_done_callback(self._end_abandoned)
             raise
-        self._created.add(record.id)
+        if self.on_exit == "end":
+            self._created.add(record.id)
         if self.on_created is not None:
             await self._call_hook(self.on_created, record)
         return record
@@ -418,6 +421,8 @@ class SessionManager:
                 return EndResult(current, False, f"already ended ({current.end_reason})")
             return EndResult(current, False, f"being ended by {current.lease_owner}")
         outcome = await self.reaper.finish(claimed)
+        if outcome is not Outcome.RESCHEDULED:
+            self._created.discard(record.id)
         final = await repo.get(record.id)
         message = {
             Outcome.ENDED: "ended",

@@ -201,6 +201,21 @@ async def test_on_exit_end_ends_own_sessions(lemon: FakeLemonSlice, clock: FakeC
     assert lemon.live_count == 0
 
 
+async def test_manager_keeps_no_per_session_state_it_will_not_use(
+    lemon: FakeLemonSlice, clock: FakeClock, db_url
+):
+    """A long-running backend must not grow per create (the memory benchmark's 100k cycles):
+    only on_exit="end" remembers what it created, and forgets what it ended itself."""
+    async with make_manager(lemon, clock, db_url) as mgr:
+        await mgr.create_session(agent_id="agent_1")
+        assert not mgr._created
+    async with make_manager(lemon, clock, db_url, on_exit="end") as mgr:
+        a = await mgr.create_session(agent_id="agent_1")
+        b = await mgr.create_session(agent_id="agent_2")
+        await mgr.end_session(a.id)
+        assert mgr._created == {b.id}
+
+
 async def test_on_exit_leave_keeps_sessions_for_the_reaper(
     lemon: FakeLemonSlice, clock: FakeClock, db_url
 ):

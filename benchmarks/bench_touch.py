@@ -1,0 +1,164 @@
+"""P3 touch: how many touches a backend may send, and what they cost the database.
+
+10,000 live sessions; one task touches them at random for 10 s through ``SessionManager.touch``
+(pausing 0.1 ms every 1,000 touches, see PAUSE) while the manager's flush loop writes buffered
+touches every ``touch_flush_interval`` (1 s).
+Figures: touches accepted per second (target >= 100,000/s) and database writes per session per
+flush interval (target <= 1): every UPDATE row the flushes send, divided by the sessions touched
+in each interval. No HTTP is involved (a touch never calls LemonSlice).
+
+    python -m benchmarks.bench_touch [--smoke] [--sessions N] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+
+from sessionmgr.manager import SessionManager
+from sessionmgr.repository import SessionRepository
+
+from .common import median, print_table, record, timer
+
+RATE_TARGET = 100_000.0  # touches accepted per second
+WRITES_TARGET = 1.0  # database writes per session per flush interval
+FLUSH_INTERVAL = 1.0
+# Every YIELD_EVERY touches the toucher pauses PAUSE seconds, as a backend's touches come between
+# awaits on real I/O. A loop that only yields with sleep(0) keeps this thread busy without a break,
+# and then aiosqlite's thread waits up to the 5 ms GIL switch interval for every row it steps
+# through: a flush of 10k rows would stall for the whole run. Pauses count in the elapsed time.
+YIELD_EVERY = 1_000
+PAUSE = 0.0001
+
+
+async def seed(db_url: str, n: int) -> list[str]:
+    """n active sessions with a long idle window (none becomes due during the run)."""
+    repo = await SessionRepository.open(db_url, upgrade=True)
+    ids = [f"touch_{i:06d}" for i in range(n)]
+    gate = asyncio.Semaphore(50)
+
+    async def one(sid: str) -> None:
+        async with gate:
+            await repo.adopt(
+                session_id=sid, control_url="https://c/x", idle_window=86400, max_age=None
+            )
+
+    try:
+        await asyncio.gather(*(one(sid) for sid in ids))
+    finally:
+        await repo.close()
+    return ids
+
+
+async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, float]:
+    rows_written = 0
+    per_flush: list[tuple[int, int]] = []  # (sessions buffered, rows written) per flush
+
+    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+        nonlocal rows_written
+        if statement.lstrip().upper().startswith("UPDATE SESSIONS"):
+            rows_written += len(params) if many else 1
+
+    async with SessionManager(
+        database_url=db_url,
+        api_key="unused",  # touches never reach LemonSlice
+        reaper=False,  # so the manager's own flush loop writes touches, every FLUSH_INTERVAL
+        touch_flush_interval=FLUSH_INTERVAL,
+        idle_window=86400,
+    ) as mgr:
+        repo = mgr.repository
+        flush = repo.flush_touches
+
+        async def counted_flush() -> int:
+            buffered = len(repo._touches)  # what this flush has to write, for the ratio
+            before = rows_written
+            updated = await flush()
+            per_flush.append((buffered, rows_written - before))
+            return updated
+
+        setattr(repo, "flush_touches", counted_flush)  # noqa: B010 (instance attribute on purpose)
+        event.listen(repo.engine.sync_engine, "before_cursor_execute", count)
+        rng = random.Random(1)
+        touches = 0
+        started = timer()
+        deadline = started + seconds
+        while timer() < deadline:
+            for sid in rng.choices(ids, k=YIELD_EVERY):
+                mgr.touch(sid)
+            touches += YIELD_EVERY
+            await asyncio.sleep(PAUSE)
+        elapsed = timer() - started
+    flushes = [(b, w) for b, w in per_flush if b]
+    return {
+        "touches": touches,
+        "seconds": elapsed,
+        "touches_per_s": touches / elapsed,
+        "flushes": len(flushes),
+        "writes_per_session_per_flush": (
+            sum(w for _, w in flushes) / sum(b for b, _ in flushes) if flushes else 0.0
+        ),
+        "max_writes_per_session_per_flush": max((w / b for b, w in flushes), default=0.0),
+        "median_sessions_per_flush": median([float(b) for b, _ in flushes]) if flushes else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny size, seconds")
+    parser.add_argument("--sessions", type=int, default=10_000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    n = 500 if args.smoke else args.sessions
+    seconds = 2.5 if args.smoke else args.seconds
+    with tempfile.TemporaryDirectory(prefix="bench_touch_") as tmp:
+        db_url = f"sqlite+aiosqlite:///{Path(tmp) / 'touch.db'}"
+        ids = asyncio.run(seed(db_url, n))
+        figures = asyncio.run(run(db_url, ids, seconds))
+    rate_ok = figures["touches_per_s"] >= RATE_TARGET
+    writes_ok = figures["max_writes_per_session_per_flush"] <= WRITES_TARGET
+    met = "(judged at full size)" if args.smoke else None
+    print_table(
+        f"P3 touch: {n:,} sessions, {seconds:g} s, flush every {FLUSH_INTERVAL:g} s",
+        [
+            ("touches accepted", f"{figures['touches']:,.0f}", ""),
+            (
+                "touches accepted per second",
+                f"{figures['touches_per_s']:,.0f}",
+                f">= {RATE_TARGET:,.0f} {met or ('met' if rate_ok else 'NOT met')}",
+            ),
+            ("flushes that wrote", f"{figures['flushes']:.0f}", ""),
+            ("sessions per flush, median", f"{figures['median_sessions_per_flush']:,.0f}", ""),
+            (
+                "DB writes per session per flush, mean",
+                f"{figures['writes_per_session_per_flush']:.2f}",
+                "",
+            ),
+            (
+                "DB writes per session per flush, worst",
+                f"{figures['max_writes_per_session_per_flush']:.2f}",
+                f"<= {WRITES_TARGET:g} {met or ('met' if writes_ok else 'NOT met')}",
+            ),
+        ],
+    )
+    record(
+        "touch",
+        {
+            **figures,
+            "sessions": n,
+            "flush_interval_s": FLUSH_INTERVAL,
+            "rate_target": RATE_TARGET,
+            "writes_target": WRITES_TARGET,
+            "met": rate_ok and writes_ok,
+        },
+        smoke=args.smoke,
+    )
+
+
+if __name__ == "__main__":
+    main()
