@@ -471,7 +471,10 @@ class SessionManager:
             end_orphans=end_orphans,
         )
         if self.on_reconciled is not None:
-            self.on_reconciled(report)
+            try:
+                self.on_reconciled(report)
+            except Exception:  # the report is what the caller asked for
+                logger.exception("on_reconciled hook failed")
         return report
 
     @staticmethod

@@ -317,7 +317,10 @@ class Reaper:
         self.heartbeat.last_tick_at = self.clock.now()
         self.heartbeat.last_tick_seconds = result.seconds = self.clock.monotonic() - started
         if self.on_tick is not None:
-            self.on_tick(result)
+            try:
+                self.on_tick(result)
+            except Exception:  # a metrics or user hook must not fail the tick it reports
+                logger.exception("on_tick hook failed")
         return result
 
     async def due_now(self, limit: int = 10_000) -> list[SessionRecord]:
