@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench bench-smoke clean
+.PHONY: install test lint typecheck pytest chromium demo bench bench-smoke clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) chromium
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The dashboard's end-to-end test drives Debian's headless Chromium; CI machines start without it.
+chromium:
+	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y chromium)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
 BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory

@@ -26,12 +26,14 @@ from .errors import (
     TransportError,
 )
 from .manager import EndResult, SessionManager
+from .metrics import Metrics
 from .reaper import Reaper
 from .reconcile import ReconcileReport
 from .records import Page, SessionEvent, SessionFilter, SessionRecord, Stats
 from .repository import SessionRepository
 from .retry import RetryPolicy
 from .states import EndReason, SessionStatus
+from .web import create_app
 
 __all__ = [
     "AuthError",
@@ -49,6 +51,7 @@ __all__ = [
     "InvalidResponseError",
     "LemonSliceClient",
     "LemonSliceError",
+    "Metrics",
     "NotFoundError",
     "Page",
     "RateLimitedError",
@@ -70,4 +73,5 @@ __all__ = [
     "Timeouts",
     "TransportError",
     "__version__",
+    "create_app",
 ]

@@ -1170,6 +1170,20 @@ def prune(
     show_default=True,
     help="How long in-flight terminates may finish after SIGTERM.",
 )
+@click.option(
+    "--host",
+    envvar=config.ENV_HTTP_HOST,
+    show_envvar=True,
+    help=f"Address for HTTP (health, metrics, API, dashboard) [default: {config.HTTP_HOST}]; "
+    f"beyond loopback only with {config.ENV_ADMIN_TOKEN} set.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    envvar=config.ENV_HTTP_PORT,
+    show_envvar=True,
+    help=f"HTTP port [default: {config.HTTP_PORT}]; 0 picks a free one (see the log line).",
+)
 @click.pass_obj
 def serve(
     obj: CliContext,
@@ -1180,26 +1194,36 @@ def serve(
     lease: float | None,
     reconcile_every: float,
     grace: float,
+    host: str | None,
+    port: int | None,
 ) -> None:
-    """Run the reaper until SIGTERM: the long-running process.
+    """Run the reaper and the HTTP side until SIGTERM: the long-running process.
 
-    Migrates the database first, then ends due sessions every --interval and reconciles with
-    LemonSlice every --reconcile-every; logs at INFO on stderr.
+    Migrates the database first, then ends due sessions every --interval, reconciles with
+    LemonSlice every --reconcile-every and answers HTTP on --host/--port (/healthz, /metrics,
+    /api/..., the dashboard at /); logs at INFO on stderr. Changes over HTTP need
+    SESSIONMGR_ADMIN_TOKEN.
     """
+    from .server import check_http_exposure
     from .server import serve as serve_forever  # the module's name is taken by this command
 
     _require_api_key(obj.settings)
+    if obj.settings.admin_token:
+        _SECRETS.add(obj.settings.admin_token)
     changes: dict[str, Any] = {
         "idle_window": idle_window,
         "reaper_interval": interval,
         "reaper_concurrency": concurrency,
         "lease": lease,
+        "http_host": host,
+        "http_port": port,
     }
     settings = dataclasses.replace(
         obj.settings, **{k: v for k, v in changes.items() if v is not None}
     )
     if max_age is not None:
         settings = dataclasses.replace(settings, max_age=off_to_none(max_age))
+    check_http_exposure(settings.http_host, settings.admin_token)
     configure_logging(
         level=logging.DEBUG if obj.verbose else logging.INFO, fmt=obj.log_format, stream=sys.stderr
     )

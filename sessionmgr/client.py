@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
@@ -288,7 +288,9 @@ class LemonSliceClient:
     """Async client for LemonSlice sessions, a drop-in for pipecat's ``LemonSliceApi``.
 
     ``session``: an ``aiohttp.ClientSession`` to borrow (never closed here); without one the client
-    creates its own on first use and closes it in ``close()`` / ``async with``.
+    creates its own on first use and closes it in ``close()`` / ``async with``. ``trace_configs``
+    go to that own session (a borrowed one keeps its own); each request carries
+    ``trace_request_ctx={"endpoint": "create" | "get" | "list" | "terminate"}``.
     """
 
     LEMONSLICE_URL: ClassVar[str] = config.DEFAULT_API_URL
@@ -302,6 +304,7 @@ class LemonSliceClient:
         timeouts: Timeouts | None = None,
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
+        trace_configs: Sequence[aiohttp.TraceConfig] = (),
     ) -> None:
         key = (api_key if api_key is not None else os.environ.get(config.ENV_API_KEY, "")).strip()
         if not key:
@@ -328,6 +331,7 @@ class LemonSliceClient:
         self.timeouts = timeouts or Timeouts()
         self.retry = retry or RetryPolicy()
         self.clock: Clock = clock or SYSTEM_CLOCK
+        self._trace_configs = list(trace_configs)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -686,6 +690,7 @@ class LemonSliceClient:
                 data=data,
                 timeout=limits,
                 allow_redirects=False,
+                trace_request_ctx={"endpoint": call.op.value},
             ) as resp:
                 raw = await resp.read()
                 return _Answer(
@@ -719,7 +724,8 @@ class LemonSliceClient:
             raise RuntimeError("this LemonSliceClient is closed: create a new one")
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS)
+                connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS),
+                trace_configs=self._trace_configs or None,
             )
         return self._session
 

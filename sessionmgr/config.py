@@ -14,6 +14,9 @@ DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./sessionmgr.db"
 ENV_API_KEY = "LEMONSLICE_API_KEY"
 ENV_API_URL = "LEMONSLICE_API_URL"
 ENV_DATABASE_URL = "SESSIONMGR_DATABASE_URL"
+ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"  # enables the HTTP API's changing routes
+ENV_HTTP_HOST = "SESSIONMGR_HTTP_HOST"
+ENV_HTTP_PORT = "SESSIONMGR_HTTP_PORT"
 
 # Reaper defaults; each has an environment variable SESSIONMGR_<NAME> (e.g. SESSIONMGR_IDLE_WINDOW).
 IDLE_WINDOW = 300.0  # seconds without a touch before the reaper ends a session
@@ -25,6 +28,8 @@ LEASE = 60.0  # seconds a claim is held before another process may take it over
 RETRY_BASE = 5.0  # seconds before the first retry of a failed terminate; doubles each attempt
 RETRY_MAX = 300.0  # seconds, the cap on that backoff
 TOUCH_FLUSH_INTERVAL = 1.0  # seconds between writes of buffered touches
+HTTP_HOST = "127.0.0.1"  # where `serve` answers HTTP (health, metrics, API, dashboard)
+HTTP_PORT = 8787  # 0 picks a free port
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,6 +43,9 @@ class Settings:
     reaper_concurrency: int = REAPER_CONCURRENCY
     reaper_batch: int = REAPER_BATCH
     lease: float = LEASE
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
+    http_host: str = HTTP_HOST
+    http_port: int = HTTP_PORT
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -50,6 +58,10 @@ class Settings:
             values["api_url"] = url
         if db := env.get(ENV_DATABASE_URL):
             values["database_url"] = db
+        if token := env.get(ENV_ADMIN_TOKEN):
+            values["admin_token"] = token
+        if host := env.get(ENV_HTTP_HOST):
+            values["http_host"] = host
         for name, conv in (
             ("idle_window", float),
             ("max_age", _optional_seconds),
@@ -57,6 +69,7 @@ class Settings:
             ("reaper_concurrency", int),
             ("reaper_batch", int),
             ("lease", float),
+            ("http_port", int),
         ):
             raw = env.get(f"SESSIONMGR_{name.upper()}")
             if raw:
@@ -67,6 +80,11 @@ class Settings:
                         f"SESSIONMGR_{name.upper()}={raw!r} is not a number; fix or unset it"
                     ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
+        port = values.get("http_port", HTTP_PORT)
+        if not (isinstance(port, int) and 0 <= port <= 65535):
+            raise ConfigurationError(
+                f"{ENV_HTTP_PORT}={port!r} is not a port (0-65535; 0 picks a free one)"
+            )
         return cls(**values)  # type: ignore[arg-type]
 
 

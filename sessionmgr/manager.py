@@ -34,6 +34,7 @@ from .states import EndReason, SessionStatus
 logger = logging.getLogger(__name__)
 
 SessionHook = Callable[[SessionRecord], Awaitable[None]]
+ReconciledHook = Callable[[ReconcileReport], None]
 OnExit = Literal["leave", "end"]
 
 BACKGROUND_GRACE = 30.0  # seconds close() waits for creates whose callers were cancelled
@@ -76,6 +77,7 @@ class SessionManager:
         on_exit: OnExit = "leave",
         on_created: SessionHook | None = None,
         on_ended: SessionHook | None = None,
+        on_reconciled: ReconciledHook | None = None,
         auto_upgrade: bool = False,
         clock: Clock | None = None,
         owner: str | None = None,
@@ -103,7 +105,8 @@ class SessionManager:
         self._reconcile_interval = reconcile_interval
         self.on_exit = on_exit
         self.on_created = on_created
-        self.on_ended = on_ended
+        self._on_ended = on_ended
+        self.on_reconciled = on_reconciled
         self._auto_upgrade = auto_upgrade
         self.clock = clock or (repository.clock if repository else SYSTEM_CLOCK)
         self.owner = owner or new_owner()
@@ -221,6 +224,17 @@ class SessionManager:
             except Exception:
                 logger.exception("periodic reconcile failed; retrying next interval")
             await self.clock.sleep(interval)
+
+    @property
+    def on_ended(self) -> SessionHook | None:
+        return self._on_ended
+
+    @on_ended.setter
+    def on_ended(self, hook: SessionHook | None) -> None:
+        """Every end goes through the reaper, so an open manager's reaper takes the new hook."""
+        self._on_ended = hook
+        if self._reaper is not None:
+            self._reaper.on_ended = hook
 
     # --- parts -----------------------------------------------------------------------------
 
@@ -448,13 +462,19 @@ class SessionManager:
     async def reconcile(
         self, *, dry_run: bool = False, end_orphans: bool = False
     ) -> ReconcileReport:
-        return await reconcile(
+        report = await reconcile(
             self.repository,
             self.client,
             self.reaper,
             dry_run=dry_run,
             end_orphans=end_orphans,
         )
+        if self.on_reconciled is not None:
+            try:
+                self.on_reconciled(report)
+            except Exception:  # the report is what the caller asked for
+                logger.exception("on_reconciled hook failed")
+        return report
 
     @staticmethod
     async def _call_hook(hook: SessionHook, record: SessionRecord) -> None:

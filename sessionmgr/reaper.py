@@ -32,6 +32,7 @@ from .states import EndReason, SessionStatus
 logger = logging.getLogger(__name__)
 
 EndedHook = Callable[[SessionRecord], Awaitable[None]]
+TickHook = Callable[["TickResult"], None]
 
 STOP_GRACE = 10.0  # seconds in-flight terminates may take to finish on stop()
 RESCHEDULE_POLICY = RetryPolicy(
@@ -77,6 +78,11 @@ class TickResult:
     )
     due: list[SessionRecord] = dataclasses.field(default_factory=list)  # dry run only
     auth_failed: bool = False
+    seconds: float = 0.0  # how long the tick took
+
+    @property
+    def claimed(self) -> int:
+        return sum(len(records) for records in self.outcomes.values())
 
     @property
     def ended(self) -> list[SessionRecord]:
@@ -97,7 +103,9 @@ class Reaper:
         retry: RetryPolicy = RESCHEDULE_POLICY,
         clock: Clock | None = None,
         on_ended: EndedHook | None = None,
+        on_tick: TickHook | None = None,
     ) -> None:
+        """``on_tick`` is called after every tick that claimed (not dry runs), e.g. for metrics."""
         if concurrency < 1 or batch < 1:
             raise ValueError("reaper concurrency and batch must be at least 1")
         self.repository = repository
@@ -110,6 +118,7 @@ class Reaper:
         self.retry = retry
         self.clock = clock or repository.clock or SYSTEM_CLOCK
         self.on_ended = on_ended
+        self.on_tick = on_tick
         self.heartbeat = Heartbeat()
         self._slots = asyncio.Semaphore(concurrency)  # terminate requests in flight
         self._stopping = asyncio.Event()
@@ -306,7 +315,12 @@ class Reaper:
         result.auth_failed = auth_failed.is_set()
         self.heartbeat.ticks += 1
         self.heartbeat.last_tick_at = self.clock.now()
-        self.heartbeat.last_tick_seconds = self.clock.monotonic() - started
+        self.heartbeat.last_tick_seconds = result.seconds = self.clock.monotonic() - started
+        if self.on_tick is not None:
+            try:
+                self.on_tick(result)
+            except Exception:  # a metrics or user hook must not fail the tick it reports
+                logger.exception("on_tick hook failed")
         return result
 
     async def due_now(self, limit: int = 10_000) -> list[SessionRecord]:

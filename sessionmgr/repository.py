@@ -848,6 +848,22 @@ class SessionRepository:
             last = rows[-1]["id"]
 
     @_db_errors
+    async def ping(self) -> None:
+        """One round trip to the database (health checks)."""
+        async with self._engine.connect() as conn:
+            await conn.execute(select(1))
+
+    @_db_errors
+    async def count_live(self) -> dict[SessionStatus, int]:
+        """Sessions per live status: one grouped COUNT on the status index, cheap enough for
+        every metrics scrape however long the history (``stats`` reads far more)."""
+        c = sessions.c
+        stmt = select(c.status, func.count()).where(c.status.in_(_LIVE)).group_by(c.status)
+        async with self._engine.connect() as conn:
+            counts: dict[str, int] = {s: n for s, n in (await conn.execute(stmt)).all()}
+        return {s: int(counts.get(s.value, 0)) for s in SessionStatus if s in LIVE_STATUSES}
+
+    @_db_errors
     async def pending_intents(self) -> list[SessionRecord]:
         """Intents whose create outcome is not recorded, oldest first (for reconcile)."""
         stmt = (

@@ -270,6 +270,8 @@ def test_version_and_help_document_exit_codes(sm: Cli) -> None:
         (["prune"], "--older-than"),
         (["prune", "--older-than", "soon"], "not a duration"),
         (["create", "--agent-id", "a", "--idle-window", "0"], "longer than 0"),
+        (["create", "--agent-id", "a", "--max-age", "99999999999"], "100 years"),
+        (["list", "--idle-for", "99999999999"], "--idle-for"),
         (["create", "--agent-id", "a", "--property", "nokey"], "KEY=VALUE"),
         (["show"], "SESSION_ID"),
         (["frobnicate"], "No such command"),

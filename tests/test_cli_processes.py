@@ -185,6 +185,8 @@ def test_serve_stops_cleanly_on_sigterm(db_url: str, fake_url: str, tmp_path: Pa
                 "--api-key",
                 API_KEY,
                 "serve",
+                "--port",
+                "0",
                 "--interval",
                 "0.2",
                 "--reconcile-every",
@@ -226,8 +228,9 @@ def test_serve_beside_list_stats_reap_prune(db_url: str, fake_url: str, tmp_path
     log = tmp_path / "serve.log"
     base = [SESSIONMGR, "--database-url", db_url, "--api-url", fake_url, "--api-key", API_KEY]
     with log.open("w") as sink:
+        args = ["--port", "0", "--interval", "0.2", "--reconcile-every", "1s", "--concurrency", "4"]
         serve = subprocess.Popen(
-            [*base, "serve", "--interval", "0.2", "--reconcile-every", "1s", "--concurrency", "4"],
+            [*base, "serve", *args],
             stdout=sink,
             stderr=subprocess.STDOUT,
             env=clean_env(),

@@ -15,6 +15,7 @@ from sessionmgr import (
     SessionStatus,
 )
 from sessionmgr.clock import FakeClock
+from sessionmgr.errors import ConfigurationError, InvalidArgument
 from sessionmgr.manager import SessionManager
 from sessionmgr.testing import FakeLemonSlice, Fault
 
@@ -237,3 +238,18 @@ async def test_server_errors_on_create_follow_the_clients_verdict(
         await manager.create_session(agent_id="agent_1")
     [row] = (await manager.repository.list()).items
     assert row.status is status
+
+
+async def test_huge_windows_are_a_typed_error_not_an_overflow(
+    manager: SessionManager, lemon: FakeLemonSlice
+) -> None:
+    kws: list[dict[str, float]] = [{"max_age": 1e308}, {"idle_window": 1e308}, {"max_age": 1e999}]
+    for kw in kws:
+        with pytest.raises(InvalidArgument, match="100 years"):
+            await manager.create_session(agent_id="a", **kw)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument):
+        await manager.adopt_session("sess_x", idle_window=1e300)
+    assert lemon.creates == 0
+    assert (await manager.repository.list()).items == []
+    with pytest.raises(ConfigurationError):
+        SessionManager(database_url="sqlite+aiosqlite://", max_age=1e308)

@@ -140,7 +140,7 @@ async def test_serve_finishes_in_flight_terminates_on_sigterm(fake_url: str, tmp
         "SESSIONMGR_DATABASE_URL": db_url,
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sessionmgr", "serve", "--interval", "0.1"],
+        [sys.executable, "-m", "sessionmgr", "serve", "--port", "0", "--interval", "0.1"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

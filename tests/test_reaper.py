@@ -9,7 +9,8 @@ import pytest
 from sessionmgr import EndReason, SessionStatus
 from sessionmgr.clock import FakeClock
 from sessionmgr.manager import SessionManager
-from sessionmgr.reaper import Outcome, Reaper
+from sessionmgr.reaper import Outcome, Reaper, TickResult
+from sessionmgr.reconcile import ReconcileReport
 from sessionmgr.testing import FakeLemonSlice, Fault
 
 from .helpers import TEST_RETRY, fast_client, wait_for
@@ -214,3 +215,27 @@ async def test_a_slow_terminate_keeps_its_lease_renewed(
             await asyncio.sleep(0.01)
     result = await tick
     assert [r.id for r in result.ended] == [record.id]
+
+
+async def test_tick_and_reconcile_hooks_report_and_cannot_break_them(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    ticks: list[tuple[int, int]] = []
+
+    def on_tick(result: TickResult) -> None:
+        ticks.append((result.claimed, len(result.ended)))
+        raise RuntimeError("hook bug")
+
+    def on_reconciled(report: ReconcileReport) -> None:
+        raise RuntimeError("hook bug")
+
+    manager.reaper.on_tick = on_tick
+    manager.on_reconciled = on_reconciled
+    record = await manager.create_session(agent_id="agent_1")
+    clock.advance(61)
+    result = await manager.reaper.run_once()
+    assert [r.id for r in result.ended] == [record.id]
+    assert ticks == [(1, 1)]
+    assert (await manager.reconcile()).checked == 0
+    assert (await manager.reaper.run_once(dry_run=True)).due == []
+    assert ticks == [(1, 1)]  # dry runs claim nothing and report nothing

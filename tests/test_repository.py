@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import event, func, select
 
 from sessionmgr.clock import FakeClock
-from sessionmgr.errors import DatabaseError, SessionNotFound
+from sessionmgr.errors import DatabaseError, InvalidArgument, SessionNotFound
 from sessionmgr.models import session_events
 from sessionmgr.records import SessionFilter, SessionRecord
 from sessionmgr.repository import SORTS, SessionRepository
@@ -750,3 +750,20 @@ async def test_known_session_ids_finds_only_recorded_ids(repo: SessionRepository
     asked = [f"sess_{i}" for i in range(1200)]  # more than one chunk
     assert await repo.known_session_ids(asked) == {"sess_0", "sess_1", "sess_2"}
     assert await repo.known_session_ids([]) == set()
+
+
+async def test_windows_too_long_for_a_date_are_refused(repo: SessionRepository) -> None:
+    """1e308 seconds used to raise OverflowError from ``now + timedelta(...)``."""
+    for idle_window, max_age in ((1e308, None), (60.0, 1e308), (60.0, float("inf"))):
+        with pytest.raises(InvalidArgument, match="100 years"):
+            await repo.record_intent(idle_window=idle_window, max_age=max_age)
+    with pytest.raises(InvalidArgument, match="idle_for"):
+        await repo.list(SessionFilter(idle_for=1e308))
+    assert (await repo.list()).items == []
+    ten_years = 10 * 365 * 86400.0
+    kept = await repo.record_intent(idle_window=ten_years, max_age=ten_years)
+    active = await repo.mark_active(
+        kept.id, session_id="sess_decade", room_url=None, control_url="http://fake/control"
+    )
+    assert active is not None
+    assert active.deadline == kept.created_at + timedelta(seconds=ten_years)

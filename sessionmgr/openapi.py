@@ -1,0 +1,432 @@
+"""The OpenAPI 3.1 document of the admin HTTP API (sessionmgr/web.py), served at
+``/api/openapi.json``.
+
+Written by hand: aiohttp has no well-kept generator (aiohttp-apispec and aiohttp-swagger are
+unmaintained), and the API is small. tests/test_web_schema.py runs schemathesis against this
+document, so it cannot drift from what the server answers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .repository import DEFAULT_PAGE, MAX_PAGE, MAX_SECONDS, SORTS
+from .states import EndReason, SessionStatus
+
+INT32 = 2**31 - 1
+DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?[smhdwSMHDW])+)\s*$"  # cli_params.parse_duration
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], **extra}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+ERRORS = {  # status -> what it means, as components/responses/E<status>
+    400: "Bad input (a filter, a body field): `detail` says which and what to use",
+    401: "Missing or wrong admin token",
+    403: "Changes are off: the server has no SESSIONMGR_ADMIN_TOKEN",
+    404: "No session with that id or session_id",
+    409: "The session's state does not allow this now",
+    502: "LemonSlice rejected the request or could not be reached",
+    503: "The database is unavailable",
+}
+
+
+def _responses(ok: dict[str, Any], *codes: int) -> dict[str, Any]:
+    return ok | {str(c): {"$ref": f"#/components/responses/E{c}"} for c in codes}
+
+
+SESSION_ID_PARAM = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "A local id (digits) or a LemonSlice session_id, as `sessionmgr show` takes",
+    "schema": {"type": "string"},
+}
+BEARER: list[dict[str, list[str]]] = [{"adminToken": []}]
+RECORD_PROPERTIES: dict[str, Any] = {
+    "id": {"type": "integer"},
+    "session_id": _nullable("string"),
+    "status": {"type": "string", "enum": [s.value for s in SessionStatus]},
+    "agent_id": _nullable("string"),
+    "agent_image_url": _nullable("string"),
+    "agent_prompt": _nullable("string"),
+    "idle_timeout": _nullable("integer"),
+    "room_url": _nullable("string"),
+    "control_url": _nullable("string"),
+    "idle_window": {"type": "number"},
+    "max_age": _nullable("number"),
+    "created_at": {"type": "string", "format": "date-time"},
+    "updated_at": {"type": "string", "format": "date-time"},
+    "last_activity_at": {"type": "string", "format": "date-time"},
+    "deadline": _nullable("string", format="date-time"),
+    "ended_at": _nullable("string", format="date-time"),
+    "end_reason": {"enum": [*(r.value for r in EndReason), None]},
+    "remote_status": _nullable("string"),
+    "cost": _nullable("number"),
+    "attempts": {"type": "integer"},
+    "next_attempt_at": _nullable("string", format="date-time"),
+    "last_error": _nullable("string"),
+    "lease_owner": _nullable("string"),
+    "lease_until": _nullable("string", format="date-time"),
+    "metadata": {"type": "object"},
+}
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "detail"],
+        "properties": {
+            "error": {"type": "string", "description": "A stable code, e.g. bad_request"},
+            "detail": {"type": "string", "description": "One line: what went wrong, what to do"},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": list(RECORD_PROPERTIES),
+        "properties": RECORD_PROPERTIES,
+    },
+    "Event": {
+        "type": "object",
+        "required": ["id", "session_pk", "at", "from_status", "to_status", "reason", "detail"],
+        "properties": {
+            "id": {"type": "integer"},
+            "session_pk": {"type": "integer"},
+            "at": {"type": "string", "format": "date-time"},
+            "from_status": {"enum": [*(s.value for s in SessionStatus), None]},
+            "to_status": {"type": "string", "enum": [s.value for s in SessionStatus]},
+            "reason": _nullable("string"),
+            "detail": _nullable("string"),
+        },
+    },
+    "SessionWithEvents": {
+        "allOf": [
+            _ref("Session"),
+            {
+                "type": "object",
+                "required": ["events"],
+                "properties": {"events": {"type": "array", "items": _ref("Event")}},
+            },
+        ]
+    },
+    "Page": {
+        "type": "object",
+        "required": ["items", "next_cursor", "now"],
+        "properties": {
+            "items": {"type": "array", "items": _ref("Session")},
+            "next_cursor": _nullable("string", description="Pass as `after` for the next page"),
+            "now": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Stats": {
+        "type": "object",
+        "required": ["by_status", "live", "oldest_live", "per_day", "end_reasons", "now"],
+        "properties": {
+            "by_status": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "live": {"type": "integer"},
+            "oldest_live": {"oneOf": [_ref("Session"), {"type": "null"}]},
+            "per_day": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["day", "created", "ended", "credits"],
+                    "properties": {
+                        "day": {"type": "string", "format": "date"},
+                        "created": {"type": "integer"},
+                        "ended": {"type": "integer"},
+                        "credits": _nullable("number"),
+                    },
+                },
+            },
+            "duration_p50": _nullable("number"),
+            "duration_p95": _nullable("number"),
+            "end_reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "now": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["database", "reaper_last_tick_age", "version"],
+        "properties": {
+            "database": {"type": "string"},
+            "reaper_last_tick_age": _nullable("number", description="Seconds since the last tick"),
+            "version": {"type": "string"},
+            "error": {
+                "type": "string",
+                "enum": ["database_unavailable", "reaper_not_running", "reaper_stale"],
+            },
+            "detail": {"type": "string"},
+        },
+    },
+    "CreateRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "The client's create arguments (exactly one of agent_id and "
+        "agent_image_url) plus what the reaper enforces. api_url is not accepted: the server "
+        "only talks to its configured LemonSlice URL.",
+        "properties": {
+            "agent_id": _nullable("string"),
+            "agent_image_url": _nullable("string"),
+            "agent_prompt": _nullable("string"),
+            "idle_timeout": _nullable("integer", minimum=-INT32 - 1, maximum=INT32),
+            "daily_room_url": _nullable("string"),
+            "daily_token": _nullable("string", description="Passed on, never stored"),
+            "connection_properties": _nullable("object"),
+            "extra_properties": _nullable("object"),
+            "idle_window": _nullable("number", exclusiveMinimum=0, maximum=MAX_SECONDS),
+            "max_age": _nullable("number", exclusiveMinimum=0, maximum=MAX_SECONDS),
+            "metadata": _nullable("object"),
+        },
+    },
+    "EndRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "reason": {
+                "type": "string",
+                "enum": [r.value for r in (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)],
+                "default": EndReason.MANUAL.value,
+            }
+        },
+    },
+    "EndResult": {
+        "type": "object",
+        "required": ["changed", "message", "record"],
+        "properties": {
+            "changed": {"type": "boolean"},
+            "message": {"type": "string"},
+            "record": _ref("Session"),
+        },
+    },
+}
+
+LIST_PARAMETERS: list[dict[str, Any]] = [
+    {
+        "name": "status",
+        "in": "query",
+        "description": "Only these statuses (repeat, or comma-separated)",
+        "schema": {"type": "array", "items": {"enum": [s.value for s in SessionStatus]}},
+        "style": "form",
+        "explode": True,
+    },
+    {"name": "agent_id", "in": "query", "schema": {"type": "string"}},
+    {
+        "name": "since",
+        "in": "query",
+        "description": "Created at or after: ISO 8601 time, or a duration ago (2h, 7d)",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "until",
+        "in": "query",
+        "description": "Created before: ISO 8601 time, or a duration ago",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "meta",
+        "in": "query",
+        "description": "Metadata tag KEY=VALUE (repeat: all must match)",
+        "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]*[^=\\s][^=]*="}},
+        "style": "form",
+        "explode": True,
+    },
+    {
+        "name": "idle_for",
+        "in": "query",
+        "description": "No activity for at least this long (90, 10m, 2h, 1h30m)",
+        "schema": {"type": "string", "pattern": DURATION_PATTERN},
+    },
+    {
+        "name": "limit",
+        "in": "query",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+    },
+    {
+        "name": "after",
+        "in": "query",
+        "description": "The next_cursor of the previous page (same sort)",
+        "schema": {"type": "string"},
+    },
+    {
+        "name": "sort",
+        "in": "query",
+        "schema": {"type": "string", "enum": list(SORTS), "default": "-created_at"},
+    },
+]
+
+
+def document(version: str) -> dict[str, Any]:
+    """The whole document; ``version`` is sessionmgr's."""
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "sessionmgr admin API",
+            "version": version,
+            "description": "Reads are open to whoever reaches the port (loopback by default). "
+            "POST routes need `Authorization: Bearer <SESSIONMGR_ADMIN_TOKEN>`; without a "
+            "configured token they answer 403. Errors are JSON {error, detail}.",
+        },
+        "paths": {
+            "/healthz": {
+                "get": {
+                    "summary": "Database reachable and reaper ticking within 3 intervals",
+                    "operationId": "healthz",
+                    "responses": {
+                        "200": _json(_ref("Health"), "Healthy"),
+                        "503": _json(_ref("Health"), "Unhealthy; `error` names why"),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus text exposition format",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Metrics",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/api/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "operationId": "openapi",
+                    "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                }
+            },
+            "/api/sessions": {
+                "get": {
+                    "summary": "Sessions, filtered and keyset-paginated like `sessionmgr list`",
+                    "operationId": "listSessions",
+                    "parameters": LIST_PARAMETERS,
+                    "responses": _responses({"200": _json(_ref("Page"), "One page")}, 400, 503),
+                },
+                "post": {
+                    "summary": "Create a session through the manager (intent recorded first)",
+                    "operationId": "createSession",
+                    "security": BEARER,
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("CreateRequest")}},
+                    },
+                    "responses": _responses(
+                        {"201": _json(_ref("Session"), "Created and recorded")},
+                        400,
+                        401,
+                        403,
+                        502,
+                        503,
+                    ),
+                },
+            },
+            "/api/sessions/{id}": {
+                "get": {
+                    "summary": "One session and its lifecycle events",
+                    "operationId": "showSession",
+                    "parameters": [SESSION_ID_PARAM],
+                    "responses": _responses(
+                        {"200": _json(_ref("SessionWithEvents"), "The session")}, 404, 503
+                    ),
+                }
+            },
+            "/api/sessions/{id}/touch": {
+                "post": {
+                    "summary": "Record activity now (active sessions only)",
+                    "operationId": "touchSession",
+                    "security": BEARER,
+                    "parameters": [SESSION_ID_PARAM],
+                    "responses": _responses(
+                        {"200": _json(_ref("Session"), "Touched")}, 401, 403, 404, 409, 503
+                    ),
+                }
+            },
+            "/api/sessions/{id}/end": {
+                "post": {
+                    "summary": "End a session; idempotent",
+                    "operationId": "endSession",
+                    "security": BEARER,
+                    "parameters": [SESSION_ID_PARAM],
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("EndRequest")}},
+                    },
+                    "responses": _responses(
+                        {
+                            "200": _json(_ref("EndResult"), "Ended now, or already over"),
+                            "202": _json(
+                                _ref("EndResult"), "Terminate failed; the reaper retries it"
+                            ),
+                        },
+                        400,
+                        401,
+                        403,
+                        404,
+                        409,
+                        502,
+                        503,
+                    ),
+                }
+            },
+            "/api/stats": {
+                "get": {
+                    "summary": "Counts, durations and credits, like `sessionmgr stats`",
+                    "operationId": "stats",
+                    "parameters": [
+                        {
+                            "name": "days",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 3660},
+                        }
+                    ],
+                    "responses": _responses({"200": _json(_ref("Stats"), "Stats")}, 400, 503),
+                }
+            },
+            "/": {
+                "get": {
+                    "summary": "The dashboard page",
+                    "operationId": "dashboard",
+                    "responses": {
+                        "200": {
+                            "description": "HTML",
+                            "content": {"text/html": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/static/{name}": {
+                "get": {
+                    "summary": "The dashboard's files",
+                    "operationId": "static",
+                    "parameters": [
+                        {
+                            "name": "name",
+                            "in": "path",
+                            "required": True,
+                            "schema": {
+                                "type": "string",
+                                "enum": ["dashboard.html", "dashboard.css", "dashboard.js"],
+                            },
+                        }
+                    ],
+                    "responses": {
+                        "200": {"description": "The file"},
+                        "404": {"$ref": "#/components/responses/E404"},
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": SCHEMAS,
+            "responses": {f"E{code}": _json(_ref("Error"), text) for code, text in ERRORS.items()},
+            "securitySchemes": {"adminToken": {"type": "http", "scheme": "bearer"}},
+        },
+    }

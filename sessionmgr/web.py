@@ -1,0 +1,477 @@
+"""The HTTP side of ``sessionmgr serve``: health, metrics, a JSON admin API and a dashboard.
+
+Reads are open to whoever can reach the port (loopback by default); the routes that change
+sessions need ``Authorization: Bearer <SESSIONMGR_ADMIN_TOKEN>``, and without a configured token
+they are off (403). Every error is JSON ``{"error", "detail"}``: never an HTML page or a
+traceback, never a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from importlib import resources
+from typing import Any, NoReturn
+
+import click
+from aiohttp import web
+
+from . import __version__, openapi
+from .cli_params import KEY_VALUE, MOMENT, parse_duration
+from .errors import (
+    CreateOutcomeUnknown,
+    DatabaseError,
+    LemonSliceError,
+    SessionMgrError,
+    SessionNotFound,
+)
+from .manager import SessionManager
+from .metrics import CONTENT_TYPE, Metrics
+from .records import SessionFilter, SessionRecord, is_clean_text, iso_utc
+from .repository import DEFAULT_PAGE, MAX_PAGE, SORTS
+from .states import EndReason, SessionStatus
+
+logger = logging.getLogger(__name__)
+
+ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"
+STALE_TICKS = 3  # reaper intervals without a tick before /healthz says 503
+HEALTH_DB_TIMEOUT = 2.0  # seconds /healthz waits for the database
+STATS_DAYS = 7  # default ?days= of /api/stats
+MAX_STATS_DAYS = 3660
+END_REASONS = (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)  # what a caller may give
+STATIC_FILES = {  # name -> content type; nothing else under /static is served
+    "dashboard.html": "text/html",
+    "dashboard.css": "text/css",
+    "dashboard.js": "text/javascript",
+}
+CREATE_FIELDS: dict[str, tuple[type, ...]] = {  # JSON body of POST /api/sessions -> JSON types
+    "agent_id": (str,),
+    "agent_image_url": (str,),
+    "agent_prompt": (str,),
+    "idle_timeout": (int,),
+    "daily_room_url": (str,),
+    "daily_token": (str,),
+    "connection_properties": (dict,),
+    "extra_properties": (dict,),
+    "idle_window": (int, float),
+    "max_age": (int, float),
+    "metadata": (dict,),
+}
+
+KIND_NAMES: dict[tuple[type, ...], str] = {
+    (str,): "a string",
+    (dict,): "an object",
+    (int,): "a whole number",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MANAGER: web.AppKey[SessionManager] = web.AppKey("manager", SessionManager)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+TOKEN: web.AppKey[str] = web.AppKey("admin_token", str)
+
+
+class ApiError(Exception):
+    """An answer other than 2xx: ``error`` is a stable code, ``detail`` one line for people."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def bad_request(detail: str) -> NoReturn:
+    raise ApiError(400, "bad_request", detail)
+
+
+def error_response(status: int, error: str, detail: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": error, "detail": detail, **extra}, status=status)
+
+
+# aiohttp's own refusals (unknown route, wrong method, body too large) as our JSON shape
+HTTP_ERRORS = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def create_app(
+    manager: SessionManager, *, admin_token: str | None, metrics: Metrics | None = None
+) -> web.Application:
+    """The app for an open ``manager``. ``metrics`` (a new ``Metrics`` if None) is attached to
+    it; to count LemonSlice requests too, build the manager's client with
+    ``trace_configs=[metrics.trace_config()]``."""
+    metrics = metrics or Metrics()
+    metrics.attach(manager)
+    app = web.Application(middlewares=[_errors])
+    app[MANAGER] = manager
+    app[METRICS] = metrics
+    app[TOKEN] = admin_token or ""
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/metrics", metrics_text)
+    r.add_get("/api/openapi.json", openapi_document)
+    r.add_get("/api/sessions", list_sessions)
+    r.add_post("/api/sessions", create_session)
+    r.add_get("/api/sessions/{id}", show_session)
+    r.add_post("/api/sessions/{id}/touch", touch_session)
+    r.add_post("/api/sessions/{id}/end", end_session)
+    r.add_get("/api/stats", stats)
+    r.add_get("/", dashboard)
+    r.add_get("/static/{name}", static_file)
+    return app
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as ``{"error", "detail"}`` with the status that fits it."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.error, _scrub(request, exc.detail))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = HTTP_ERRORS.get(exc.status, "http_error")
+        detail = f"{exc.reason}: {request.method} {request.path} (the routes: /api/openapi.json)"
+        return error_response(exc.status, error, _scrub(request, detail))
+    except SessionNotFound as exc:
+        return error_response(404, "not_found", _scrub(request, str(exc)))
+    except DatabaseError as exc:
+        logger.warning("database unavailable for %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "database_unavailable", _scrub(request, str(exc)))
+    except CreateOutcomeUnknown as exc:
+        detail = f"{exc}: the session may exist; its record stays pending and reconcile resolves it"
+        return error_response(502, "lemonslice_unknown_outcome", _scrub(request, detail))
+    except LemonSliceError as exc:
+        return error_response(502, "lemonslice_error", _scrub(request, str(exc)))
+    except (SessionMgrError, ValueError) as exc:  # InvalidArgument and the client's own checks
+        return error_response(400, "bad_request", _scrub(request, str(exc)))
+    except Exception:
+        logger.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal_error", "unexpected server error: see the server log")
+
+
+def _scrub(request: web.Request, text: str) -> str:
+    """One line without the admin token (errors never carry the API key: the client sees to it)."""
+    token = request.app[TOKEN]
+    if token:
+        text = text.replace(token, "***")
+    return " ".join(text.split())
+
+
+def _manager(request: web.Request) -> SessionManager:
+    return request.app[MANAGER]
+
+
+# --- health and metrics ----------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """200 when the database answers and the reaper ticked within ``STALE_TICKS`` intervals.
+
+    503 otherwise, ``error`` naming why: ``database_unavailable``, ``reaper_not_running`` (disabled,
+    stopped or crashed: nothing in this process ends due sessions) or ``reaper_stale`` (a tick
+    has been running, or none has started, for too long).
+    """
+    manager = _manager(request)
+    body: dict[str, Any] = {"database": "ok", "reaper_last_tick_age": None, "version": __version__}
+    try:
+        async with asyncio.timeout(HEALTH_DB_TIMEOUT):
+            await manager.repository.ping()
+    except (SessionMgrError, TimeoutError) as exc:
+        reason = str(exc) or f"no answer within {HEALTH_DB_TIMEOUT:g} s"
+        body["database"] = "unavailable"
+        return error_response(503, "database_unavailable", f"database: {reason}", **body)
+    reaper = manager.reaper
+    beat = reaper.heartbeat
+    now = manager.clock.now()
+    if beat.last_tick_at is not None:
+        body["reaper_last_tick_age"] = round((now - beat.last_tick_at).total_seconds(), 3)
+    if not reaper.running:
+        detail = "the reaper is not running in this process: due sessions are not being ended"
+        return error_response(503, "reaper_not_running", detail, **body)
+    since = beat.last_tick_at or beat.started_at or now
+    quiet = (now - since).total_seconds()
+    limit = STALE_TICKS * reaper.interval
+    if quiet > limit:
+        detail = (
+            f"the reaper has not finished a tick for {quiet:.0f} s (limit {limit:g} s, "
+            f"{STALE_TICKS} intervals): see the server log"
+        )
+        return error_response(503, "reaper_stale", detail, **body)
+    return web.json_response(body)
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    text = await request.app[METRICS].scrape(_manager(request))
+    return web.Response(body=text, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document(__version__))
+
+
+# --- reads ------------------------------------------------------------------------------------
+
+
+def _one(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        bad_request(f"give {name} at most once")
+    return values[0] if values else None
+
+
+def _click_value(convert: Callable[[], Any], name: str) -> Any:
+    """A value parsed by the CLI's own parameter types, their complaint as a 400."""
+    try:
+        return convert()
+    except click.BadParameter as exc:
+        bad_request(f"{name}: {exc.message}")
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = _one(request, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        bad_request(f"{name} must be a whole number between {low} and {high}, not {raw!r}")
+    if not low <= value <= high:
+        bad_request(f"{name} must be between {low} and {high}, not {value}")
+    return value
+
+
+def _filter(request: web.Request) -> SessionFilter:
+    """The query of ``GET /api/sessions``: the same filters as ``sessionmgr list``."""
+    if not all(_storable(v) for v in request.query.values()):
+        bad_request("the query holds a NUL character or text that is not valid Unicode")
+    statuses = []
+    for raw in request.query.getall("status", []):
+        for part in raw.split(","):
+            try:
+                statuses.append(SessionStatus(part.strip()))
+            except ValueError:
+                valid = ", ".join(s.value for s in SessionStatus)
+                bad_request(f"unknown status {part!r}: use one of {valid}")
+    since, until, idle = (_one(request, n) for n in ("since", "until", "idle_for"))
+    meta: dict[str, str] = {}
+    for raw in request.query.getall("meta", []):
+        key, value = _click_value(functools.partial(KEY_VALUE.convert, raw, None, None), "meta")
+        meta[key] = value
+    idle_for = None
+    if idle is not None:
+        try:
+            idle_for = parse_duration(idle)
+        except ValueError as exc:
+            bad_request(f"idle_for: {exc}")
+    return SessionFilter(
+        statuses=statuses or None,
+        agent_id=_one(request, "agent_id"),
+        created_after=_moment(since, "since"),
+        created_before=_moment(until, "until"),
+        meta=meta,
+        idle_for=idle_for,
+    )
+
+
+def _moment(raw: str | None, name: str) -> datetime | None:
+    if raw is None:
+        return None
+    return _click_value(lambda: MOMENT.convert(raw, None, None), name)  # type: ignore[no-any-return]
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    """One page of sessions; ``next_cursor`` goes back as ``after`` for the next page."""
+    flt = _filter(request)
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    sort = _one(request, "sort") or "-created_at"
+    if sort not in SORTS:
+        bad_request(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}")
+    after = _one(request, "after")
+    manager = _manager(request)
+    page = await manager.repository.list(flt, limit=limit, after=after, sort=sort)
+    return web.json_response(
+        {
+            "items": [r.to_dict() for r in page.items],
+            "next_cursor": page.next_cursor,
+            "now": iso_utc(manager.clock.now()),
+        }
+    )
+
+
+async def _record(request: web.Request) -> SessionRecord:
+    """The session named in the path: a local id or a LemonSlice session_id, as the CLI takes."""
+    key = request.match_info["id"]
+    if not _storable(key):
+        raise SessionNotFound(f"no session with id or session_id {key!r}")
+    return await _manager(request).repository.get(key)
+
+
+async def show_session(request: web.Request) -> web.Response:
+    record = await _record(request)
+    events = await _manager(request).repository.events(record.id)
+    return web.json_response({**record.to_dict(), "events": [e.to_dict() for e in events]})
+
+
+async def stats(request: web.Request) -> web.Response:
+    days = _int_param(request, "days", STATS_DAYS, 1, MAX_STATS_DAYS)
+    manager = _manager(request)
+    result = await manager.repository.stats(days=days)
+    return web.json_response({**result.to_dict(), "now": iso_utc(manager.clock.now())})
+
+
+# --- changes (admin token) --------------------------------------------------------------------
+
+
+def _authorize(request: web.Request) -> None:
+    token = request.app[TOKEN]
+    if not token:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"changes over HTTP are off: set {ENV_ADMIN_TOKEN} for `sessionmgr serve` "
+            "and send it as 'Authorization: Bearer <token>'",
+        )
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode()
+    )
+    if not ok:
+        raise ApiError(
+            401, "unauthorized", "send 'Authorization: Bearer <token>' with the admin token"
+        )
+
+
+async def _json_object(request: web.Request, *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip() and optional:
+        return {}
+    try:
+        body = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:
+        bad_request(f"the body is not JSON: {exc}")
+    if not isinstance(body, dict):
+        bad_request("the body must be a JSON object")
+    if not _storable(body):
+        bad_request("the body holds text that is not valid Unicode (a lone surrogate)")
+    return body
+
+
+def _no_constant(name: str) -> NoReturn:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _storable(value: Any) -> bool:
+    """Text a database can hold (see ``is_clean_text``), at any depth, keys included."""
+    if isinstance(value, str):
+        return is_clean_text(value)
+    if isinstance(value, Mapping):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_storable(v) for v in value)
+    return True
+
+
+def _create_args(body: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(body) - set(CREATE_FIELDS))
+    if unknown:
+        bad_request(f"unknown field(s) {', '.join(unknown)}: use {', '.join(CREATE_FIELDS)}")
+    args: dict[str, Any] = {}
+    for name, value in body.items():
+        if value is None:
+            continue
+        kinds = CREATE_FIELDS[name]
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            what = KIND_NAMES.get(kinds, "a number")
+            bad_request(f"{name} must be {what}")
+        args[name] = value
+    return args  # ranges (windows, idle_timeout) are the repository's: InvalidArgument, a 400
+
+
+async def create_session(request: web.Request) -> web.Response:
+    """Create through the manager (intent first, so a crash mid-create is still found)."""
+    _authorize(request)
+    args = _create_args(await _json_object(request))
+    record = await _manager(request).create_session(**args)
+    return web.json_response(record.to_dict(), status=201)
+
+
+async def touch_session(request: web.Request) -> web.Response:
+    """Record activity now and write it at once (an admin touch is rare; no need to buffer)."""
+    _authorize(request)
+    manager = _manager(request)
+    record = await _record(request)
+    if record.status is not SessionStatus.ACTIVE or record.session_id is None:
+        raise ApiError(
+            409, "conflict", f"session {record.id} is {record.status}: only active ones are touched"
+        )
+    manager.touch(record.session_id)
+    await manager.repository.flush_touches()
+    return web.json_response((await manager.repository.get(record.id)).to_dict())
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """End a session (idempotent, as the manager is). 200 when it is over, 202 while another
+    process is ending it, 409 while it is still being created, 502 when the terminate failed
+    (the session stays ``ending`` and the reaper retries it)."""
+    _authorize(request)
+    body = await _json_object(request, optional=True)
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        bad_request(f"unknown field(s) {', '.join(unknown)}: only reason")
+    reason = body.get("reason", EndReason.MANUAL.value)
+    if reason not in [r.value for r in END_REASONS]:
+        bad_request(f"reason must be one of {', '.join(r.value for r in END_REASONS)}")
+    record = await _record(request)
+    if record.status is SessionStatus.PENDING:
+        raise ApiError(
+            409,
+            "conflict",
+            f"session {record.id} is still being created (pending): retry shortly, or run "
+            "`sessionmgr reconcile` if its creator died",
+        )
+    try:
+        result = await _manager(request).end_session(record.id, reason=reason)
+    except LemonSliceError as exc:
+        raise ApiError(
+            502, "lemonslice_error", f"{exc}: the session stays ending and the reaper retries"
+        ) from None
+    status = 202 if result.record.status is SessionStatus.ENDING else 200
+    return web.json_response(
+        {"changed": result.changed, "message": result.message, "record": result.record.to_dict()},
+        status=status,
+    )
+
+
+# --- dashboard --------------------------------------------------------------------------------
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    return _static("dashboard.html")
+
+
+async def static_file(request: web.Request) -> web.Response:
+    return _static(request.match_info["name"])
+
+
+def _static(name: str) -> web.Response:
+    kind = STATIC_FILES.get(name)
+    if kind is None:
+        raise ApiError(404, "not_found", f"no static file {name!r}")
+    body = resources.files("sessionmgr").joinpath("static", name).read_bytes()
+    return web.Response(
+        body=body, content_type=kind, charset="utf-8", headers={"Cache-Control": "no-cache"}
+    )
