@@ -390,7 +390,9 @@ class SessionManager:
     def touch(self, session_id: str) -> None:
         """Record activity now; O(1), no I/O. Written at the next flush (reaper tick or timer).
 
-        Touches of sessions that are not active (unknown, ending, ended) are dropped at flush.
+        Touches of sessions that are not active (unknown, ending, ended) are dropped at flush;
+        a ``session_id`` that is not one (not a string, NUL, lone surrogate) raises
+        ``InvalidArgument`` here, so it can never fail a later flush.
         """
         self.repository.touch(session_id, self.clock.now())
 

@@ -65,6 +65,7 @@ DEFAULT_PAGE = 50  # rows per page of list()
 CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
 MAX_SECONDS = 100 * 365.25 * 86400  # the longest window or age accepted: 100 years
+MAX_DAYS = 36_525  # days of stats history at most: 100 years
 INT32 = 2**31  # idle_timeout is stored as a 32-bit integer
 BIGINT = 2**63  # local ids are 64-bit integers
 
@@ -111,8 +112,8 @@ def _deadline(last_activity: datetime, idle_window: float, expires_at: datetime 
     return idle_deadline if expires_at is None else min(idle_deadline, expires_at)
 
 
-# --- argument checks: bad input fails here, with a one-line ValueError/TypeError, before any
-# row is written (and the same way on SQLite and PostgreSQL) --------------------------------------
+# --- argument checks: bad input fails here, as a one-line InvalidArgument (a ValueError and a
+# TypeError), before any row is written, and the same way on SQLite and PostgreSQL ----------------
 
 
 def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
@@ -798,10 +799,9 @@ class SessionRepository:
         """The session with this local id (int or digit string) or session_id, or None."""
         key = _key(key)
         c = sessions.c
-        local = key if isinstance(key, int) else _local_id(key)
         if isinstance(key, int):
             cond: ColumnElement[bool] = c.id == key
-        elif local is not None:
+        elif (local := _local_id(key)) is not None:
             cond = or_(c.id == local, c.session_id == key)
         else:
             cond = c.session_id == key
@@ -899,8 +899,8 @@ class SessionRepository:
     async def stats(self, *, days: int = 7, now: datetime | None = None) -> Stats:
         """Counts per status, live sessions, per-day activity over the last ``days`` UTC days,
         duration percentiles and end reasons of sessions ended in that window; all in SQL."""
-        if days < 1:
-            raise InvalidArgument(f"days must be at least 1, got {days}")
+        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
+            raise InvalidArgument(f"days must be a whole number from 1 to {MAX_DAYS}, got {days!r}")
         now = _aware(now, "now") if now is not None else self.clock.now()
         first_day = now.date() - timedelta(days=days - 1)
         start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)

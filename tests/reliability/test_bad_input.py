@@ -204,8 +204,10 @@ async def test_end_session_with_a_bad_key_changes_nothing(
         pass
     except Exception as exc:
         assert_argument_error(exc)
-    else:  # only a key that names the one session may end it
-        assert key in (record.id, str(record.id), record.session_id)
+    else:  # only a key that names the session may end it
+        assert key in (record.id, record.session_id) or (
+            isinstance(key, str) and key.isascii() and key.isdigit() and int(key) == record.id
+        )
         return
     assert await rows_and_requests(manager, lemon) == before
     assert (await manager.get(record.id)).status is SessionStatus.ACTIVE

@@ -39,6 +39,7 @@ import dataclasses
 import itertools
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -568,6 +569,8 @@ async def rescheduled(cell: Cell, rig: Rig, result: Any, error: LemonSliceError 
     assert (row.lease_owner, row.lease_until) == (None, None)
     assert row.next_attempt_at is not None
     assert row.next_attempt_at > rig.clock.now()
+    if cell.fault == "429":  # the server's Retry-After (1 s) replaces the backoff
+        assert row.next_attempt_at - rig.clock.now() == timedelta(seconds=1)
     assert row.last_error
     if cell.fault.isdigit():
         assert cell.fault in row.last_error
