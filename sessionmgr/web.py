@@ -412,15 +412,16 @@ async def create_session(request: web.Request) -> web.Response:
 async def touch_session(request: web.Request) -> web.Response:
     """Record activity now and write it at once (an admin touch is rare; no need to buffer)."""
     _authorize(request)
-    manager = _manager(request)
+    repo = _manager(request).repository
     record = await _record(request)
-    if record.status is not SessionStatus.ACTIVE or record.session_id is None:
+    if record.session_id is None or not await repo.touch_many([record.session_id]):
+        current = await repo.get(record.id)
         raise ApiError(
-            409, "conflict", f"session {record.id} is {record.status}: only active ones are touched"
+            409,
+            "conflict",
+            f"session {record.id} is {current.status}: only active ones are touched",
         )
-    manager.touch(record.session_id)
-    await manager.repository.flush_touches()
-    return web.json_response((await manager.repository.get(record.id)).to_dict())
+    return web.json_response((await repo.get(record.id)).to_dict())
 
 
 async def end_session(request: web.Request) -> web.Response:
