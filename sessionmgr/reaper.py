@@ -176,7 +176,8 @@ class Reaper:
                 raise failure
             return Outcome.RESCHEDULED
         reason = None if terminated else EndReason.GONE
-        if not await repo.mark_ended(record.id, owner=self.owner, reason=reason):
+        ended = await repo.mark_ended(record.id, owner=self.owner, reason=reason)
+        if ended is None:
             logger.warning(
                 "lease on session %s was taken over before its end was recorded",
                 record.session_id,
@@ -195,9 +196,7 @@ class Reaper:
             extra={"session_id": record.session_id, "reason": str(reason or record.end_reason)},
         )
         if self.on_ended is not None:
-            ended = await repo.find(record.id)
-            if ended is not None:
-                await self._call_hook(self.on_ended, ended)
+            await self._call_hook(self.on_ended, ended)
         return outcome
 
     def _retry_at(self, record: SessionRecord, retry_after: float | None = None) -> datetime:

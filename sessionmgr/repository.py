@@ -597,9 +597,10 @@ class SessionRepository:
         reason: EndReason | None = None,
         remote_status: str | None = None,
         cost: float | None = None,
-    ) -> bool:
-        """ending -> ended, by the lease owner (``owner=None``: only when no lease is live).
-        ``reason=None`` keeps the reason stamped when the session was claimed."""
+    ) -> SessionRecord | None:
+        """ending -> ended, by the lease owner (``owner=None``: only when no lease is live);
+        the ended record, or None when not applied. ``reason=None`` keeps the reason stamped
+        when the session was claimed."""
         now = self.clock.now()
         reason = EndReason(reason) if reason is not None else None
 
@@ -622,7 +623,7 @@ class SessionRepository:
                 changes["cost"] = float(cost)
             return changes, changes["end_reason"], remote_status
 
-        return await self._transition(pk, decide) is not None
+        return await self._transition(pk, decide)
 
     async def mark_ended_remote(
         self, pk: int, *, reason: EndReason, remote_status: str, cost: float | None
