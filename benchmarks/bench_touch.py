@@ -56,7 +56,7 @@ async def seed(db_url: str, n: int) -> list[str]:
     return ids
 
 
-async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, float]:
+async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
     rows_written = 0
     per_flush: list[tuple[int, int]] = []  # (sessions buffered, rows written) per flush
 
@@ -113,13 +113,22 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny size, seconds")
     parser.add_argument("--sessions", type=int, default=10_000)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     n = 500 if args.smoke else args.sessions
     seconds = 2.5 if args.smoke else args.seconds
     with tempfile.TemporaryDirectory(prefix="bench_touch_") as tmp:
         db_url = f"sqlite+aiosqlite:///{Path(tmp) / 'touch.db'}"
         ids = asyncio.run(seed(db_url, n))
-        figures = asyncio.run(run(db_url, ids, seconds))
+        runs = [
+            asyncio.run(run(db_url, ids, seconds)) for _ in range(1 if args.smoke else args.repeat)
+        ]
+    # the run with the median rate stands for all; the worst write ratio of any run is kept
+    figures = sorted(runs, key=lambda f: f["touches_per_s"])[len(runs) // 2]
+    figures["runs_touches_per_s"] = [f["touches_per_s"] for f in runs]
+    figures["max_writes_per_session_per_flush"] = max(
+        f["max_writes_per_session_per_flush"] for f in runs
+    )
     rate_ok = figures["touches_per_s"] >= RATE_TARGET
     writes_ok = figures["max_writes_per_session_per_flush"] <= WRITES_TARGET
     met = "(judged at full size)" if args.smoke else None
@@ -128,7 +137,7 @@ def main() -> None:
         [
             ("touches accepted", f"{figures['touches']:,.0f}", ""),
             (
-                "touches accepted per second",
+                "touches accepted per second (median run)",
                 f"{figures['touches_per_s']:,.0f}",
                 f">= {RATE_TARGET:,.0f} {met or ('met' if rate_ok else 'NOT met')}",
             ),
