@@ -1,0 +1,429 @@
+"""Crash trials: SIGKILL a busy SessionManager at random moments, recover, check invariants.
+
+Each trial: a fresh SQLite file; the workload driver (``tests/reliability/driver.py``) creates,
+touches, ends and adopts sessions while its reaper runs, against one FakeLemonSlice process that
+outlives every driver (reset between trials). After K progress lines (K from a seeded RNG) it is
+SIGKILLed. Then the documented recovery runs, each step a fresh process:
+
+1. ``sessionmgr reconcile``: ends rows LemonSlice already finished, adopts and ends the sessions
+   whose create answer was lost (matched to their pending intent), fails intents that never
+   started. No ``--end-orphans``: every unknown remote session must be matched to an intent.
+2. ``sessionmgr reap``: the cron reaper pass ends every due session, including rows the crashed
+   process left ``ending`` (their lease ran out).
+
+The crashed world runs an hour behind the recovery (see driver.py), so every intent is past its
+grace period and every session past its idle window: after recovery nothing may be live.
+
+Invariants, from the fake's own records and the database (read with sqlite3, not the library):
+no live remote session; every remote session has a row; no session successfully terminated
+twice, and a terminate sent twice only for a row the crash left ``ending``; every row final, its
+columns consistent with its status, and its events a path through the state machine.
+
+``SESSIONMGR_CRASH_TRIALS`` (default 20) sets the count, ``SESSIONMGR_CRASH_SEED`` replays a run;
+``make soak`` runs 200 and prints the tally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import itertools
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sessionmgr import db
+from sessionmgr.states import (
+    FINAL_STATUSES,
+    REMOTE_LIVE,
+    EndReason,
+    SessionStatus,
+    can_transition,
+)
+from sessionmgr.testing import LISTENING_PREFIX, fake_state
+
+from .driver import API_KEY
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+SESSIONMGR = str(Path(sys.executable).with_name("sessionmgr"))
+TRIALS_ENV = "SESSIONMGR_CRASH_TRIALS"
+SEED_ENV = "SESSIONMGR_CRASH_SEED"
+DEFAULT_TRIALS = 20
+MAX_KILL_AFTER = 60  # progress lines: K is drawn from 1..this
+RECOVERY = ("reconcile", "reap")  # the documented recovery, in order, each its own process
+STEP_TIMEOUT = 60.0  # seconds any one process may take
+
+FAILED_REASONS = {EndReason.CREATE_REJECTED, EndReason.CREATE_UNKNOWN}
+
+
+@dataclasses.dataclass
+class Tally:
+    """What the trials did, summed; ``violations`` lists every broken invariant."""
+
+    trials: int = 0
+    kills: int = 0
+    remote_created: int = 0
+    lost_answers: int = 0  # live remote sessions the database did not know at the kill
+    recovered_by_reconcile: int = 0  # adopted from a matched intent and ended
+    pending_at_kill: int = 0
+    ending_at_kill: int = 0
+    active_at_kill: int = 0
+    intents_failed: int = 0
+    reaped_in_recovery: int = 0
+    terminates: int = 0  # successful terminates on the fake
+    terminates_resent: int = 0  # a second terminate request for a row the crash left ending
+    kills_by_last_step: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    violations: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        steps = ", ".join(f"{k} {v}" for k, v in sorted(self.kills_by_last_step.items()))
+        return (
+            f"trials {self.trials}, kills {self.kills} (last step before the kill: {steps}); "
+            f"remote sessions created {self.remote_created}; at the kill: "
+            f"{self.pending_at_kill} pending, {self.active_at_kill} active, "
+            f"{self.ending_at_kill} ending, {self.lost_answers} create answers lost; "
+            f"recovered by reconcile {self.recovered_by_reconcile}, intents failed "
+            f"{self.intents_failed}, ended by reap {self.reaped_in_recovery}; "
+            f"terminates {self.terminates} (re-sent after a crash {self.terminates_resent}); "
+            f"invariant violations {len(self.violations)}; {self.seconds:.1f} s"
+        )
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_process() -> Iterator[str]:
+    """The driver's fake LemonSlice (on the crashed world's clock) in its own process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.reliability.driver", "fake"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(LISTENING_PREFIX), f"fake did not start: {line!r}"
+        yield line[len(LISTENING_PREFIX) :].strip()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def reset_fake(fake_url: str) -> None:
+    async def go() -> None:
+        base = fake_url.split("/api/")[0]
+        async with aiohttp.ClientSession() as http, http.post(f"{base}/_fake/reset") as resp:
+            resp.raise_for_status()
+
+    asyncio.run(go())
+
+
+class Driver:
+    """One trial's workload process: spawned early, started with ``go()``, killed by the test."""
+
+    def __init__(self, fake_url: str, db_url: str, progress: Path, seed: int) -> None:
+        self.progress = progress
+        self.err_path = progress.with_suffix(".err")
+        with self.err_path.open("w") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.reliability.driver",
+                    "workload",
+                    fake_url,
+                    db_url,
+                    str(progress),
+                    "--seed",
+                    str(seed),
+                ],
+                cwd=ROOT,
+                stderr=err,
+            )
+
+    def steps(self) -> list[str]:
+        lines = self.progress.read_text().splitlines() if self.progress.exists() else []
+        return [line for line in lines if line != "ready"]
+
+    def run_until_killed(self, kill_after: int) -> str | None:
+        """Start the workload, SIGKILL it once it has written ``kill_after`` steps; returns the
+        step it had just done, or None if it died on its own (it runs until killed)."""
+        self.progress.with_suffix(".go").touch()
+        deadline = time.monotonic() + STEP_TIMEOUT
+        try:
+            while len(self.steps()) < kill_after:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    return None
+                time.sleep(0.001)
+            self.proc.send_signal(signal.SIGKILL)
+        finally:
+            self.stop()
+        return self.steps()[kill_after - 1].split()[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(STEP_TIMEOUT)
+
+    def stderr(self) -> str:
+        return self.err_path.read_text()[-2000:]
+
+
+class Command:
+    """``sessionmgr COMMAND --json`` in a process started early; ``run()`` lets it go."""
+
+    def __init__(self, command: str, fake_url: str, db_url: str, go: Path) -> None:
+        self.go = go
+        env = {
+            **os.environ,
+            "LEMONSLICE_API_KEY": API_KEY,
+            "LEMONSLICE_API_URL": fake_url,
+            "SESSIONMGR_DATABASE_URL": db_url,
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.reliability.driver", "cli", str(go), command, "--json"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self) -> tuple[int, str, str]:
+        self.go.touch()
+        out, err = self.proc.communicate(timeout=STEP_TIMEOUT)
+        return self.proc.returncode, out, err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=STEP_TIMEOUT)
+
+
+@dataclasses.dataclass
+class Trial:
+    """One trial's processes, all started before it begins."""
+
+    seed: int
+    path: Path
+    driver: Driver
+    recovery: dict[str, Command]
+
+    @classmethod
+    def prepare(cls, fake_url: str, template: Path, workdir: Path, seed: int) -> Trial:
+        path = workdir / f"trial-{seed}.db"
+        shutil.copyfile(template, path)
+        db_url = f"sqlite+aiosqlite:///{path}"
+        driver = Driver(fake_url, db_url, workdir / f"{seed}.progress", seed)
+        recovery = {
+            name: Command(name, fake_url, db_url, workdir / f"{seed}.{name}.go")
+            for name in RECOVERY
+        }
+        return cls(seed, path, driver, recovery)
+
+    def stop(self) -> None:
+        self.driver.stop()
+        for command in self.recovery.values():
+            command.stop()
+
+
+# --- what the database and the fake hold -----------------------------------------------------
+
+
+def read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+    """Every session row and its events, straight from the SQLite file."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = [dict(r) for r in conn.execute("SELECT * FROM sessions ORDER BY id")]
+        events: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
+        for e in conn.execute("SELECT * FROM session_events ORDER BY id"):
+            events[e["session_pk"]].append(dict(e))
+    return rows, events
+
+
+def row_problems(row: dict[str, Any], events: list[dict[str, Any]]) -> list[str]:
+    """What is impossible about one final row: its columns, or its event history."""
+    status = SessionStatus(row["status"])
+    where = f"row {row['id']} ({status}, {row['end_reason']})"
+    problems = []
+    if status is SessionStatus.ENDED:
+        if row["session_id"] is None or row["control_url"] is None:
+            problems.append(f"{where}: ended without session_id/control_url")
+        if row["ended_at"] is None or row["end_reason"] is None:
+            problems.append(f"{where}: ended without ended_at/end_reason")
+        elif row["end_reason"] == EndReason.CREATE_REJECTED:
+            problems.append(f"{where}: ended, but its create was rejected")
+        if row["lease_until"] is not None:
+            problems.append(f"{where}: ended but still leased")
+    elif status is SessionStatus.FAILED:
+        if row["session_id"] is not None:
+            problems.append(f"{where}: failed but has a session_id")
+        if row["ended_at"] is None or row["end_reason"] not in FAILED_REASONS:
+            problems.append(f"{where}: failed without ended_at/a create failure reason")
+    else:
+        problems.append(f"{where}: still live after recovery")
+    if not events:
+        return [*problems, f"{where}: no events"]
+    first = events[0]
+    if first["from_status"] is not None or first["to_status"] not in ("pending", "active"):
+        problems.append(f"{where}: history starts {first['from_status']}->{first['to_status']}")
+    for before, after in itertools.pairwise(events):
+        src, dst = SessionStatus(before["to_status"]), SessionStatus(after["to_status"])
+        if after["from_status"] != src:
+            problems.append(f"{where}: an event from {after['from_status']} after one to {src}")
+        elif not can_transition(src, dst):
+            problems.append(f"{where}: impossible transition {src} -> {dst}")
+    finals = [e for e in events if e["to_status"] in FINAL_STATUSES]
+    if len(finals) != 1 or events[-1]["to_status"] != status:
+        problems.append(
+            f"{where}: {len(finals)} final events, the last to {events[-1]['to_status']}"
+        )
+    return problems
+
+
+# --- one trial -------------------------------------------------------------------------------
+
+
+def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[], None]) -> None:
+    """One trial; ``after_kill()`` runs as soon as the driver is dead (it spawns the next)."""
+    seed = trial.seed
+    kill_after = random.Random(seed).randint(1, MAX_KILL_AFTER)
+    tag = f"trial seed {seed} (replay: {SEED_ENV}={seed} {TRIALS_ENV}=1)"
+    problems = tally.violations
+    reset_fake(fake_url)
+    last = trial.driver.run_until_killed(kill_after)
+    after_kill()
+    tally.trials += 1
+    if last is None:
+        problems.append(f"{tag}: the driver died before step {kill_after}: {trial.driver.stderr()}")
+        return
+    tally.kills += 1
+    tally.kills_by_last_step[last] += 1
+    path = trial.path
+
+    # What the crash left behind.
+    rows, _ = read_rows(path)
+    remote = asyncio.run(fake_state(fake_url))["sessions"]
+    known = {r["session_id"] for r in rows if r["session_id"] is not None}
+    by_status = collections.Counter(r["status"] for r in rows)
+    ending_at_kill = {r["session_id"] for r in rows if r["status"] == "ending"}
+    tally.pending_at_kill += by_status["pending"]
+    tally.active_at_kill += by_status["active"]
+    tally.ending_at_kill += by_status["ending"]
+    lost = {sid for sid, s in remote.items() if s["status"] in REMOTE_LIVE and sid not in known}
+    tally.lost_answers += len(lost)
+
+    # The documented recovery, each step a fresh process.
+    reports = {}
+    for name, command in trial.recovery.items():
+        code, out, err = command.run()
+        if code != 0 or err:
+            problems.append(f"{tag}: {name} exited {code}: {err.strip()}")
+            return
+        reports[name] = json.loads(out)
+    tally.recovered_by_reconcile += len(reports["reconcile"]["adopted"])
+    tally.intents_failed += len(reports["reconcile"]["intents_failed"])
+    tally.reaped_in_recovery += len(reports["reap"]["ended"])
+    if reports["reconcile"]["orphans"]:
+        problems.append(f"{tag}: reconcile found orphans {reports['reconcile']['orphans']}")
+    adopted = {r["session_id"] for r in reports["reconcile"]["adopted"]}
+    if adopted != lost:
+        problems.append(f"{tag}: lost create answers {sorted(lost)}, adopted {sorted(adopted)}")
+
+    # The invariants.
+    state = asyncio.run(fake_state(fake_url))
+    remote = state["sessions"]
+    rows, events = read_rows(path)
+    rows_by_sid = {r["session_id"]: r for r in rows if r["session_id"] is not None}
+    tally.remote_created += len(remote)
+    for sid, s in remote.items():
+        if s["status"] in REMOTE_LIVE:
+            problems.append(f"{tag}: {sid} still live on LemonSlice after recovery")
+        if sid not in rows_by_sid:
+            problems.append(f"{tag}: remote session {sid} has no row")
+        tally.terminates += s["terminate_count"]
+        if s["terminate_count"] > 1:
+            problems.append(f"{tag}: {sid} terminated {s['terminate_count']} times")
+    for sid, n in state["terminate_requests"].items():
+        if n > 1 and sid in ending_at_kill and n == 2:
+            tally.terminates_resent += 1
+        elif n > 1:
+            problems.append(
+                f"{tag}: {n} terminate requests for {sid} (not left ending by the kill)"
+            )
+    for sid in rows_by_sid:
+        if sid not in remote:
+            problems.append(f"{tag}: row for {sid}, which LemonSlice never created")
+    for row in rows:
+        problems.extend(f"{tag}: {p}" for p in row_problems(row, events[row["id"]]))
+
+
+def run_trials(count: int, seed: int, workdir: Path) -> Tally:
+    tally = Tally()
+    started = time.monotonic()
+    template = workdir / "template.db"
+    asyncio.run(db.upgrade(f"sqlite+aiosqlite:///{template}"))
+    with contextlib.closing(sqlite3.connect(template)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+    rng = random.Random(seed)
+    seeds = [seed] if count == 1 else [rng.getrandbits(31) for _ in range(count)]
+    with fake_process() as fake_url:
+        ready = [Trial.prepare(fake_url, template, workdir, seeds[0])]
+        try:
+            for i in range(len(seeds)):
+                trial = ready.pop()
+
+                def spawn_next(i: int = i) -> None:
+                    if i + 1 < len(seeds):
+                        ready.append(Trial.prepare(fake_url, template, workdir, seeds[i + 1]))
+
+                try:
+                    run_trial(fake_url, trial, tally, spawn_next)
+                finally:
+                    trial.stop()
+        finally:
+            for trial in ready:
+                trial.stop()
+    tally.seconds = time.monotonic() - started
+    return tally
+
+
+def test_crash_trials(tmp_path: Path) -> None:
+    count = int(os.environ.get(TRIALS_ENV, DEFAULT_TRIALS))
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().getrandbits(31))
+    print(f"crash trials: {SEED_ENV}={seed} {TRIALS_ENV}={count}")
+    tally = run_trials(count, seed, tmp_path)
+    print(f"crash trials: {tally.summary()}")
+    assert tally.kills == count, tally.violations[:5]
+    assert not tally.violations, "\n".join(tally.violations[:20])
+    # The harness reached the windows it exists for (else it proves little).
+    if count >= DEFAULT_TRIALS:
+        assert tally.lost_answers > 0, tally.summary()
+        assert tally.ending_at_kill > 0, tally.summary()
