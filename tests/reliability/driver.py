@@ -1,4 +1,4 @@
-"""Processes for the crash trials: ``python -m tests.reliability.driver {fake,workload,cli}``.
+"""Processes for the reliability tests: ``python -m tests.reliability.driver MODE ...``.
 
 ``fake`` runs a FakeLemonSlice that outlives every driver; ``workload`` runs a SessionManager
 under a mixed load until the test SIGKILLs it. Both run on a clock ``--offset`` seconds behind
@@ -13,7 +13,8 @@ its progress file (``create>`` before a create, ``create<`` after it, ``end>``/`
 from a seeded RNG: no sleeps decide when it dies.
 
 ``cli`` is ``sessionmgr ARGS`` (its real entry point) in a process started early that waits for
-its go file, so a recovery step costs its work and not Python's start-up.
+its go file, so a recovery step costs its work and not Python's start-up. ``creator`` creates
+sessions continuously for the contention test.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ REAPER_INTERVAL = 0.05  # seconds
 ANSWER_DELAY = (0.01, 0.15)  # seconds a create answer is held after the session exists
 TERMINATE_LATENCY = 0.03  # seconds before the fake handles a terminate
 LOST_ANSWER_DELAY = 2.0  # seconds, past the client's timeout: the create outcome is unknown
+CREATOR_IDLE_WINDOWS = (0.1, 0.3, 600.0)  # seconds
 # Short per-attempt limits so an unknown create outcome costs half a second, not thirty.
 TIMEOUTS = Timeouts(connect=0.5, total=0.5)
 RETRY = RetryPolicy(attempts=3, base=0.005, cap=0.02, deadline=2.0)
@@ -211,6 +213,26 @@ async def run_workload(
             await Workload(manager, fake_url, rng, out).run()
 
 
+# --- the contention test's creator ---------------------------------------------------------------
+
+
+async def run_creator(
+    fake_url: str, db_url: str, api_key: str, progress: Path, stop: Path, seed: int
+) -> None:
+    """Create sessions one after another until ``stop`` exists: some due within a reaper tick
+    or two, the rest only ended by ``end-all``. One progress line per session."""
+    rng = random.Random(seed)
+    async with SessionManager(
+        database_url=db_url, api_key=api_key, api_url=fake_url, reaper=False, max_age=None
+    ) as manager:
+        with progress.open("a") as out:
+            while not stop.exists():
+                idle = rng.choice(CREATOR_IDLE_WINDOWS)
+                record = await manager.create_session(agent_id="creator", idle_window=idle)
+                out.write(f"{record.id}\n")
+                out.flush()
+
+
 # --- a CLI command, started early -----------------------------------------------------------------
 
 
@@ -235,12 +257,25 @@ def main(argv: list[str] | None = None) -> None:
     work.add_argument("progress", type=Path)
     work.add_argument("--seed", type=int, required=True)
     work.add_argument("--offset", type=float, default=OFFSET)
+    creator = sub.add_parser("creator", help="create sessions until the STOP file exists")
+    creator.add_argument("fake_url")
+    creator.add_argument("db_url")
+    creator.add_argument("api_key")
+    creator.add_argument("progress", type=Path)
+    creator.add_argument("stop", type=Path)
+    creator.add_argument("--seed", type=int, default=0)
     cli = sub.add_parser("cli", help="run `sessionmgr ARGS` once the GO file exists")
     cli.add_argument("go", type=Path)
     cli.add_argument("args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.mode == "cli":
         run_cli_when_told(args.go, args.args)
+    elif args.mode == "creator":
+        asyncio.run(
+            run_creator(
+                args.fake_url, args.db_url, args.api_key, args.progress, args.stop, args.seed
+            )
+        )
     elif args.mode == "fake":
         asyncio.run(run_fake(args.offset))
     else:
