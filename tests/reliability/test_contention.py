@@ -1,11 +1,13 @@
-"""Contention: one `sessionmgr serve` beside `reap`, `end-all`, `prune`, `list` and `create`, run
-at once, round after round, on one database (a SQLite file, and PostgreSQL), while another
-process creates sessions continuously. LemonSlice is a `sessionmgr fake-server` process.
+"""Contention: one `sessionmgr serve` beside the cleanup jobs (`reap`, `end-all`, `prune`, `list`,
+plus `stats` and `create`), all at once, round after round, on one database (a SQLite file, and
+PostgreSQL), while another process creates sessions continuously. LemonSlice is a
+`sessionmgr fake-server` process.
 
 Nobody may see "database is locked", a serialization failure, a deadlock or a traceback; every
 command exits 0; no session is terminated twice (the fake counts every terminate request) and
-every ended row has exactly one end event; prune deletes exactly the old rows and nothing else
-is lost. Rounds follow one another by process exit, never by sleeping.
+every ended row has exactly one end event; no session ends as idle before its deadline; prune
+deletes exactly the old rows and nothing else is lost. Rounds follow one another by process
+exit, never by sleeping.
 """
 
 from __future__ import annotations
@@ -47,14 +49,15 @@ N_OLD = 20  # ended 40 days ago: prune deletes them
 N_RECENT = 5  # ended yesterday: prune keeps them
 CREATED_FIRST = 5  # sessions the creator makes before the first round starts
 STEP_TIMEOUT = 60.0  # seconds any one process may take
-# What no user may ever see, in any process's output (case-insensitive).
-FORBIDDEN = ("database is locked", "could not serialize", "deadlock", "traceback")
+# What no user may ever see, in any process's output (case-insensitive); nor the API key.
+FORBIDDEN = ("database is locked", "could not serialize", "deadlock", "traceback", API_KEY)
 
 JOBS = {
     "reap": ["reap", "--json", "--concurrency", "4"],
     "end-all": ["end-all", "--yes", "--json", "--concurrency", "4"],
     "prune": ["prune", "--older-than", "30d", "--batch-size", "3", "--json"],
     "list": ["list", "--limit", "1000", "--json"],
+    "stats": ["stats", "--json"],
     "create": ["create", "--agent-id", "cli", "--idle-window", "0.2s", "--json"],
 }
 
@@ -218,6 +221,8 @@ async def test_serve_and_cleanup_jobs_share_one_database(
     assert creator_pks | cli_created <= {r.id for r in rows}
     for listing in outputs["list"]:  # read while everyone wrote: the kept rows are all there
         assert {by_sid[sid].id for sid in recent} <= {r["id"] for r in listing}
+    for stats in outputs["stats"]:
+        assert sum(stats["by_status"].values()) >= N_RECENT + CREATED_FIRST
 
     # Every session ended exactly once: one terminate request, one end event, final columns.
     assert state["terminate_requests"] == dict.fromkeys(remote, 1)
@@ -227,6 +232,9 @@ async def test_serve_and_cleanup_jobs_share_one_database(
         assert row.ended_at is not None, row.id
         assert row.end_reason is not None, row.id
         assert ends[row.id] == 1, (row.id, ends[row.id])
+        if row.end_reason == "idle":  # no reaper ends a session before its idle window ran out
+            assert row.deadline is not None, row.id
+            assert row.ended_at >= row.deadline, (row.id, row.ended_at, row.deadline)
     reaped = [r["id"] for report in outputs["reap"] for r in report["ended"]]
     assert len(reaped) == len(set(reaped))
     by_reason = collections.Counter(r.end_reason for r in rows)
