@@ -137,8 +137,12 @@ async def rows_and_end_events(db_url: str) -> tuple[list[SessionRow], collection
 
 
 def forbidden_in(name: str, text: str) -> list[str]:
-    low = text.lower()
-    return [f"{name}: {word!r} in {text[-1500:]}" for word in FORBIDDEN if word in low]
+    """The lines of ``text`` that show a user something no user may see."""
+    return [
+        f"{name}: {line.strip()[:300]}"
+        for line in text.splitlines()
+        if any(word.lower() in line.lower() for word in FORBIDDEN)
+    ][:5]
 
 
 async def test_serve_and_cleanup_jobs_share_one_database(
