@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench bench-smoke clean
+.PHONY: install test lint typecheck pytest demo bench bench-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,13 @@ bench: $(STAMP)
 # Every benchmark at a tiny size, in seconds, so the suite never rots (part of `make test`).
 bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
+
+# 200 crash trials (tests/reliability/test_crash.py; CI runs 20) and their tally.
+# SESSIONMGR_CRASH_TRIALS=N sets the count, SESSIONMGR_CRASH_SEED=S replays a run.
+SOAK_TRIALS ?= 200
+
+soak: $(STAMP)
+	SESSIONMGR_CRASH_TRIALS=$(SOAK_TRIALS) $(BIN)/pytest tests/reliability/test_crash.py -q -s -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/sessionmgr demo

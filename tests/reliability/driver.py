@@ -48,11 +48,12 @@ MAX_AGE = 30.0  # seconds
 REAPER_INTERVAL = 0.05  # seconds
 ANSWER_DELAY = (0.01, 0.15)  # seconds a create answer is held after the session exists
 TERMINATE_LATENCY = 0.03  # seconds before the fake handles a terminate
-LOST_ANSWER_DELAY = 2.0  # seconds, past the client's timeout: the create outcome is unknown
-CREATOR_IDLE_WINDOWS = (0.1, 0.3, 600.0)  # seconds
-# Short per-attempt limits so an unknown create outcome costs half a second, not thirty.
-TIMEOUTS = Timeouts(connect=0.5, total=0.5)
-RETRY = RetryPolicy(attempts=3, base=0.005, cap=0.02, deadline=2.0)
+LOST_ANSWER_DELAY = 5.0  # seconds, past the client's timeout: the create outcome is unknown
+# Per-attempt limits short enough that an unknown create outcome costs two seconds, long enough
+# that a busy machine never times out (and so retries) a terminate.
+TIMEOUTS = Timeouts(connect=2.0, total=2.0)
+CREATOR_IDLE_WINDOWS = (0.1, 0.3, 600.0)  # seconds: due within a tick or two, or never
+RETRY = RetryPolicy(attempts=3, base=0.005, cap=0.02, deadline=5.0)
 
 
 class OffsetClock:
