@@ -84,6 +84,7 @@ class Tally:
     remote_created: int = 0
     lost_answers: int = 0  # live remote sessions the database did not know at the kill
     recovered_by_reconcile: int = 0  # adopted from a matched intent and ended
+    matched_to_a_sibling: int = 0  # of those, matched to another lost create's intent
     pending_at_kill: int = 0
     ending_at_kill: int = 0
     active_at_kill: int = 0
@@ -104,7 +105,8 @@ class Tally:
             f"remote sessions created {self.remote_created}; at the kill: "
             f"{self.pending_at_kill} pending, {self.active_at_kill} active, "
             f"{self.ending_at_kill} ending, {self.lost_answers} create answers lost; "
-            f"recovered by reconcile {self.recovered_by_reconcile}, intents failed "
+            f"recovered by reconcile {self.recovered_by_reconcile} "
+            f"({self.matched_to_a_sibling} to a sibling intent), intents failed "
             f"{self.intents_failed}, ended by reap {self.reaped_in_recovery}; "
             f"terminates {self.terminates} (re-sent after a crash {self.terminates_resent}); "
             f"invariant violations {len(self.violations)}; {self.seconds:.1f} s"
@@ -363,6 +365,9 @@ def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[]
     # The invariants.
     state = asyncio.run(fake_state(fake_url))
     remote = state["sessions"]
+    for r in reports["reconcile"]["adopted"]:  # matching is by time alone: the API says no more
+        if remote[r["session_id"]]["payload"].get("agent_id") != r["agent_id"]:
+            tally.matched_to_a_sibling += 1
     rows, events = read_rows(path)
     rows_by_sid = {r["session_id"]: r for r in rows if r["session_id"] is not None}
     tally.remote_created += len(remote)
