@@ -434,3 +434,53 @@ def test_crash_trials(tmp_path: Path) -> None:
     # The kills reached the window the intent exists for (about 2 trials in 3 lose an answer).
     if count >= DEFAULT_TRIALS:
         assert tally.lost_answers > 0, tally.summary()
+
+
+def test_invariant_checker_flags_impossible_rows() -> None:
+    """The checker the trials rely on does reject what it must (else no trial could fail)."""
+    ended = {
+        "id": 1,
+        "status": "ended",
+        "session_id": "sess_1",
+        "control_url": "http://x/sess_1/control",
+        "ended_at": "2026-01-01 00:00:10",
+        "end_reason": "idle",
+        "lease_until": None,
+    }
+
+    def event(src: str | None, dst: str) -> dict[str, Any]:
+        return {"from_status": src, "to_status": dst}
+
+    history = [
+        event(None, "pending"),
+        event("pending", "active"),
+        event("active", "ending"),
+        event("ending", "ending"),  # a lease taken over
+        event("ending", "ended"),
+    ]
+    assert row_problems(ended, history) == []
+    failed = {**ended, "status": "failed", "session_id": None, "end_reason": "create_unknown"}
+    failed_history = [event(None, "pending"), event("pending", "failed")]
+    assert row_problems(failed, failed_history) == []
+
+    bad_rows = [
+        ({**ended, "ended_at": None}, history),
+        ({**ended, "session_id": None}, history),
+        ({**ended, "lease_until": "2026-01-01 00:01:00"}, history),
+        ({**ended, "end_reason": "create_rejected"}, history),
+        ({**failed, "session_id": "sess_1"}, failed_history),
+        ({**failed, "end_reason": "idle"}, failed_history),
+        ({**ended, "status": "active", "ended_at": None, "end_reason": None}, history[:2]),
+    ]
+    for row, events in bad_rows:
+        assert row_problems(row, events), row
+    bad_histories = [
+        [],
+        history[1:],  # no intent or adoption first
+        [*history[:2], event("ending", "ended")],  # a gap: active, then from ending
+        [*history[:2], event("active", "pending")],  # not a transition of the state machine
+        [*history, event("ended", "ended")],  # ended twice
+        history[:-1],  # the row says ended, its history does not
+    ]
+    for events in bad_histories:
+        assert row_problems(ended, events), events
