@@ -344,6 +344,11 @@ def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[]
     tally.ending_at_kill += by_status["ending"]
     lost = {sid for sid, s in remote.items() if s["status"] in REMOTE_LIVE and sid not in known}
     tally.lost_answers += len(lost)
+    if len(lost) > by_status["pending"]:  # each lost answer needs an intent to be matched to
+        problems.append(f"{tag}: {len(lost)} lost create answers, {by_status['pending']} intents")
+    for r in rows:  # a row says ended only once LemonSlice has let the session go
+        if r["status"] == "ended" and remote.get(r["session_id"], {}).get("status") in REMOTE_LIVE:
+            problems.append(f"{tag}: row {r['id']} ended while {r['session_id']} is live")
 
     # The documented recovery, each step a fresh process.
     reports = {}
