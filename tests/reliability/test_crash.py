@@ -3,24 +3,31 @@
 Each trial: a fresh SQLite file; the workload driver (``tests/reliability/driver.py``) creates,
 touches, ends and adopts sessions while its reaper runs, against one FakeLemonSlice process that
 outlives every driver (reset between trials). After K progress lines (K from a seeded RNG) it is
-SIGKILLed. Then the documented recovery runs, each step a fresh process:
+SIGKILLed; create answers held back by the fake put many kills between a create's POST and its
+record. Then the documented recovery runs, each step its own process:
 
-1. ``sessionmgr reconcile``: ends rows LemonSlice already finished, adopts and ends the sessions
-   whose create answer was lost (matched to their pending intent), fails intents that never
-   started. No ``--end-orphans``: every unknown remote session must be matched to an intent.
-2. ``sessionmgr reap``: the cron reaper pass ends every due session, including rows the crashed
-   process left ``ending`` (their lease ran out).
+1. ``sessionmgr reconcile``: ends rows LemonSlice already finished (a terminate that landed but
+   was never recorded), adopts and ends the sessions whose create answer was lost (matched to
+   their pending intent), fails intents that never reached LemonSlice. No ``--end-orphans``:
+   every unknown remote session must be matched to an intent of this database.
+2. ``sessionmgr reap``: the cron reaper pass, not ``end-all``: the crashed backend's sessions end
+   because they are due, as they would in production, not because the test ends everything.
 
 The crashed world runs an hour behind the recovery (see driver.py), so every intent is past its
-grace period and every session past its idle window: after recovery nothing may be live.
+grace period, every lease expired and every session past its idle window: after recovery
+nothing may be live, and nothing had to wait for that.
 
-Invariants, from the fake's own records and the database (read with sqlite3, not the library):
-no live remote session; every remote session has a row; no session successfully terminated
-twice, and a terminate sent twice only for a row the crash left ``ending``; every row final, its
-columns consistent with its status, and its events a path through the state machine.
+Invariants, from the fake's own records and the database (read with sqlite3, not the library).
+At the kill: every lost create answer has a pending intent; no row is ended while its session
+lives. After recovery: no live remote session; reconcile adopted exactly the lost answers and
+found no orphans; every remote session has a row and every row's session exists; no session
+terminated twice, and a terminate sent twice only for a row the crash left ``ending``; every row
+final, its columns consistent with its status, its events a path through the state machine with
+one final event.
 
-``SESSIONMGR_CRASH_TRIALS`` (default 20) sets the count, ``SESSIONMGR_CRASH_SEED`` replays a run;
-``make soak`` runs 200 and prints the tally.
+``SESSIONMGR_CRASH_TRIALS`` (default 20) sets the count, ``SESSIONMGR_CRASH_SEED`` replays a run
+(with ``SESSIONMGR_CRASH_TRIALS=1``, one trial by its own seed); ``make soak`` runs 200 and prints
+the tally.
 """
 
 from __future__ import annotations
@@ -67,7 +74,6 @@ SECONDS_PER_TRIAL = 15  # the time limit per trial: generous, for a shared, busy
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60 + SECONDS_PER_TRIAL * TRIALS)]
 
 ROOT = Path(__file__).resolve().parents[2]
-SESSIONMGR = str(Path(sys.executable).with_name("sessionmgr"))
 MAX_KILL_AFTER = 60  # progress lines: K is drawn from 1..this
 RECOVERY = ("reconcile", "reap")  # the documented recovery, in order, each its own process
 STEP_TIMEOUT = 60.0  # seconds any one process may take
@@ -151,7 +157,7 @@ def reset_fake(fake_url: str) -> None:
 
 
 class Driver:
-    """One trial's workload process: spawned early, started with ``go()``, killed by the test."""
+    """One trial's workload process: spawned early, let go and killed by ``run_until_killed``."""
 
     def __init__(self, fake_url: str, db_url: str, progress: Path, seed: int) -> None:
         self.progress = progress
@@ -206,6 +212,7 @@ class Command:
 
     def __init__(self, command: str, fake_url: str, db_url: str, go: Path) -> None:
         self.go = go
+        self.ran = False
         env = {
             **os.environ,
             "LEMONSLICE_API_KEY": API_KEY,
@@ -223,10 +230,14 @@ class Command:
 
     def run(self) -> tuple[int, str, str]:
         self.go.touch()
+        self.ran = True
         out, err = self.proc.communicate(timeout=STEP_TIMEOUT)
         return self.proc.returncode, out, err
 
     def stop(self) -> None:
+        """Kill it if it never ran (an earlier step failed); reap it either way."""
+        if self.ran:
+            return
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.communicate(timeout=STEP_TIMEOUT)
@@ -283,8 +294,8 @@ def row_problems(row: dict[str, Any], events: list[dict[str, Any]]) -> list[str]
             problems.append(f"{where}: ended without session_id/control_url")
         if row["ended_at"] is None or row["end_reason"] is None:
             problems.append(f"{where}: ended without ended_at/end_reason")
-        elif row["end_reason"] == EndReason.CREATE_REJECTED:
-            problems.append(f"{where}: ended, but its create was rejected")
+        elif row["end_reason"] not in set(EndReason) - {EndReason.CREATE_REJECTED}:
+            problems.append(f"{where}: ended for a reason no end has")
         if row["lease_until"] is not None:
             problems.append(f"{where}: ended but still leased")
     elif status is SessionStatus.FAILED:
@@ -473,6 +484,7 @@ def test_invariant_checker_flags_impossible_rows() -> None:
         ({**ended, "session_id": None}, history),
         ({**ended, "lease_until": "2026-01-01 00:01:00"}, history),
         ({**ended, "end_reason": "create_rejected"}, history),
+        ({**ended, "end_reason": "bored"}, history),
         ({**failed, "session_id": "sess_1"}, failed_history),
         ({**failed, "end_reason": "idle"}, failed_history),
         ({**ended, "status": "active", "ended_at": None, "end_reason": None}, history[:2]),
