@@ -9,8 +9,8 @@ and nothing has to wait for it.
 The workload starts when its ``.go`` file appears (the test spawns the next trial's driver
 while the previous one recovers, to hide Python's start-up), then appends one line per step to
 its progress file (``create>`` before a create, ``create<`` after it, ``end>``/``end<``,
-``touch``, ``adopt``, ``reaped``...). The test picks the kill moment as "after K lines", K drawn
-from a seeded RNG: no sleeps decide when it dies.
+``touch``, ``adopt``, ``ended <reason>``...). The test picks the kill moment as "after K
+lines", K drawn from a seeded RNG: no sleeps decide when it dies.
 
 ``cli`` is ``sessionmgr ARGS`` (its real entry point) in a process started early that waits for
 its go file, so a recovery step costs its work and not Python's start-up. ``creator`` creates
@@ -52,8 +52,8 @@ LOST_ANSWER_DELAY = 5.0  # seconds, past the client's timeout: the create outcom
 # Per-attempt limits short enough that an unknown create outcome costs two seconds, long enough
 # that a busy machine never times out (and so retries) a terminate.
 TIMEOUTS = Timeouts(connect=2.0, total=2.0)
-CREATOR_IDLE_WINDOWS = (0.1, 0.3, 600.0)  # seconds: due within a tick or two, or never
 RETRY = RetryPolicy(attempts=3, base=0.005, cap=0.02, deadline=5.0)
+CREATOR_IDLE_WINDOWS = (0.1, 0.3, 600.0)  # seconds: due within a tick or two, or never
 
 
 class OffsetClock:
@@ -192,8 +192,8 @@ async def run_workload(
         await asyncio.sleep(0.002)
     with progress.open("a") as out:
 
-        async def reaped(record: SessionRecord) -> None:
-            out.write(f"reaped {record.end_reason}\n")
+        async def ended(record: SessionRecord) -> None:  # by the reaper or end_session
+            out.write(f"ended {record.end_reason}\n")
             out.flush()
 
         async with (
@@ -206,7 +206,7 @@ async def run_workload(
                 max_age=MAX_AGE,
                 reaper_interval=REAPER_INTERVAL,
                 touch_flush_interval=REAPER_INTERVAL,
-                on_ended=reaped,
+                on_ended=ended,
             ) as manager,
         ):
             out.write("ready\n")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import os
 import signal
@@ -91,6 +92,7 @@ def env_for(db_url: str, fake_url: str) -> dict[str, str]:
     return env
 
 
+@functools.cache
 def serve_args() -> list[str]:
     args = ["serve", "--interval", "0.1", "--reconcile-every", "1s", "--concurrency", "4"]
     help_text = subprocess.run([SESSIONMGR, "serve", "--help"], capture_output=True, text=True)
