@@ -37,8 +37,8 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
 
-# 200 crash trials (tests/reliability/test_crash.py; CI runs 20) and their tally.
-# SESSIONMGR_CRASH_TRIALS=N sets the count, SESSIONMGR_CRASH_SEED=S replays a run.
+# 200 crash trials (tests/reliability/test_crash.py; CI runs 20) and their tally, on SQLite and,
+# with SESSIONMGR_TEST_POSTGRES_URL set, on PostgreSQL. SESSIONMGR_CRASH_SEED=S replays a run.
 SOAK_TRIALS ?= 200
 
 soak: $(STAMP)

@@ -1,6 +1,7 @@
 """Crash trials: SIGKILL a busy SessionManager at random moments, recover, check invariants.
 
-Each trial: a fresh SQLite file; the workload driver (``tests/reliability/driver.py``) creates,
+Each trial: a fresh SQLite file (on PostgreSQL, when the storage tests run there: one database,
+emptied between trials); the workload driver (``tests/reliability/driver.py``) creates,
 touches, ends and adopts sessions while its reaper runs, against one FakeLemonSlice process that
 outlives every driver (reset between trials). After K progress lines (K from a seeded RNG) it is
 SIGKILLed; create answers held back by the fake put many kills between a create's POST and its
@@ -17,7 +18,8 @@ The crashed world runs an hour behind the recovery (see driver.py), so every int
 grace period, every lease expired and every session past its idle window: after recovery
 nothing may be live, and nothing had to wait for that.
 
-Invariants, from the fake's own records and the database (read with sqlite3, not the library).
+Invariants, from the fake's own records and the database (read with sqlite3 or asyncpg, not the
+library).
 At the kill: every lost create answer has a pending intent; no row is ended while its session
 lives. After recovery: no live remote session; reconcile adopted exactly the lost answers and
 found no orphans; every remote session has a row and every row's session exists; no session
@@ -46,12 +48,13 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from sqlalchemy.engine import make_url
 
 from sessionmgr import db
 from sessionmgr.states import (
@@ -63,6 +66,7 @@ from sessionmgr.states import (
 )
 from sessionmgr.testing import LISTENING_PREFIX, fake_state
 
+from ..conftest import postgres_database
 from .driver import API_KEY
 
 TRIALS_ENV = "SESSIONMGR_CRASH_TRIALS"
@@ -248,21 +252,19 @@ class Trial:
     """One trial's processes, all started before it begins."""
 
     seed: int
-    path: Path
+    db_url: str
     driver: Driver
     recovery: dict[str, Command]
 
     @classmethod
-    def prepare(cls, fake_url: str, template: Path, workdir: Path, seed: int) -> Trial:
-        path = workdir / f"trial-{seed}.db"
-        shutil.copyfile(template, path)
-        db_url = f"sqlite+aiosqlite:///{path}"
-        driver = Driver(fake_url, db_url, workdir / f"{seed}.progress", seed)
+    def prepare(cls, fake_url: str, store: Store, seed: int) -> Trial:
+        db_url = store.url_for(seed)
+        driver = Driver(fake_url, db_url, store.workdir / f"{seed}.progress", seed)
         recovery = {
-            name: Command(name, fake_url, db_url, workdir / f"{seed}.{name}.go")
+            name: Command(name, fake_url, db_url, store.workdir / f"{seed}.{name}.go")
             for name in RECOVERY
         }
-        return cls(seed, path, driver, recovery)
+        return cls(seed, db_url, driver, recovery)
 
     def stop(self) -> None:
         self.driver.stop()
@@ -273,15 +275,65 @@ class Trial:
 # --- what the database and the fake hold -----------------------------------------------------
 
 
-def read_rows(path: Path) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
-    """Every session row and its events, straight from the SQLite file."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.row_factory = sqlite3.Row
-        rows = [dict(r) for r in conn.execute("SELECT * FROM sessions ORDER BY id")]
-        events: dict[int, list[dict[str, Any]]] = collections.defaultdict(list)
-        for e in conn.execute("SELECT * FROM session_events ORDER BY id"):
-            events[e["session_pk"]].append(dict(e))
-    return rows, events
+Rows = list[dict[str, Any]]
+
+
+@dataclasses.dataclass
+class Store:
+    """Where the trials keep sessions: a fresh SQLite file each (copied from a migrated
+    template), or one PostgreSQL database emptied before each trial. Read with the drivers
+    themselves (sqlite3, asyncpg), not with the library under test."""
+
+    workdir: Path
+    postgres_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.postgres_url is None:
+            template = self.workdir / "template.db"
+            asyncio.run(db.upgrade(f"sqlite+aiosqlite:///{template}"))
+            with contextlib.closing(sqlite3.connect(template)) as conn:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
+
+    @property
+    def backend(self) -> str:
+        return "sqlite" if self.postgres_url is None else "postgres"
+
+    def url_for(self, seed: int) -> str:
+        if self.postgres_url is not None:
+            return self.postgres_url
+        path = self.workdir / f"trial-{seed}.db"
+        shutil.copyfile(self.workdir / "template.db", path)
+        return f"sqlite+aiosqlite:///{path}"
+
+    def empty(self) -> None:
+        if self.postgres_url is not None:
+            asyncio.run(self._postgres("TRUNCATE sessions, session_events RESTART IDENTITY"))
+
+    def read(self, db_url: str) -> tuple[Rows, dict[int, Rows]]:
+        """Every session row and its events."""
+        queries = ("SELECT * FROM sessions ORDER BY id", "SELECT * FROM session_events ORDER BY id")
+        if self.postgres_url is not None:
+            rows, event_rows = asyncio.run(self._postgres(*queries))
+        else:
+            path = db_url.removeprefix("sqlite+aiosqlite:///")
+            with contextlib.closing(sqlite3.connect(path)) as conn:
+                conn.row_factory = sqlite3.Row
+                rows, event_rows = ([dict(r) for r in conn.execute(q)] for q in queries)
+        events: dict[int, Rows] = collections.defaultdict(list)
+        for e in event_rows:
+            events[e["session_pk"]].append(e)
+        return rows, events
+
+    async def _postgres(self, *queries: str) -> list[Rows]:
+        import asyncpg  # type: ignore[import-untyped]
+
+        assert self.postgres_url is not None
+        dsn = make_url(self.postgres_url).set(drivername="postgresql")
+        conn = await asyncpg.connect(dsn.render_as_string(hide_password=False))
+        try:
+            return [[dict(r) for r in await conn.fetch(q)] for q in queries]
+        finally:
+            await conn.close()
 
 
 def row_problems(row: dict[str, Any], events: list[dict[str, Any]]) -> list[str]:
@@ -327,12 +379,15 @@ def row_problems(row: dict[str, Any], events: list[dict[str, Any]]) -> list[str]
 # --- one trial -------------------------------------------------------------------------------
 
 
-def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[], None]) -> None:
+def run_trial(
+    fake_url: str, store: Store, trial: Trial, tally: Tally, after_kill: Callable[[], None]
+) -> None:
     """One trial; ``after_kill()`` runs as soon as the driver is dead (it spawns the next)."""
     seed = trial.seed
     kill_after = random.Random(seed).randint(1, MAX_KILL_AFTER)
-    tag = f"trial seed {seed} (replay: {SEED_ENV}={seed} {TRIALS_ENV}=1)"
+    tag = f"{store.backend} trial seed {seed} (replay: {SEED_ENV}={seed} {TRIALS_ENV}=1)"
     problems = tally.violations
+    store.empty()
     reset_fake(fake_url)
     last = trial.driver.run_until_killed(kill_after)
     after_kill()
@@ -342,10 +397,9 @@ def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[]
         return
     tally.kills += 1
     tally.kills_by_last_step[last] += 1
-    path = trial.path
 
     # What the crash left behind.
-    rows, _ = read_rows(path)
+    rows, _ = store.read(trial.db_url)
     remote = asyncio.run(fake_state(fake_url))["sessions"]
     known = {r["session_id"] for r in rows if r["session_id"] is not None}
     by_status = collections.Counter(r["status"] for r in rows)
@@ -384,7 +438,7 @@ def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[]
     for r in reports["reconcile"]["adopted"]:  # matching is by time alone: the API says no more
         if remote[r["session_id"]]["payload"].get("agent_id") != r["agent_id"]:
             tally.matched_to_a_sibling += 1
-    rows, events = read_rows(path)
+    rows, events = store.read(trial.db_url)
     rows_by_sid = {r["session_id"]: r for r in rows if r["session_id"] is not None}
     tally.remote_created += len(remote)
     for sid, s in remote.items():
@@ -409,27 +463,23 @@ def run_trial(fake_url: str, trial: Trial, tally: Tally, after_kill: Callable[[]
         problems.extend(f"{tag}: {p}" for p in row_problems(row, events[row["id"]]))
 
 
-def run_trials(count: int, seed: int, workdir: Path) -> Tally:
+def run_trials(count: int, seed: int, store: Store) -> Tally:
     tally = Tally()
     started = time.monotonic()
-    template = workdir / "template.db"
-    asyncio.run(db.upgrade(f"sqlite+aiosqlite:///{template}"))
-    with contextlib.closing(sqlite3.connect(template)) as conn:
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # everything in the main file
     rng = random.Random(seed)
     seeds = [seed] if count == 1 else [rng.getrandbits(31) for _ in range(count)]
     with fake_process() as fake_url:
-        ready = [Trial.prepare(fake_url, template, workdir, seeds[0])]
+        ready = [Trial.prepare(fake_url, store, seeds[0])]
         try:
             for i in range(len(seeds)):
                 trial = ready.pop()
 
                 def spawn_next(i: int = i) -> None:
                     if i + 1 < len(seeds):
-                        ready.append(Trial.prepare(fake_url, template, workdir, seeds[i + 1]))
+                        ready.append(Trial.prepare(fake_url, store, seeds[i + 1]))
 
                 try:
-                    run_trial(fake_url, trial, tally, spawn_next)
+                    run_trial(fake_url, store, trial, tally, spawn_next)
                 finally:
                     trial.stop()
         finally:
@@ -439,12 +489,24 @@ def run_trials(count: int, seed: int, workdir: Path) -> Tally:
     return tally
 
 
-def test_crash_trials(tmp_path: Path) -> None:
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def postgres_url(request: pytest.FixtureRequest) -> AsyncIterator[str | None]:
+    """None for SQLite; else a migrated PostgreSQL database of this test's own."""
+    if request.param == "sqlite":
+        yield None
+    else:
+        async with postgres_database() as url:
+            await db.upgrade(url)
+            yield url
+
+
+def test_crash_trials(postgres_url: str | None, tmp_path: Path) -> None:
     count = TRIALS
     seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().getrandbits(31))
-    print(f"crash trials: {SEED_ENV}={seed} {TRIALS_ENV}={count}")
-    tally = run_trials(count, seed, tmp_path)
-    print(f"crash trials: {tally.summary()}")
+    store = Store(tmp_path, postgres_url)
+    print(f"crash trials on {store.backend}: {SEED_ENV}={seed} {TRIALS_ENV}={count}")
+    tally = run_trials(count, seed, store)
+    print(f"crash trials on {store.backend}: {tally.summary()}")
     assert tally.kills == count, tally.violations[:5]
     assert not tally.violations, "\n".join(tally.violations[:20])
     # The kills reached the window the intent exists for (about 2 trials in 3 lose an answer).
