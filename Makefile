@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest chromium demo bench bench-smoke clean
+.PHONY: install test lint typecheck pytest chromium demo bench bench-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
 	@$(BIN)/python -m benchmarks.summary --smoke
+
+# 200 crash trials (tests/reliability/test_crash.py; CI runs 20) and their tally, on SQLite and,
+# with SESSIONMGR_TEST_POSTGRES_URL set, on PostgreSQL. SESSIONMGR_CRASH_SEED=S replays a run.
+SOAK_TRIALS ?= 200
+
+soak: $(STAMP)
+	SESSIONMGR_CRASH_TRIALS=$(SOAK_TRIALS) $(BIN)/pytest tests/reliability/test_crash.py -q -s -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/sessionmgr demo

@@ -1,9 +1,6 @@
-"""The installed `sessionmgr` entry point in real processes, including concurrent use.
-
-A `serve` process reaps while `list`, `stats`, `reap`, `prune` and `create` run in other processes
-on the same SQLite file: nobody sees an error, no row is lost, every due session is terminated
-exactly once. LemonSlice is a `sessionmgr fake-server` process.
-"""
+"""The installed `sessionmgr` entry point in real processes. LemonSlice is a
+`sessionmgr fake-server` process. Concurrent use (serve beside the cleanup jobs, on SQLite and
+PostgreSQL) is tests/reliability/test_contention.py."""
 
 from __future__ import annotations
 
@@ -24,10 +21,7 @@ import pytest
 from sessionmgr import db
 from sessionmgr.clock import FakeClock
 from sessionmgr.manager import SessionManager
-from sessionmgr.records import SessionFilter, SessionRecord
-from sessionmgr.repository import SessionRepository
-from sessionmgr.states import SessionStatus
-from sessionmgr.testing import fake_state
+from sessionmgr.records import SessionRecord
 
 pytestmark = pytest.mark.slow
 
@@ -125,14 +119,6 @@ def seed(
     return asyncio.run(go())
 
 
-def all_rows(db_url: str, flt: SessionFilter | None = None) -> list[SessionRecord]:
-    async def go() -> list[SessionRecord]:
-        async with await SessionRepository.open(db_url) as repo:
-            return (await repo.list(flt, limit=1000, sort="id")).items
-
-    return asyncio.run(go())
-
-
 # --- the entry point -------------------------------------------------------------------------
 
 
@@ -206,111 +192,3 @@ def test_serve_stops_cleanly_on_sigterm(db_url: str, fake_url: str, tmp_path: Pa
     text = log.read_text()
     assert "stopped" in text
     assert API_KEY not in text
-
-
-# --- concurrent use --------------------------------------------------------------------------
-
-N_DUE = 30  # sessions idle for 2 h with a 60 s window: serve and reap race to end them
-N_FRESH = 8  # sessions nowhere near due
-N_OLD = 20  # ended 40 days ago: prune deletes them
-N_RECENT = 5  # ended yesterday: prune keeps them
-ROUNDS = 2  # rounds of concurrent commands
-CREATES_PER_ROUND = 2
-
-
-def test_serve_beside_list_stats_reap_prune(db_url: str, fake_url: str, tmp_path: Path) -> None:
-    due = seed(db_url, fake_url, N_DUE, ago=7200, idle_window=60, agent_id="due")
-    fresh = seed(db_url, fake_url, N_FRESH, ago=0, idle_window=3600, agent_id="fresh")
-    old = seed(db_url, fake_url, N_OLD, ago=40 * 86400, idle_window=60, end=True, agent_id="old")
-    recent = seed(db_url, fake_url, N_RECENT, ago=86400, idle_window=60, end=True, agent_id="new")
-    keep = {r.id for r in [*due, *fresh, *recent]}  # rows no command may lose
-
-    log = tmp_path / "serve.log"
-    base = [SESSIONMGR, "--database-url", db_url, "--api-url", fake_url, "--api-key", API_KEY]
-    with log.open("w") as sink:
-        args = ["--port", "0", "--interval", "0.2", "--reconcile-every", "1s", "--concurrency", "4"]
-        serve = subprocess.Popen(
-            [*base, "serve", *args],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=clean_env(),
-        )
-    try:
-        wait_for_line(log, "serving", serve, START_TIMEOUT)
-        commands: list[tuple[str, list[str]]] = []
-        for _ in range(ROUNDS):
-            commands += [
-                ("list", ["list", "--limit", "1000", "--json"]),
-                ("stats", ["stats", "--json"]),
-                ("reap", ["reap", "--json", "--concurrency", "4"]),
-                ("prune", ["prune", "--older-than", "30d", "--batch-size", "3", "--json"]),
-            ]
-            commands += [
-                ("create", ["create", "--agent-id", "racer", "--json"])
-            ] * CREATES_PER_ROUND
-        procs = [
-            (
-                name,
-                subprocess.Popen(
-                    [*base, *args],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    env=clean_env(),
-                ),
-            )
-            for name, args in commands
-        ]
-        results = [(name, *p.communicate(timeout=RUN_TIMEOUT), p.returncode) for name, p in procs]
-
-        for name, _out, err, code in results:
-            assert code == 0, f"{name} exited {code}: {err}"
-            assert err == "", f"{name} wrote to stderr: {err}"
-        outputs: dict[str, list[Any]] = {}
-        for name, out, _, _ in results:
-            outputs.setdefault(name, []).append(json.loads(out))
-        for listing in outputs["list"]:
-            assert keep <= {r["id"] for r in listing}  # nothing lost while others write
-        for stats in outputs["stats"]:
-            assert sum(stats["by_status"].values()) >= len(keep)
-        assert sum(p["pruned"] for p in outputs["prune"]) == N_OLD  # each deleted exactly once
-        created = [r["id"] for r in outputs["create"]]
-        assert len(created) == ROUNDS * CREATES_PER_ROUND
-        reaped = [r["id"] for report in outputs["reap"] for r in report["ended"]]
-        assert len(reaped) == len(set(reaped))  # no session ended by two reaps
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # serve and the reaps finish the due sessions
-            live = all_rows(
-                db_url,
-                SessionFilter(
-                    agent_id="due", statuses=[SessionStatus.ACTIVE, SessionStatus.ENDING]
-                ),
-            )
-            if not live:
-                break
-            time.sleep(0.1)
-        serve.send_signal(signal.SIGTERM)
-        assert serve.wait(timeout=20) == 0
-    finally:
-        if serve.poll() is None:
-            serve.kill()
-
-    rows = {r.id: r for r in all_rows(db_url)}
-    assert set(rows) == keep | set(created)  # old rows pruned, nothing else lost
-    for r in due:
-        assert rows[r.id].status is SessionStatus.ENDED
-        assert rows[r.id].end_reason == "idle"
-    for r in fresh:
-        assert rows[r.id].status is SessionStatus.ACTIVE
-    for i in created:
-        assert rows[i].status is SessionStatus.ACTIVE
-    assert not {r.id for r in old} & set(rows)
-
-    state = asyncio.run(fake_state(fake_url))
-    sessions = state["sessions"]
-    for r in due:
-        assert sessions[r.session_id]["terminate_count"] == 1, r.session_id
-    text = log.read_text()
-    assert "Traceback" not in text
-    assert "locked" not in text
