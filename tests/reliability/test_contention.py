@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -103,7 +103,7 @@ def lines_of(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def wait_until(condition: Any, proc: subprocess.Popen[Any], what: str) -> None:
+async def wait_until(condition: Callable[[], bool], proc: subprocess.Popen[Any], what: str) -> None:
     """Poll ``condition()`` (files the processes write) while ``proc`` lives."""
     deadline = time.monotonic() + STEP_TIMEOUT
     while not condition():
@@ -127,13 +127,14 @@ async def seed_ended(db_url: str, fake_url: str, count: int, ago: timedelta) -> 
         return ids
 
 
-async def rows_and_end_events(db_url: str) -> tuple[list[SessionRow], collections.Counter[int]]:
-    """Every row, and how many events moved each into a final status."""
+async def rows_and_end_events(db_url: str) -> tuple[list[Any], collections.Counter[int]]:
+    """Every session row (SQLAlchemy rows of the sessions table), and how many events moved
+    each into a final status."""
     async with await SessionRepository.open(db_url) as repo, repo.engine.connect() as conn:
         rows = list((await conn.execute(select(SessionRow.__table__))).all())
         events = (await conn.execute(select(SessionEventRow.__table__))).all()
     ends = collections.Counter(e.session_pk for e in events if e.to_status in FINAL_STATUSES)
-    return rows, ends  # type: ignore[return-value]
+    return rows, ends
 
 
 def forbidden_in(name: str, text: str) -> list[str]:
