@@ -29,7 +29,7 @@ pytest: $(STAMP) chromium
 
 # The dashboard's end-to-end test drives Debian's headless Chromium; CI machines start without it.
 chromium:
-	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y chromium)
+	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
 BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory
