@@ -605,6 +605,22 @@ async def test_iter_live_and_pending_intents(repo: SessionRepository):
     assert [r.id for r in await repo.pending_intents()] == [i.id for i in intents]
 
 
+async def test_count_live_agrees_with_stats_and_ping_answers(repo: SessionRepository):
+    """What a metrics scrape and /healthz read, on both backends."""
+    await repo.ping()
+    assert await repo.count_live() == {SessionStatus.PENDING: 0, ACTIVE: 0, ENDING: 0}
+    a = await started(repo, "a")
+    await started(repo, "b")
+    await repo.record_intent(idle_window=IDLE, max_age=None)
+    await repo.begin_end(a.id, owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    counts = await repo.count_live()
+    assert counts == {SessionStatus.PENDING: 1, ACTIVE: 1, ENDING: 1}
+    by_status = (await repo.stats()).by_status
+    assert {s.value: n for s, n in counts.items()} == {
+        k: v for k, v in by_status.items() if k in ("pending", "active", "ending")
+    }
+
+
 async def test_stats_counts_days_durations_and_reasons(repo: SessionRepository):
     clock = clock_of(repo)
     clock.advance(-2 * 86400)  # two days before the FakeClock's start
