@@ -1043,7 +1043,8 @@ def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) 
     """Compare the database with LemonSlice and repair it.
 
     Records remote status and cost of live sessions, ends the ones LemonSlice already finished,
-    resolves creates whose answer was lost, and reports remote sessions unknown here (orphans).
+    resolves creates whose answer was lost, terminates again sessions ended here that LemonSlice
+    still lists as live, and reports remote sessions unknown here (orphans).
     Exit 4 if some checks failed, 1 if the API could not be used at all.
     """
 
@@ -1053,7 +1054,7 @@ def reconcile(obj: CliContext, dry_run: bool, end_orphans: bool, as_json: bool) 
 
     report = run(go())
     errors = [_scrub(e) for e in report.errors]
-    nothing_done = not (report.checked or report.adopted or report.orphans)
+    nothing_done = not (report.checked or report.adopted or report.orphans or report.still_live)
     if as_json:
         echo_json(report.to_dict())
     elif not (errors and nothing_done):

@@ -384,5 +384,20 @@ def print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
                 action = "left running"
             table.add_row(Text(o.session_id), o.status or "-", iso_seconds(o.created_at), action)
         print_out(table)
-    if not (report.ended_remote or report.adopted or report.intents_failed or report.orphans):
+    if report.still_live:
+        verb = "would terminate" if dry else "terminated"
+        click.echo(
+            f"{verb} again {len(report.still_live)} session(s) ended here that LemonSlice "
+            "still listed as live:"
+        )
+        print_out(
+            brief_table([(r, str(r.end_reason or "")) for r in report.still_live], now, "REASON")
+        )
+    if not (
+        report.ended_remote
+        or report.adopted
+        or report.intents_failed
+        or report.orphans
+        or report.still_live
+    ):
         click.echo("nothing to repair")

@@ -10,6 +10,9 @@
    since they may belong to another system sharing the API key.
 4. Intents older than the grace period with no match never started: marked failed
    (``create_unknown``).
+5. A session this database ended more than ``settle`` seconds ago that LemonSlice still lists as
+   live (a terminate answered 404 by a confused proxy, or accepted without effect) is ours and
+   was meant to end: its terminate is sent again (``still_live``). The row stays ended.
 
 Intents and remote sessions younger than ``settle`` seconds are left alone: their create may still
 be in flight in another process, about to record its answer.
@@ -86,6 +89,8 @@ class ReconcileReport:
     orphans: list[RemoteSession] = dataclasses.field(default_factory=list)
     orphans_ended: list[str] = dataclasses.field(default_factory=list)
     intents_failed: list[SessionRecord] = dataclasses.field(default_factory=list)
+    still_live: list[SessionRecord] = dataclasses.field(default_factory=list)  # ended here only
+    terminated_again: list[str] = dataclasses.field(default_factory=list)
     errors: list[str] = dataclasses.field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,6 +102,8 @@ class ReconcileReport:
             "orphans": [o.to_dict() for o in self.orphans],
             "orphans_ended": self.orphans_ended,
             "intents_failed": [r.to_dict() for r in self.intents_failed],
+            "still_live": [r.to_dict() for r in self.still_live],
+            "terminated_again": self.terminated_again,
             "errors": self.errors,
         }
 
@@ -138,6 +145,7 @@ async def reconcile(
         repo, client, reaper, report, unknown, now, settle, pending_grace, match_window
     )
     settled = now - timedelta(seconds=settle)
+    await _terminate_still_live(repo, client, report, remote, known, settled)
     for orphan in unknown:
         if orphan.session_id in matched or orphan.status not in REMOTE_LIVE:
             continue
@@ -162,6 +170,42 @@ async def reconcile(
             "" if end_orphans else " (not ended: pass --end-orphans if they are ours)",
         )
     return report
+
+
+async def _terminate_still_live(
+    repo: SessionRepository,
+    client: LemonSliceClient,
+    report: ReconcileReport,
+    remote: list[RemoteSession],
+    known: set[str],
+    settled: datetime,
+) -> None:
+    """Sessions ended here (before ``settled``) that LemonSlice lists as live: terminate again."""
+    live_known = [r.session_id for r in remote if r.status in REMOTE_LIVE and r.session_id in known]
+    if not live_known:
+        return
+    report.still_live = await repo.ended_before(live_known, settled)
+    for record in report.still_live:
+        assert record.session_id is not None  # selected by session_id
+        logger.warning(
+            "session %s was ended here (%s) but LemonSlice still lists it as live%s",
+            record.session_id,
+            record.end_reason,
+            "" if report.dry_run else ": terminating it again",
+            extra={"session_id": record.session_id},
+        )
+        if report.dry_run:
+            continue
+        try:
+            terminated = await client.end_session(
+                record.session_id,
+                record.control_url or client.control_url_for(record.session_id),
+            )
+        except LemonSliceError as exc:
+            report.errors.append(f"{record.session_id}: terminating again failed: {exc}")
+            continue
+        if terminated:  # False: LemonSlice no longer knows it after all
+            report.terminated_again.append(record.session_id)
 
 
 async def _check_live_rows(

@@ -886,6 +886,24 @@ class SessionRepository:
         return known
 
     @_db_errors
+    async def ended_before(
+        self, session_ids: Iterable[str], before: datetime
+    ) -> list[SessionRecord]:
+        """Which of these LemonSlice ids this database ended before ``before`` (for reconcile:
+        ended here, yet listed live by LemonSlice)."""
+        wanted = sorted(set(session_ids))
+        before = _aware(before, "before")
+        found: list[SessionRecord] = []
+        c = sessions.c
+        for start in range(0, len(wanted), LOOKUP_CHUNK):
+            chunk = wanted[start : start + LOOKUP_CHUNK]
+            stmt = select(sessions).where(
+                c.session_id.in_(chunk), c.status == _ENDED, c.ended_at <= before
+            )
+            found += [_record(r) for r in await self._fetch(stmt.order_by(c.id))]
+        return found
+
+    @_db_errors
     async def events(self, key: int | str) -> list[SessionEvent]:
         """The lifecycle of one session, oldest first."""
         record = await self.get(key)

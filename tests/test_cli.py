@@ -856,6 +856,18 @@ def test_reconcile_ends_what_lemonslice_finished(sm: Cli, fake: FakeThread) -> N
     assert "checked 1 live session(s)" in ok(sm("reconcile")).stdout
 
 
+def test_reconcile_terminates_again_what_it_ended_but_still_runs(sm: Cli, fake: FakeThread) -> None:
+    fake.inject("terminate", Fault.status(404))  # not LemonSlice speaking
+    (ended,) = seed(sm.db_url, fake, ago=3600, end=True)
+    assert ended.end_reason == "gone"
+    sid = str(ended.session_id)
+    assert fake.terminates(sid) == 0
+    out = ok(sm("reconcile")).stdout
+    assert "terminated again 1 session(s) ended here that LemonSlice still listed as live" in out
+    assert fake.terminates(sid) == 1
+    assert sm.json("reconcile")["still_live"] == []
+
+
 def test_reconcile_with_api_unreachable_exits_1(sm: Cli, fake: FakeThread, dead_url: str) -> None:
     seed(sm.db_url, fake)
     error_line(sm("reconcile", api_url=dead_url), 1, "LEMONSLICE_API_URL")

@@ -139,3 +139,31 @@ async def test_api_errors_are_reported_not_raised(
     report = await manager.reconcile()
     assert len(report.errors) == 2
     assert all("500" in e for e in report.errors)
+
+
+async def test_a_session_ended_here_but_still_live_there_is_terminated_again(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    """A terminate answered 404 by something that was not LemonSlice (the row ends ``gone``)
+    leaves a live, billing session; once it has settled, reconcile sends the terminate again."""
+    record = await manager.create_session(agent_id="agent_1")
+    assert record.session_id
+    lemon.inject("terminate", Fault.status(404))
+    result = await manager.end_session(record.id)
+    assert result.record.end_reason is EndReason.GONE
+    assert lemon.live_count == 1  # the lie: it still runs
+
+    fresh = await manager.reconcile()  # just ended: the remote list may lag, leave it
+    assert fresh.still_live == []
+    clock.advance(SETTLE + 1)
+    dry = await manager.reconcile(dry_run=True)
+    assert [r.id for r in dry.still_live] == [record.id]
+    assert dry.terminated_again == []
+    assert lemon.live_count == 1
+    report = await manager.reconcile()
+    assert report.terminated_again == [record.session_id]
+    assert lemon.live_count == 0
+    assert lemon.terminate_counts == {record.session_id: 1}
+    row = await manager.get(record.id)
+    assert (row.status, row.end_reason) == (SessionStatus.ENDED, EndReason.GONE)  # unchanged
+    assert (await manager.reconcile()).still_live == []  # and only once

@@ -22,7 +22,8 @@ GET costs two requests per attempt; it never resends a POST, so a create is neve
 - ``ended_gone``: the first terminate took effect but its answer was lost; the retry's 404 ends
   the row as ``gone``.
 - ``gone_trusted``: the server said 404/410 about a live session and is believed: ended as
-  ``gone``. (The fake lied here, so its session stays live; see RELIABILITY.md.)
+  ``gone``. (The fake lied: its session stays live until a reconcile past SETTLE
+  terminates it again, see tests/test_reconcile.py.)
 - ``rescheduled_ended``: the terminate failed; the row stays ``ending`` with its lease released,
   ``next_attempt_at`` and ``last_error`` set; a clean reaper pass later ends it (its reason).
 - ``rescheduled_gone``: the same, but the failed attempt had ended it remotely; the clean pass
