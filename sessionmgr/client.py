@@ -49,7 +49,7 @@ from .errors import (
     TransportError,
     excerpt,
 )
-from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key
+from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, unclean_text
 from .retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
@@ -206,27 +206,15 @@ def build_create_request(
         payload.update(extra_properties)
     try:
         json.dumps(payload, allow_nan=False)  # strict JSON (no NaN): what a server can read
-        _check_text_values(payload)
+        bad = unclean_text(payload)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"the create payload is not JSON-serializable: {exc}") from None
+    if bad is not None:
+        shown = excerpt(repr(bad), 40)
+        raise ValueError(f"{shown} is not valid text (a NUL or a lone surrogate)")
 
     image = _encode_png(agent_image) if agent_image is not None else None
     return payload, image
-
-
-def _check_text_values(value: Any) -> None:
-    """Every string in the payload is valid text: no lone surrogate, no NUL."""
-    if isinstance(value, str):
-        if not is_clean_text(value):
-            shown = excerpt(repr(value), 40)
-            raise ValueError(f"{shown} is not valid text (a NUL or a lone surrogate)")
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_text_values(key)
-            _check_text_values(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_text_values(item)
 
 
 def _usable_id(value: Any) -> TypeGuard[str]:

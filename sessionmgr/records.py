@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -117,6 +117,20 @@ def is_clean_text(value: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def unclean_text(value: Any) -> str | None:
+    """The first string in a JSON-like value (keys included, at any depth) that is not clean
+    text (see ``is_clean_text``), or None when all are."""
+    if isinstance(value, str):
+        return None if is_clean_text(value) else value
+    if isinstance(value, Mapping):
+        items: Iterable[Any] = (x for kv in value.items() for x in kv)
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        return None
+    return next((bad for item in items if (bad := unclean_text(item)) is not None), None)
 
 
 # --- admin queries ---------------------------------------------------------------------------

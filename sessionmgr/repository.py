@@ -53,6 +53,7 @@ from .records import (
     Stats,
     is_clean_text,
     redact,
+    unclean_text,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
 from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork
@@ -183,23 +184,14 @@ def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
     try:
         clean = redact(metadata)
         json.dumps(clean, allow_nan=False)  # strict JSON: PostgreSQL's JSONB refuses NaN
-        _check_json_text(clean)
     except (TypeError, ValueError, RecursionError) as exc:
         raise InvalidArgument(f"metadata must be JSON-serializable tags: {exc}") from None
+    if (bad := unclean_text(clean)) is not None:
+        raise InvalidArgument(
+            f"metadata string {bad[:40]!r} is not valid text (a NUL character or a lone "
+            "surrogate): fix its encoding"
+        )
     return clean
-
-
-def _check_json_text(value: Any) -> None:
-    """Every string in a JSON value, keys included, is storable text (see ``check_text``)."""
-    if isinstance(value, str):
-        check_text("a string", value, allow_empty=True)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            _check_json_text(str(key))
-            _check_json_text(item)
-    elif isinstance(value, list | tuple):
-        for item in value:
-            _check_json_text(item)
 
 
 def _record(row: Mapping[str, Any]) -> SessionRecord:

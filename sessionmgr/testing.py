@@ -32,7 +32,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -767,7 +767,21 @@ def fake_server_process(
         cmd += ["--latency", f"{endpoint}={seconds}"]
     if state_file is not None:
         cmd += ["--state-file", os.fspath(state_file)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    with listening_process(cmd, start_timeout=start_timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def listening_process(
+    cmd: Sequence[str],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    start_timeout: float = PROCESS_START_TIMEOUT,
+) -> Iterator[str]:
+    """Run ``cmd``, a server that prints ``listening on URL`` first (as ``fake-server`` does);
+    yields the URL. On exit: SIGTERM, then SIGKILL if it has not stopped within
+    ``start_timeout``."""
+    proc = subprocess.Popen(list(cmd), cwd=cwd, stdout=subprocess.PIPE, text=True)
     try:
         url = _await_listening(proc, start_timeout)
         yield url

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
-from .records import SessionFilter, SessionRecord, is_clean_text, iso_utc
+from .records import SessionFilter, SessionRecord, iso_utc, unclean_text
 from .repository import DEFAULT_PAGE, MAX_PAGE, SORTS
 from .states import EndReason, SessionStatus
 
@@ -375,14 +375,8 @@ def _no_constant(name: str) -> NoReturn:
 
 
 def _storable(value: Any) -> bool:
-    """Text a database can hold (see ``is_clean_text``), at any depth, keys included."""
-    if isinstance(value, str):
-        return is_clean_text(value)
-    if isinstance(value, Mapping):
-        return all(_storable(k) and _storable(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_storable(v) for v in value)
-    return True
+    """Text a database can hold, at any depth (see ``unclean_text``)."""
+    return unclean_text(value) is None
 
 
 def _create_args(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -64,7 +64,7 @@ from sessionmgr.states import (
     SessionStatus,
     can_transition,
 )
-from sessionmgr.testing import LISTENING_PREFIX, fake_state
+from sessionmgr.testing import fake_state, listening_process
 
 from ..conftest import postgres_database
 from .driver import API_KEY
@@ -129,26 +129,9 @@ class Tally:
 @contextlib.contextmanager
 def fake_process() -> Iterator[str]:
     """The driver's fake LemonSlice (on the crashed world's clock) in its own process."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.reliability.driver", "fake"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.startswith(LISTENING_PREFIX), f"fake did not start: {line!r}"
-        yield line[len(LISTENING_PREFIX) :].strip()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STEP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+    cmd = [sys.executable, "-m", "tests.reliability.driver", "fake"]
+    with listening_process(cmd, cwd=ROOT, start_timeout=STEP_TIMEOUT) as url:
+        yield url
 
 
 def reset_fake(fake_url: str) -> None:
