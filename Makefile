@@ -10,9 +10,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall only when pyproject.toml changes.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
+# Reinstall only when pyproject.toml or the pins change. The integration extras are installed
+# too, at the versions their tests were built against.
+$(STAMP): pyproject.toml tests/constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,pipecat,livekit]' -c tests/constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
