@@ -63,7 +63,12 @@ MAX_LIST_PAGES = 100_000  # a server whose pagination never ends is a bug, not a
 MAX_SESSION_ID_CHARS = 128  # a longer session_id in an answer is garbage (LemonSlice's are ~30)
 
 API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insensitive)
-TRANSPORT_TYPE = "daily"
+TRANSPORT_TYPE = "daily"  # pipecat's, and the default
+LIVEKIT = "livekit"  # livekit-plugins-lemonslice's self-managed flavour
+TRANSPORT_TYPES = (TRANSPORT_TYPE, LIVEKIT)
+AUDIO_SAMPLE_RATES = (16000, 22050, 24000, 44100, 48000)  # Hz, the documented set
+ASPECT_RATIOS = ("1x1", "2x3", "9x16")
+LIVEKIT_PROPERTIES = ("livekit_url", "livekit_token", "livekit_session_id")  # the plugin's order
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TERMINATE_BODY = json.dumps({"event": "terminate"}).encode()
 
@@ -151,16 +156,35 @@ def build_create_request(
     agent_image: AgentImage | None = None,
     agent_prompt: str | None = None,
     idle_timeout: int | None = None,
+    audio_sample_rate: int | None = None,
+    model: str | None = None,
     daily_room_url: str | None = None,
     daily_token: str | None = None,
     connection_properties: Mapping[str, Any] | None = None,
     extra_properties: Mapping[str, Any] | None = None,
+    transport_type: str = TRANSPORT_TYPE,
+    livekit_url: str | None = None,
+    livekit_token: str | None = None,
+    livekit_session_id: str | None = None,
+    agent_idle_prompt: str | None = None,
+    response_done_timeout: float | None = None,
+    aspect_ratio: str | None = None,
+    simulcast: bool | None = None,
+    enable_recording: bool | None = None,
+    recordings_bucket: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
-    """The create payload pipecat builds for these arguments, and the PNG bytes of ``agent_image``.
+    """The create payload for these arguments, and the PNG bytes of ``agent_image``.
 
-    Keys are sent only when given; ``properties`` is ``connection_properties`` plus ``daily_url``
-    and ``daily_token`` and is sent only when non-empty; ``extra_properties`` is merged last.
-    Raises ValueError/TypeError for bad arguments, so nothing is sent.
+    ``transport_type="daily"`` (the default) is exactly what pipecat 1.14's ``LemonSliceApi``
+    builds; ``"livekit"`` is exactly what livekit-plugins-lemonslice 1.8.9 builds (``properties``
+    first: ``livekit_url``, ``livekit_token``, ``livekit_session_id``). Keys are sent only when
+    given; ``properties`` is ``connection_properties`` plus the transport's own keys and is sent
+    only when non-empty; ``extra_properties`` is merged last (it wins, as in pipecat).
+
+    First-class because LemonSlice documents them: ``audio_sample_rate``, ``model``,
+    ``agent_idle_prompt``, ``response_done_timeout``, ``aspect_ratio``, ``simulcast`` (livekit
+    only), ``enable_recording`` / ``recordings_bucket``. Anything else goes in
+    ``extra_properties``. Raises ValueError/TypeError for bad arguments, so nothing is sent.
     """
     given = [
         name
@@ -186,22 +210,52 @@ def build_create_request(
             f"idle_timeout must be whole seconds (an int; negative = never), got {idle_timeout!r}"
         )
 
-    payload: dict[str, Any] = {"transport_type": TRANSPORT_TYPE}
-    if agent_id is not None:
-        payload["agent_id"] = agent_id
-    if agent_image_url is not None:
-        payload["agent_image_url"] = agent_image_url
-    if agent_prompt is not None:
-        payload["agent_prompt"] = agent_prompt
-    if idle_timeout is not None:
-        payload["idle_timeout"] = idle_timeout
+    _check_create_options(
+        transport_type=transport_type,
+        audio_sample_rate=audio_sample_rate,
+        model=model,
+        daily=(daily_room_url, daily_token),
+        livekit=(livekit_url, livekit_token, livekit_session_id),
+        agent_idle_prompt=agent_idle_prompt,
+        response_done_timeout=response_done_timeout,
+        aspect_ratio=aspect_ratio,
+        simulcast=simulcast,
+        enable_recording=enable_recording,
+        recordings_bucket=recordings_bucket,
+    )
     properties: dict[str, Any] = dict(connection_properties) if connection_properties else {}
-    if daily_room_url is not None:
-        properties["daily_url"] = daily_room_url
-    if daily_token is not None:
-        properties["daily_token"] = daily_token
-    if properties:
+    payload: dict[str, Any] = {"transport_type": transport_type}
+    if transport_type == LIVEKIT:  # the plugin puts its properties right after transport_type
+        for name, value in zip(
+            LIVEKIT_PROPERTIES, (livekit_url, livekit_token, livekit_session_id), strict=True
+        ):
+            if value is not None:
+                properties[name] = value
         payload["properties"] = properties
+    optional: tuple[tuple[str, Any], ...] = (
+        ("agent_id", agent_id),
+        ("agent_image_url", agent_image_url),
+        ("agent_prompt", agent_prompt),
+        ("agent_idle_prompt", agent_idle_prompt),
+        ("idle_timeout", idle_timeout),
+        ("audio_sample_rate", audio_sample_rate),
+        ("model", model),
+        ("response_done_timeout", response_done_timeout),
+        ("aspect_ratio", aspect_ratio),
+        ("simulcast", simulcast),
+        ("enable_recording", enable_recording),
+        ("recordings_bucket", recordings_bucket),
+    )
+    for name, value in optional:
+        if value is not None:
+            payload[name] = value
+    if transport_type == TRANSPORT_TYPE:
+        if daily_room_url is not None:
+            properties["daily_url"] = daily_room_url
+        if daily_token is not None:
+            properties["daily_token"] = daily_token
+        if properties:
+            payload["properties"] = properties
     if extra_properties:
         payload.update(extra_properties)
     try:
@@ -215,6 +269,81 @@ def build_create_request(
 
     image = _encode_png(agent_image) if agent_image is not None else None
     return payload, image
+
+
+def _check_create_options(
+    *,
+    transport_type: str,
+    audio_sample_rate: int | None,
+    model: str | None,
+    daily: tuple[str | None, str | None],
+    livekit: tuple[str | None, str | None, str | None],
+    agent_idle_prompt: str | None,
+    response_done_timeout: float | None,
+    aspect_ratio: str | None,
+    simulcast: bool | None,
+    enable_recording: bool | None,
+    recordings_bucket: str | None,
+) -> None:
+    """The documented ranges of the create options, checked before anything is sent."""
+    if transport_type not in TRANSPORT_TYPES:
+        raise ValueError(
+            f"transport_type must be one of {', '.join(TRANSPORT_TYPES)}, got {transport_type!r}"
+        )
+    if audio_sample_rate is not None and (
+        not _is_int(audio_sample_rate) or audio_sample_rate not in AUDIO_SAMPLE_RATES
+    ):
+        rates = ", ".join(str(r) for r in AUDIO_SAMPLE_RATES)
+        raise ValueError(
+            f"audio_sample_rate must be one of {rates} (Hz), got {audio_sample_rate!r}"
+        )
+    for name, text in (
+        ("model", model),
+        ("agent_idle_prompt", agent_idle_prompt),
+        ("recordings_bucket", recordings_bucket),
+    ):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    if model is not None and not model.strip():
+        raise ValueError("model must be a non-empty string (leave it out for the default model)")
+    if response_done_timeout is not None and (
+        isinstance(response_done_timeout, bool)
+        or not isinstance(response_done_timeout, int | float)
+        or not math.isfinite(response_done_timeout)
+        or response_done_timeout <= 0
+    ):
+        raise ValueError(
+            f"response_done_timeout must be a positive number of seconds, "
+            f"got {response_done_timeout!r}"
+        )
+    if aspect_ratio is not None and aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(
+            f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, got {aspect_ratio!r}"
+        )
+    for name, flag in (("simulcast", simulcast), ("enable_recording", enable_recording)):
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if recordings_bucket is not None and not enable_recording:
+        raise ValueError("recordings_bucket needs enable_recording=True")
+    livekit_url, livekit_token, _ = livekit
+    if transport_type == LIVEKIT:
+        if any(v is not None for v in daily):
+            raise ValueError(
+                "daily_room_url and daily_token are for transport_type='daily', not 'livekit'"
+            )
+        for name, value in (("livekit_url", livekit_url), ("livekit_token", livekit_token)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"transport_type='livekit' needs {name} (a non-empty string)")
+    else:
+        if any(v is not None for v in livekit):
+            raise ValueError(
+                "livekit_url, livekit_token and livekit_session_id need transport_type='livekit'"
+            )
+        if simulcast is not None:
+            raise ValueError("simulcast is only for transport_type='livekit'")
+    for name, value in zip(LIVEKIT_PROPERTIES, livekit, strict=True):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name} must be a non-empty string")
 
 
 def _usable_id(value: Any) -> TypeGuard[str]:
@@ -364,17 +493,32 @@ class LemonSliceClient:
         agent_image: AgentImage | None = None,
         agent_prompt: str | None = None,
         idle_timeout: int | None = None,
+        audio_sample_rate: int | None = None,
+        model: str | None = None,
         daily_room_url: str | None = None,
         daily_token: str | None = None,
         connection_properties: Mapping[str, Any] | None = None,
         extra_properties: Mapping[str, Any] | None = None,
         api_url: str | None = None,
+        transport_type: str = TRANSPORT_TYPE,
+        livekit_url: str | None = None,
+        livekit_token: str | None = None,
+        livekit_session_id: str | None = None,
+        agent_idle_prompt: str | None = None,
+        response_done_timeout: float | None = None,
+        aspect_ratio: str | None = None,
+        simulcast: bool | None = None,
+        enable_recording: bool | None = None,
+        recordings_bucket: str | None = None,
     ) -> dict[str, Any]:
         """Start a session; returns the server's answer with ``session_id``, ``room_url`` (may be
-        None) and ``control_url`` (derived when the server leaves it out).
+        None) and ``control_url`` (derived when the server leaves it out, as the livekit flavour
+        always does).
 
-        Raises ``CreateOutcomeUnknown`` when the request may have started a session but the answer
-        was lost or unusable: do not call again blindly, reconcile instead.
+        The parameters up to ``api_url`` are pipecat 1.14's, in its order; the rest are
+        LemonSlice's other documented fields (see ``build_create_request``). Raises
+        ``CreateOutcomeUnknown`` when the request may have started a session but the answer was
+        lost or unusable: do not call again blindly, reconcile instead.
         """
         payload, image = build_create_request(
             agent_image_url=agent_image_url,
@@ -382,10 +526,22 @@ class LemonSliceClient:
             agent_image=agent_image,
             agent_prompt=agent_prompt,
             idle_timeout=idle_timeout,
+            audio_sample_rate=audio_sample_rate,
+            model=model,
             daily_room_url=daily_room_url,
             daily_token=daily_token,
             connection_properties=connection_properties,
             extra_properties=extra_properties,
+            transport_type=transport_type,
+            livekit_url=livekit_url,
+            livekit_token=livekit_token,
+            livekit_session_id=livekit_session_id,
+            agent_idle_prompt=agent_idle_prompt,
+            response_done_timeout=response_done_timeout,
+            aspect_ratio=aspect_ratio,
+            simulcast=simulcast,
+            enable_recording=enable_recording,
+            recordings_bucket=recordings_bucket,
         )
         url = api_url or self._api_url  # as given, like pipecat; derived URLs strip the slash
         text = json.dumps(payload)

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from . import config
-from .client import LemonSliceClient, build_create_request
+from .client import TRANSPORT_TYPE, LemonSliceClient, build_create_request
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
     ConfigurationError,
@@ -272,16 +272,31 @@ class SessionManager:
         agent_image: Any = None,
         agent_prompt: str | None = None,
         idle_timeout: int | None = None,
+        audio_sample_rate: int | None = None,
+        model: str | None = None,
         daily_room_url: str | None = None,
         daily_token: str | None = None,
         connection_properties: dict[str, Any] | None = None,
         extra_properties: dict[str, Any] | None = None,
         api_url: str | None = None,
+        transport_type: str = TRANSPORT_TYPE,
+        livekit_url: str | None = None,
+        livekit_token: str | None = None,
+        livekit_session_id: str | None = None,
+        agent_idle_prompt: str | None = None,
+        response_done_timeout: float | None = None,
+        aspect_ratio: str | None = None,
+        simulcast: bool | None = None,
+        enable_recording: bool | None = None,
+        recordings_bucket: str | None = None,
         idle_window: float | None = None,
         max_age: float | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> SessionRecord:
-        """Record the intent, POST, record the answer; the same arguments as the client's.
+        """Record the intent, POST, record the answer; the same arguments as the client's
+        (pipecat 1.14's first, in its order), then what the reaper enforces and the tags.
+
+        The record keeps ``model`` and ``transport_type``, never a daily or livekit token.
 
         A 4xx marks the intent failed and re-raises. An unknown outcome (timeout after sending,
         a 5xx other than 503, a garbled answer) leaves it ``pending`` for reconcile and re-raises.
@@ -294,11 +309,23 @@ class SessionManager:
             "agent_image": agent_image,
             "agent_prompt": agent_prompt,
             "idle_timeout": idle_timeout,
+            "audio_sample_rate": audio_sample_rate,
+            "model": model,
             "daily_room_url": daily_room_url,
             "daily_token": daily_token,
             "connection_properties": connection_properties,
             "extra_properties": extra_properties,
             "api_url": api_url,
+            "transport_type": transport_type,
+            "livekit_url": livekit_url,
+            "livekit_token": livekit_token,
+            "livekit_session_id": livekit_session_id,
+            "agent_idle_prompt": agent_idle_prompt,
+            "response_done_timeout": response_done_timeout,
+            "aspect_ratio": aspect_ratio,
+            "simulcast": simulcast,
+            "enable_recording": enable_recording,
+            "recordings_bucket": recordings_bucket,
         }
         build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
         intent = await self.repository.record_intent(
@@ -309,6 +336,8 @@ class SessionManager:
             idle_window=self.idle_window if idle_window is None else idle_window,
             max_age=max_age if max_age is not None else self.max_age,
             metadata=metadata,
+            model=model,
+            transport_type=transport_type,
         )
         task = asyncio.create_task(self._create_remote(intent, create_args))
         self._background.add(task)
@@ -442,8 +471,11 @@ class SessionManager:
         max_age: float | None = None,
         agent_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        transport_type: str | None = None,
     ) -> SessionRecord:
-        """Guard a session created elsewhere (e.g. by pipecat's own transport)."""
+        """Guard a session created elsewhere (e.g. by pipecat's own transport, or LiveKit's
+        plugin: ``transport_type="livekit"``)."""
         check_session_id(session_id)
         record, created = await self.repository.adopt(
             session_id=session_id,
@@ -453,6 +485,8 @@ class SessionManager:
             max_age=max_age if max_age is not None else self.max_age,
             agent_id=agent_id,
             metadata=metadata,
+            model=model,
+            transport_type=transport_type,
         )
         if created and self.on_created is not None:
             await self._call_hook(self.on_created, record)
