@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,7 @@ from sessionmgr.manager import SessionManager
 from sessionmgr.testing import FakeLemonSlice
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
-LIVEKIT = {
+LIVEKIT: dict[str, Any] = {
     "transport_type": "livekit",
     "livekit_url": "wss://x.livekit.cloud",
     "livekit_token": "lk-secret-token-123",
