@@ -17,6 +17,7 @@ repr. Redirects are not followed, so the key is never forwarded to another host.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email.utils
 import enum
@@ -26,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
@@ -37,20 +38,24 @@ import aiohttp
 from . import config
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
+    ActivationTimeout,
     AuthError,
     ClientRequestError,
     ConfigurationError,
     CreateOutcomeUnknown,
     InvalidResponseError,
     LemonSliceError,
+    NoCreditsError,
     NotFoundError,
     RateLimitedError,
     ServerError,
+    SessionNotLive,
     TransportError,
     excerpt,
 )
 from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, unclean_text
 from .retry import RetryPolicy
+from .states import REMOTE_FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +76,10 @@ ASPECT_RATIOS = ("1x1", "2x3", "9x16")
 LIVEKIT_PROPERTIES = ("livekit_url", "livekit_token", "livekit_session_id")  # the plugin's order
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TERMINATE_BODY = json.dumps({"event": "terminate"}).encode()
+MAX_IMAGE_BYTES = 900_000  # decoded bytes of an update-image PNG; LemonSlice's limit is 900 KB
+WAIT_POLL_FIRST = 0.5  # seconds between the first status polls of wait_until_active
+WAIT_POLL_CAP = 5.0  # seconds between polls at most (doubling from WAIT_POLL_FIRST)
+WAIT_TIMEOUT = 180.0  # seconds; a cold start can stay QUEUED ~2.5 minutes
 
 T = TypeVar("T")
 
@@ -125,6 +134,7 @@ class _Op(enum.Enum):
     GET = "get"
     LIST = "list"
     TERMINATE = "terminate"
+    CONTROL = "control"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -346,6 +356,54 @@ def _check_create_options(
             raise ValueError(f"{name} must be a non-empty string")
 
 
+RESET_IDLE_EVENT = "reset-idle-timeout"
+# The docs show two shapes for a trigger: {"event": "pose-trigger", "pose_trigger": {"name": N}}
+# and {"event": "action", "action": N}. We send the second: it is flat like every other control
+# event (``update-agent-prompt`` carries ``agent_prompt``, ``update-idle-prompt``
+# ``idle_prompt``), and it names actions, not only poses. Should LemonSlice settle on the other,
+# only these two lines change.
+TRIGGER_EVENT = "action"
+
+
+def trigger_event(name: str) -> dict[str, Any]:
+    """The control body that triggers action ``name`` (see ``TRIGGER_EVENT``)."""
+    return {"event": TRIGGER_EVENT, TRIGGER_EVENT: _text("name", name, allow_empty=False)}
+
+
+def agent_prompt_event(agent_prompt: str) -> dict[str, Any]:
+    return {"event": "update-agent-prompt", "agent_prompt": _text("agent_prompt", agent_prompt)}
+
+
+def idle_prompt_event(idle_prompt: str) -> dict[str, Any]:
+    return {"event": "update-idle-prompt", "idle_prompt": _text("idle_prompt", idle_prompt)}
+
+
+def image_event(*, image_url: str | None = None, image: AgentImage | None = None) -> dict[str, Any]:
+    """The ``update-image`` body: exactly one of ``image_url`` or ``image`` (PNG, base64)."""
+    if (image_url is None) == (image is None):
+        raise ValueError("update_image needs exactly one of image_url or image")
+    if image_url is not None:
+        return {"event": "update-image", "image_url": _text("image_url", image_url, False)}
+    assert image is not None
+    data = _encode_png(image, "image")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(
+            f"the image is {len(data):,} bytes; LemonSlice takes at most {MAX_IMAGE_BYTES:,} "
+            "(900 KB): shrink it or send image_url"
+        )
+    return {"event": "update-image", "image_base64": base64.b64encode(data).decode("ascii")}
+
+
+def _text(name: str, value: object, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, not {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    if not is_clean_text(value):
+        raise ValueError(f"{name} is not valid text (a NUL or a lone surrogate)")
+    return value
+
+
 def _usable_id(value: Any) -> TypeGuard[str]:
     """A session id we can put in a URL and a database: clean, non-blank, not absurdly long."""
     return (
@@ -364,7 +422,7 @@ def _usable_url(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip()) and is_clean_text(value)
 
 
-def _encode_png(image: AgentImage) -> bytes:
+def _encode_png(image: AgentImage, name: str = "agent_image") -> bytes:
     if isinstance(image, bytes | bytearray | memoryview):
         data = bytes(image)
     elif callable(getattr(image, "save", None)):
@@ -373,11 +431,11 @@ def _encode_png(image: AgentImage) -> bytes:
         data = buffer.getvalue()
     else:
         raise TypeError(
-            f"agent_image must be PNG bytes or an image with .save(fp, format='PNG'), "
+            f"{name} must be PNG bytes or an image with .save(fp, format='PNG'), "
             f"not {type(image).__name__}"
         )
     if not data.startswith(PNG_SIGNATURE):
-        raise ValueError("agent_image bytes are not a PNG image: encode it as PNG first")
+        raise ValueError(f"{name} bytes are not a PNG image: encode it as PNG first")
     return data
 
 
@@ -584,6 +642,112 @@ class LemonSliceClient:
 
         return await self._call(call, handle, body=TERMINATE_BODY)
 
+    # --- control events ------------------------------------------------------------------------
+    #
+    # Each is idempotent (sending it twice leaves the session as sending it once), so it follows
+    # the read/terminate retry policy. 404/410 raises NotFoundError: the session is gone.
+    # ``control_url`` None: the documented one, derived from the session_id.
+
+    async def update_image(
+        self,
+        session_id: str,
+        control_url: str | None,
+        *,
+        image_url: str | None = None,
+        image: AgentImage | None = None,
+    ) -> None:
+        """Show another image: ``image_url``, or ``image`` (PNG bytes or an object with
+        ``.save(fp, format="PNG")``) sent base64; a PNG over ``MAX_IMAGE_BYTES`` is refused
+        before sending."""
+        await self.send_control_event(
+            session_id, control_url, image_event(image_url=image_url, image=image)
+        )
+
+    async def update_agent_prompt(
+        self, session_id: str, control_url: str | None, agent_prompt: str
+    ) -> None:
+        """Replace the prompt that steers the avatar while it speaks."""
+        await self.send_control_event(session_id, control_url, agent_prompt_event(agent_prompt))
+
+    async def update_idle_prompt(
+        self, session_id: str, control_url: str | None, idle_prompt: str
+    ) -> None:
+        """Replace the prompt that steers the avatar while it listens."""
+        await self.send_control_event(session_id, control_url, idle_prompt_event(idle_prompt))
+
+    async def trigger_action(self, session_id: str, control_url: str | None, name: str) -> None:
+        """Trigger a pose or action by name (the wire shape: ``trigger_event``)."""
+        await self.send_control_event(session_id, control_url, trigger_event(name))
+
+    async def reset_idle_timeout(self, session_id: str, control_url: str | None) -> None:
+        """Restart LemonSlice's idle clock for this session (it otherwise only sees the avatar
+        speak)."""
+        await self.send_control_event(session_id, control_url, {"event": RESET_IDLE_EVENT})
+
+    async def send_control_event(
+        self, session_id: str, control_url: str | None, event: Mapping[str, Any]
+    ) -> None:
+        """POST one control event body (``{"event": NAME, ...}``, as built by the methods above,
+        ``image_event`` or ``trigger_event``) to the session's control URL."""
+        _check_session_id(session_id)
+        url = control_url or self.control_url_for(session_id)
+        call = _Call(_Op.CONTROL, "POST", url)
+        name = event["event"]
+
+        def handle(answer: _Answer) -> None:
+            if not answer.ok:
+                raise self._status_error(call, answer)
+            data = _loads_or_none(answer.body)
+            if isinstance(data, dict) and data.get("success") is False:
+                raise InvalidResponseError(
+                    f"LemonSlice answered {name} with success=false: not applied, retry later",
+                    **self._error_fields(call, answer),
+                )
+            logger.debug(
+                "sent %s to LemonSlice session %s",
+                name,
+                session_id,
+                extra={"session_id": session_id, "event": name},
+            )
+
+        await self._call(call, handle, body=json.dumps(event).encode())
+
+    async def wait_until_active(
+        self,
+        session_id: str,
+        *,
+        timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109 - the documented name; polls, never cut
+        on_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Poll ``get_session`` with backoff until the session is ACTIVE; returns that answer.
+
+        A QUEUED session (a cold start, up to ~2.5 minutes) is waited on; a final status raises
+        ``SessionNotLive``; still not ACTIVE after ``timeout`` seconds raises
+        ``ActivationTimeout``. ``on_status`` sees every answer (the manager records it).
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        start = self.clock.monotonic()
+        delay = WAIT_POLL_FIRST
+        while True:
+            answer = await self.get_session(session_id)
+            if on_status is not None:
+                await on_status(answer)
+            status = answer["session_status"]
+            if status == "ACTIVE":
+                return answer
+            if status in REMOTE_FINAL:
+                raise SessionNotLive(f"LemonSlice session {session_id} ended ({status})")
+            left = timeout - (self.clock.monotonic() - start)
+            if left <= 0:
+                raise ActivationTimeout(
+                    f"LemonSlice session {session_id} is still {status} after {timeout:g} s: "
+                    "wait longer, or end it",
+                    last_status=status,
+                )
+            await self.clock.sleep(min(delay, left))
+            delay = min(delay * 2, WAIT_POLL_CAP)
+
     # --- beyond pipecat -------------------------------------------------------------------------
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
@@ -715,6 +879,11 @@ class LemonSliceClient:
         if status in (404, 410):
             return NotFoundError(
                 "LemonSlice has no such session (ended or never existed)", **fields
+            )
+        if status == 402:
+            return NoCreditsError(
+                "LemonSlice refused: no subscription or not enough credits (top up the account)",
+                **fields,
             )
         if status == 429:
             retry_after = parse_retry_after(answer.retry_after, self.clock.now())

@@ -679,6 +679,22 @@ class SessionRepository:
 
         await self._transition(pk, decide, event=False)
 
+    async def record_control(self, pk: int, *, detail: str) -> SessionRecord | None:
+        """Append a ``control`` event (active -> active, no transition) for a control event sent
+        to an active session; None when the session is no longer active."""
+        check_text("detail", detail)
+        now = self.clock.now()
+
+        def apply(uow: UnitOfWork) -> Thunk:
+            row = uow.get(pk)
+            if row is None or row["status"] != _ACTIVE:
+                return lambda: None
+            uow.change(row, {"updated_at": now}, at=now, reason="control", detail=_clip(detail))
+            snap = uow.snapshot(row)
+            return lambda: _record(snap)
+
+        return cast(SessionRecord | None, await self._submit(Op(apply, pks=(pk,))))
+
     # --- claims and leases (single statements, outside the group commit) -----------------------
 
     @_db_errors
@@ -901,6 +917,24 @@ class SessionRepository:
             stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
             known.update(r["session_id"] for r in await self._fetch(stmt))
         return known
+
+    @_db_errors
+    async def active_control_urls(self, session_ids: Iterable[str]) -> dict[str, str]:
+        """session_id -> control_url of those that are active (one query per chunk: what the
+        keep-alive reads once per round)."""
+        wanted = sorted(set(session_ids))
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), LOOKUP_CHUNK):
+            chunk = wanted[start : start + LOOKUP_CHUNK]
+            stmt = select(sessions.c.session_id, sessions.c.control_url).where(
+                sessions.c.session_id.in_(chunk), sessions.c.status == _ACTIVE
+            )
+            found.update(
+                (r["session_id"], r["control_url"])
+                for r in await self._fetch(stmt)
+                if r["control_url"]
+            )
+        return found
 
     @_db_errors
     async def ended_before(
