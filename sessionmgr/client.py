@@ -465,7 +465,7 @@ class LemonSliceClient:
     ``session``: an ``aiohttp.ClientSession`` to borrow (never closed here); without one the client
     creates its own on first use and closes it in ``close()`` / ``async with``. ``trace_configs``
     go to that own session (a borrowed one keeps its own); each request carries
-    ``trace_request_ctx={"endpoint": "create" | "get" | "list" | "terminate"}``.
+    ``trace_request_ctx={"endpoint": "create" | "get" | "list" | "terminate" | "control"}``.
     """
 
     LEMONSLICE_URL: ClassVar[str] = config.DEFAULT_API_URL
