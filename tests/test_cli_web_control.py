@@ -336,3 +336,14 @@ async def test_http_control_errors(api: Any, lemon: FakeLemonSlice):
     )
     resp = await api.post(url, json={"action": "a"}, headers=AUTH)
     await expect_error(resp, 409, "conflict", "control events go to active sessions only")
+
+
+def test_the_openapi_document_names_every_body_field():
+    from sessionmgr import __version__, openapi, web
+
+    schemas = openapi.document(__version__)["components"]["schemas"]
+    assert set(schemas["CreateRequest"]["properties"]) == set(web.CREATE_FIELDS)
+    assert set(schemas["ControlRequest"]["properties"]) == set(web.CONTROL_FIELDS)
+    assert set(openapi.CONTROL_NAMES) == set(web.CONTROL_FIELDS)
+    paths = openapi.document(__version__)["paths"]
+    assert paths["/api/sessions/{id}/control"]["post"]["security"] == openapi.BEARER
