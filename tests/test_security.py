@@ -823,3 +823,12 @@ async def test_daily_token_file(lemon: FakeLemonSlice, migrated_db: str, tmp_pat
     assert flagged.stderr.splitlines() == [
         "warning: --daily-token shows in `ps` and shell history: use --daily-token-file instead"
     ]
+
+
+def test_the_api_document_says_which_routes_need_the_token() -> None:
+    from sessionmgr import openapi
+
+    for path, operations in openapi.document("t")["paths"].items():
+        for method, operation in operations.items():
+            guarded = not is_open(path)
+            assert ("401" in operation["responses"]) is guarded, (method, path)
