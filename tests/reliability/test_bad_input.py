@@ -535,7 +535,7 @@ async def test_reconcile_reports_malformed_answers_and_never_raises(
     manager = garbage_manager
     repo = manager.repository
     assert isinstance(manager.clock, FakeClock)
-    await manager.adopt_session(f"sess_{garbage.count}_{id(reply)}", "http://127.0.0.1:9/x")
+    await manager.adopt_session(f"sess_{garbage.count}_{id(reply)}")  # control on the API
     await repo.record_intent(agent_id="agent_1", idle_window=60.0, max_age=None)
     manager.clock.advance(700)  # past SETTLE and PENDING_GRACE: every intent is judged
     garbage.answer(reply)
