@@ -221,7 +221,7 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _check_host(request: web.Request) -> None:
     """A browser tricked by DNS rebinding sends the attacker's name as Host: refuse any name
     but ours. An address literal is ours when the request came to that address."""
-    name = _host_name(request.host)
+    name = _host_name(request.headers.get("Host", ""))  # not request.host: no DNS lookup
     if name in request.app[HOSTS]:
         return
     sockname = request.transport.get_extra_info("sockname") if request.transport else None

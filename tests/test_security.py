@@ -832,3 +832,14 @@ def test_the_api_document_says_which_routes_need_the_token() -> None:
         for method, operation in operations.items():
             guarded = not is_open(path)
             assert ("401" in operation["responses"]) is guarded, (method, path)
+
+
+async def test_a_request_without_a_host_header_is_refused(manager: SessionManager) -> None:
+    async with served(manager) as (_, api):
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        writer.write(b"GET /api/sessions HTTP/1.0\r\nAuthorization: Bearer " + TOKEN.encode())
+        writer.write(b"\r\n\r\n")
+        data = await reader.read()
+        writer.close()
+    assert data.startswith(b"HTTP/1.0 403") or data.startswith(b"HTTP/1.1 403"), data[:100]
+    assert b"host_not_allowed" in data
