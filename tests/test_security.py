@@ -456,9 +456,11 @@ class Impostor:
     """A LemonSlice stand-in whose create answers a control_url on another server (``evil``),
     which records every request it gets: it must never see the key."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: FakeClock | None = None) -> None:
+        self.clock = clock or FakeClock()
         self.evil_requests: list[dict[str, str]] = []
         self.terminates: list[str] = []
+        self.created_at: str | None = None
         self.api = TestServer(self._api_app())
         self.evil = TestServer(self._evil_app())
 
@@ -466,6 +468,7 @@ class Impostor:
         app = web.Application()
 
         async def create(request: web.Request) -> web.Response:
+            self.created_at = self.clock.now().isoformat()
             return web.json_response(
                 {
                     "session_id": "sess_imp",
@@ -478,7 +481,21 @@ class Impostor:
             self.terminates.append(request.match_info["id"])
             return web.json_response({"success": True})
 
+        async def listing(request: web.Request) -> web.Response:
+            live = [] if self.created_at is None or self.terminates else ["sess_imp"]
+            sessions = [
+                {"session_id": s, "created_at": self.created_at, "session_status": "ACTIVE"}
+                for s in live
+            ]
+            return web.json_response({"sessions": sessions, "pagination": {"has_more": False}})
+
+        async def status(request: web.Request) -> web.Response:
+            done = bool(self.terminates)
+            return web.json_response({"session_status": "COMPLETED" if done else "ACTIVE"})
+
         app.router.add_post("/api/liveai/sessions", create)
+        app.router.add_get("/api/liveai/sessions", listing)
+        app.router.add_get("/api/liveai/sessions/{id}", status)
         app.router.add_post("/api/liveai/sessions/{id}/control", control)
         return app
 
@@ -551,6 +568,33 @@ async def test_the_manager_and_http_keep_the_intent_pending_for_reconcile(
         assert [r.status for r in records] == [SessionStatus.PENDING] * 2
         assert all(r.control_url is None for r in records)
     assert impostor.evil_requests == []
+
+
+async def test_reconcile_ends_that_session_at_the_documented_url(db_url: str) -> None:
+    """The refused answer leaves a live session: it still ends, and the key still goes only to
+    the API's origin."""
+    clock = FakeClock()
+    async with Impostor(clock) as impostor:
+        client = LemonSliceClient(
+            API_KEY, api_url=impostor.api_url, retry=TEST_RETRY, timeouts=TEST_TIMEOUTS
+        )
+        async with (
+            client,
+            SessionManager(
+                database_url=db_url, client=client, clock=clock, reaper=False, auto_upgrade=True
+            ) as mgr,
+        ):
+            with pytest.raises(CreateOutcomeUnknown):
+                await mgr.create_session(agent_id="a")
+            clock.advance(700)  # the intent's lease and reconcile's settling time are over
+            report = await mgr.reconcile()
+            assert report.errors == []
+            [record] = (await mgr.repository.list()).items
+            assert record.session_id == "sess_imp"
+            assert record.status is SessionStatus.ENDED
+            assert record.control_url == f"{impostor.api_url}/sess_imp/control"
+        assert impostor.terminates == ["sess_imp"]
+        assert impostor.evil_requests == []
 
 
 async def test_an_explicitly_configured_control_origin_is_used(impostor: Impostor) -> None:
