@@ -1250,8 +1250,9 @@ def serve(
 
     Migrates the database first, then ends due sessions every --interval, reconciles with
     LemonSlice every --reconcile-every and answers HTTP on --host/--port (/healthz, /metrics,
-    /api/..., the dashboard at /); logs at INFO on stderr. Changes over HTTP need
-    SESSIONMGR_ADMIN_TOKEN.
+    /api/..., the dashboard at /); logs at INFO on stderr. With SESSIONMGR_ADMIN_TOKEN set,
+    every route but /healthz and the dashboard's page needs it; without, reads are open and
+    changes off.
     """
     from .server import check_http_exposure
     from .server import serve as serve_forever  # the module's name is taken by this command
