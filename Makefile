@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest chromium demo bench bench-smoke soak clean
+.PHONY: install test lint typecheck pytest chromium promtool demo bench bench-smoke soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) chromium
+pytest: $(STAMP) chromium promtool
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The dashboard's end-to-end test drives Debian's headless Chromium; CI machines start without it.
 chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
+
+# The alert rules are checked by promtool (Debian's prometheus package) and the systemd unit by
+# systemd-analyze (tests/test_operations.py); installed when missing, as chromium is.
+promtool:
+	@test -x /usr/bin/promtool || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus)
+	@test -x /usr/bin/systemd-analyze || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
 BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory

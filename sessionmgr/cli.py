@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
+from click.core import ParameterSource
 from rich.table import Table
 from rich.text import Text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -217,7 +218,15 @@ class SessionMgrGroup(click.Group):
 )
 @click.option("--api-url", envvar=ENV_API_URL, show_envvar=True, help="LemonSlice sessions URL.")
 @click.option(
-    "--api-key", envvar=ENV_API_KEY, show_envvar=True, help="LemonSlice API key (never echoed)."
+    "--api-key",
+    envvar=ENV_API_KEY,
+    show_envvar=True,
+    help="LemonSlice API key (never echoed; on a command line it shows in `ps`: prefer the file).",
+)
+@click.option(
+    "--api-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"File holding the LemonSlice API key [env var: {config.ENV_API_KEY_FILE}].",
 )
 @click.option(
     "-v", "--verbose", count=True, help="Log progress (-v) or everything (-vv) on stderr."
@@ -232,6 +241,7 @@ def cli(
     database_url: str | None,
     api_url: str | None,
     api_key: str | None,
+    api_key_file: Path | None,
     verbose: int,
     log_format: str,
 ) -> None:
@@ -241,6 +251,7 @@ def cli(
     """
     configure_logging(level=LOG_LEVELS[min(verbose, 2)], fmt=log_format, stream=sys.stderr)
     try:
+        api_key = secret_flag(ctx, "api_key", api_key, api_key_file, f" or {ENV_API_KEY}")
         settings = Settings.from_env(api_key=api_key, api_url=api_url, database_url=database_url)
     except ConfigurationError as exc:
         fail(str(exc), EXIT_USAGE)
@@ -255,6 +266,25 @@ def cli(
 
 def main() -> None:
     cli(prog_name="sessionmgr")
+
+
+def secret_flag(
+    ctx: click.Context, name: str, value: str | None, path: Path | None, also: str = ""
+) -> str | None:
+    """A secret from ``--NAME VALUE`` or ``--NAME-file PATH``. The file keeps it out of ``ps``
+    and shell histories, so the plain flag still works but says so on stderr."""
+    flag = "--" + name.replace("_", "-")
+    on_command_line = ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    if path is not None:
+        if on_command_line:
+            raise click.UsageError(f"give {flag} or {flag}-file, not both")
+        return config.read_secret_file(path, f"{flag}-file")
+    if on_command_line and value:
+        click.echo(
+            f"warning: {flag} shows in `ps` and shell history: use {flag}-file{also} instead",
+            err=True,
+        )
+    return value
 
 
 # --- commands -------------------------------------------------------------------------------
@@ -471,6 +501,11 @@ def report_end_outcomes(outcomes: Sequence[EndOutcome], *, as_json: bool, extra:
 @click.option("--enable-recording", is_flag=True, default=None, help="Record the session.")
 @click.option("--recordings-bucket", help="Where recordings go (with --enable-recording).")
 @click.option(
+    "--daily-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the Daily meeting token (keeps it out of `ps`).",
+)
+@click.option(
     "--property",
     "properties",
     type=KEY_JSON,
@@ -517,6 +552,7 @@ def create(
     simulcast: bool | None,
     enable_recording: bool | None,
     recordings_bucket: str | None,
+    daily_token_file: Path | None,
     properties: tuple[tuple[str, Any], ...],
     extra: tuple[tuple[str, Any], ...],
     idle_window: float | None,
@@ -534,6 +570,9 @@ def create(
     sources = [s for s in (agent_id, agent_image_url, agent_image) if s is not None]
     if len(sources) != 1:
         raise click.UsageError("give exactly one of --agent-id, --agent-image-url, --agent-image")
+    daily_token = secret_flag(
+        click.get_current_context(), "daily_token", daily_token, daily_token_file
+    )
     for token in (daily_token, livekit_token):
         if token:
             _SECRETS.add(token)
@@ -1312,7 +1351,7 @@ def prune(
 )
 @click.option(
     "--grace",
-    type=DURATION,
+    type=POSITIVE_DURATION,
     default=f"{SHUTDOWN_GRACE:g}s",
     show_default=True,
     help="How long in-flight terminates may finish after SIGTERM.",
@@ -1331,6 +1370,14 @@ def prune(
     show_envvar=True,
     help=f"HTTP port [default: {config.HTTP_PORT}]; 0 picks a free one (see the log line).",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help=f"A Host name HTTP answers to besides its address and localhost (repeatable) "
+    f"[env var: {config.ENV_ALLOWED_HOSTS}, comma-separated].",
+)
 @click.pass_obj
 def serve(
     obj: CliContext,
@@ -1343,13 +1390,15 @@ def serve(
     grace: float,
     host: str | None,
     port: int | None,
+    allowed_hosts: tuple[str, ...],
 ) -> None:
     """Run the reaper and the HTTP side until SIGTERM: the long-running process.
 
     Migrates the database first, then ends due sessions every --interval, reconciles with
     LemonSlice every --reconcile-every and answers HTTP on --host/--port (/healthz, /metrics,
-    /api/..., the dashboard at /); logs at INFO on stderr. Changes over HTTP need
-    SESSIONMGR_ADMIN_TOKEN.
+    /api/..., the dashboard at /); logs at INFO on stderr. With SESSIONMGR_ADMIN_TOKEN set,
+    every route but /healthz and the dashboard's page needs it; without, reads are open and
+    changes off.
     """
     from .server import check_http_exposure
     from .server import serve as serve_forever  # the module's name is taken by this command
@@ -1364,6 +1413,7 @@ def serve(
         "lease": lease,
         "http_host": host,
         "http_port": port,
+        "allowed_hosts": allowed_hosts or None,
     }
     settings = dataclasses.replace(
         obj.settings, **{k: v for k, v in changes.items() if v is not None}

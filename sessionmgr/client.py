@@ -15,7 +15,10 @@ timeouts on every attempt, and retries that never risk a second paid session:
   ``NotFoundError``. 402 (no credits) is ``NoCreditsError``, never retried.
 
 The API key travels only in the ``x-api-key`` header: never in a URL, a log record, an error or a
-repr. Redirects are not followed, so the key is never forwarded to another host.
+repr. Redirects are not followed, and a ``control_url`` (from an answer, or given to
+``end_session``) must be on the API URL's origin or one in ``control_origins``
+(``UntrustedURLError`` otherwise), so the key never goes to another host. Answers are read up to
+``MAX_ANSWER_BYTES``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from . import config
 from .clock import SYSTEM_CLOCK, Clock
@@ -54,6 +58,7 @@ from .errors import (
     ServerError,
     SessionNotLive,
     TransportError,
+    UntrustedURLError,
     excerpt,
 )
 from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, unclean_text
@@ -69,6 +74,7 @@ MAX_CONNECTIONS = 200  # pooled connections of a session the client creates itse
 LIST_PAGE_SIZE = 25  # sessions per page, as LemonSlice's default
 MAX_LIST_PAGES = 100_000  # a server whose pagination never ends is a bug, not a long list
 MAX_SESSION_ID_CHARS = 128  # a longer session_id in an answer is garbage (LemonSlice's are ~30)
+MAX_ANSWER_BYTES = 1 << 20  # an answer body larger than this is refused, not buffered (1 MiB)
 
 API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insensitive)
 TRANSPORT_TYPE = "daily"  # pipecat's, and the default
@@ -483,7 +489,11 @@ class LemonSliceClient:
         retry: RetryPolicy | None = None,
         clock: Clock | None = None,
         trace_configs: Sequence[aiohttp.TraceConfig] = (),
+        control_origins: Sequence[str] | None = None,
     ) -> None:
+        """``control_origins``: origins (``https://host[:port]``) besides the API URL's that a
+        ``control_url`` may point to; None reads ``LEMONSLICE_CONTROL_ORIGINS``
+        (comma-separated)."""
         key = (api_key if api_key is not None else os.environ.get(config.ENV_API_KEY, "")).strip()
         if not key:
             raise ConfigurationError(
@@ -501,8 +511,20 @@ class LemonSliceClient:
                 f"LemonSlice API URL {url!r} must start with http:// or https://: "
                 f"check {config.ENV_API_URL}"
             )
+        if control_origins is None:
+            control_origins = config.split_list(os.environ.get(config.ENV_CONTROL_ORIGINS, ""))
+        origins = set()
+        for given in control_origins:
+            origin = _origin(given)
+            if origin is None:
+                raise ConfigurationError(
+                    f"control origin {given!r} is not an http(s) URL such as "
+                    f"https://control.example.com: check {config.ENV_CONTROL_ORIGINS}"
+                )
+            origins.add(origin)
         self._key = _Secret(key)
         self._api_url = url
+        self._control_origins = frozenset(origins)
         self._session = session
         self._owns_session = session is None
         self._closed = False
@@ -543,6 +565,24 @@ class LemonSliceClient:
     def control_url_for(self, session_id: str) -> str:
         """The documented control URL of a session: ``{api_url}/{session_id}/control``."""
         return _control_url(self._api_url, session_id)
+
+    def check_control_url(self, control_url: str, *, api_url: str | None = None) -> str:
+        """``control_url`` if the key may go there: the origin (scheme, host, port) of the API
+        URL (or of ``api_url``, a per-call override) or of a configured control origin.
+        Raises ``UntrustedURLError`` otherwise, before anything is sent."""
+        trusted = {_origin(self._api_url), *self._control_origins}
+        if api_url is not None:
+            trusted.add(_origin(api_url))
+        origin = _origin(control_url) if isinstance(control_url, str) else None
+        if origin is None or origin not in trusted:
+            shown = excerpt(repr(control_url), 120)
+            raise UntrustedURLError(
+                f"control_url {shown} is not on the LemonSlice API's origin "
+                f"({_origin_text(self._api_url)}): refused, the API key is sent only there; if "
+                f"LemonSlice really serves control requests from it, add its origin to "
+                f"{config.ENV_CONTROL_ORIGINS}"
+            )
+        return control_url
 
     # --- the pipecat surface --------------------------------------------------------------------
 
@@ -618,7 +658,8 @@ class LemonSliceClient:
     async def end_session(self, session_id: str, control_url: str | None = None) -> bool:
         """Terminate a session. True: ended now. False: the server says it is already gone."""
         _check_session_id(session_id)
-        url = control_url or self.control_url_for(session_id)
+        url = self.check_control_url(control_url) if control_url else None
+        url = url or self.control_url_for(session_id)
         call = _Call(_Op.TERMINATE, "POST", url)
 
         def handle(answer: _Answer) -> bool:
@@ -827,6 +868,13 @@ class LemonSliceClient:
         control_url = data.get("control_url")
         if not _usable_url(control_url):
             result["control_url"] = _control_url(base, session_id)
+        else:
+            try:
+                self.check_control_url(str(control_url), api_url=base)
+            except UntrustedURLError as exc:
+                # The session exists; its intent stays pending and reconcile ends it at the
+                # documented control URL. The foreign one is never called.
+                raise self._outcome_unknown(call, f"create answered a {exc}", answer) from exc
         logger.debug("created LemonSlice session %s", session_id, extra={"session_id": session_id})
         return result
 
@@ -1008,7 +1056,17 @@ class LemonSliceClient:
                 allow_redirects=False,
                 trace_request_ctx={"endpoint": call.op.value},
             ) as resp:
-                raw = await resp.read()
+                raw = await _read_limited(resp, MAX_ANSWER_BYTES)
+                if raw is None:
+                    what = f"LemonSlice answered more than {MAX_ANSWER_BYTES} bytes"
+                    if call.op is _Op.CREATE:
+                        raise self._outcome_unknown(call, what)
+                    raise InvalidResponseError(
+                        f"{what}: refused unread; check the API URL",
+                        status=resp.status,
+                        method=call.method,
+                        url=call.url,
+                    )
                 return _Answer(
                     resp.status, raw, resp.headers.get("Retry-After"), resp.headers.get("Location")
                 )
@@ -1062,6 +1120,36 @@ def _create_form(payload_text: str, image: bytes) -> aiohttp.FormData:
     form.add_field("payload", payload_text, content_type="application/json")
     form.add_field("image", image, filename="image.png", content_type="image/png")
     return form
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (nothing more is read or kept)."""
+    if resp.content_length is not None and resp.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port) of an http(s) URL, default ports filled in; None for anything else."""
+    try:
+        parsed = URL(url.strip())
+    except (ValueError, TypeError):
+        return None
+    if parsed.scheme.lower() not in ("http", "https") or not parsed.host:
+        return None
+    return parsed.scheme.lower(), parsed.host.lower(), parsed.port
+
+
+def _origin_text(url: str) -> str:
+    origin = _origin(url)
+    return f"{origin[0]}://{origin[1]}:{origin[2]}" if origin else url
 
 
 def _control_url(api_url: str, session_id: str) -> str:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 from .errors import ConfigurationError
 
@@ -18,6 +20,11 @@ ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"  # enables the HTTP API's changing ro
 ENV_HTTP_HOST = "SESSIONMGR_HTTP_HOST"
 ENV_HTTP_PORT = "SESSIONMGR_HTTP_PORT"
 ENV_LIVEKIT_TOKEN = "SESSIONMGR_LIVEKIT_TOKEN"  # `create --livekit-token` without the command line
+# Secrets can come from files instead (no value in the environment or on a command line):
+ENV_API_KEY_FILE = "LEMONSLICE_API_KEY_FILE"
+ENV_ADMIN_TOKEN_FILE = "SESSIONMGR_ADMIN_TOKEN_FILE"
+ENV_ALLOWED_HOSTS = "SESSIONMGR_ALLOWED_HOSTS"  # comma-separated Host names `serve` answers to
+ENV_CONTROL_ORIGINS = "LEMONSLICE_CONTROL_ORIGINS"  # comma-separated extra origins for control_url
 
 # Reaper defaults; each has an environment variable SESSIONMGR_<NAME> (e.g. SESSIONMGR_IDLE_WINDOW).
 IDLE_WINDOW = 300.0  # seconds without a touch before the reaper ends a session
@@ -47,6 +54,18 @@ class Settings:
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     http_host: str = HTTP_HOST
     http_port: int = HTTP_PORT
+    allowed_hosts: tuple[str, ...] = ()  # Host names `serve` answers to beyond its own address
+    control_origins: tuple[str, ...] = ()  # origins besides the API URL's a control_url may use
+
+    def __post_init__(self) -> None:
+        """Refuse a setting that would misbehave (``SESSIONMGR_LEASE=0`` makes every claim
+        instantly stealable), naming where it is set, before anything starts."""
+        for name in ("idle_window", "max_age", "reaper_interval", "lease"):
+            value = getattr(self, name)
+            if value is not None:
+                check_seconds(setting_label(name), value)
+        for name in ("reaper_concurrency", "reaper_batch"):
+            check_count(setting_label(name), getattr(self, name))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -63,6 +82,20 @@ class Settings:
             values["admin_token"] = token
         if host := env.get(ENV_HTTP_HOST):
             values["http_host"] = host
+        for name, env_name, file_env in (
+            ("api_key", ENV_API_KEY, ENV_API_KEY_FILE),
+            ("admin_token", ENV_ADMIN_TOKEN, ENV_ADMIN_TOKEN_FILE),
+        ):
+            if secret_file := env.get(file_env):
+                if env.get(env_name):
+                    raise ConfigurationError(f"set {env_name} or {file_env}, not both")
+                values[name] = read_secret_file(secret_file, file_env)
+        for name, env_name in (
+            ("allowed_hosts", ENV_ALLOWED_HOSTS),
+            ("control_origins", ENV_CONTROL_ORIGINS),
+        ):
+            if raw_list := env.get(env_name):
+                values[name] = split_list(raw_list)
         for name, conv in (
             ("idle_window", float),
             ("max_age", _optional_seconds),
@@ -77,8 +110,9 @@ class Settings:
                 try:
                     values[name] = conv(raw)
                 except ValueError:
+                    what = "a whole number" if conv is int else "a number"
                     raise ConfigurationError(
-                        f"SESSIONMGR_{name.upper()}={raw!r} is not a number; fix or unset it"
+                        f"SESSIONMGR_{name.upper()}={raw!r} is not {what}; fix or unset it"
                     ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         port = values.get("http_port", HTTP_PORT)
@@ -94,3 +128,61 @@ def _optional_seconds(raw: str) -> float | None:
     if raw.strip().lower() in ("none", "off", "0"):
         return None
     return float(raw)
+
+
+# --- checks shared by Settings, the CLI, SessionManager and Reaper ------------------------------
+
+FLAGS = {  # setting -> the `sessionmgr serve` flag that sets it
+    "idle_window": "--idle-window",
+    "max_age": "--max-age",
+    "reaper_interval": "--interval",
+    "reaper_concurrency": "--concurrency",
+    "lease": "--lease",
+}
+
+
+def setting_label(name: str) -> str:
+    """How an error names a setting: its environment variable, and its flag when it has one."""
+    flag = FLAGS.get(name)
+    return f"SESSIONMGR_{name.upper()}" + (f" / {flag}" if flag else "")
+
+
+def check_seconds(label: str, value: object) -> float:
+    """A duration that must be a finite number of seconds above 0."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ConfigurationError(f"{label} must be a number of seconds above 0, not {value!r}")
+    return float(value)
+
+
+def check_count(label: str, value: object) -> int:
+    """A count (concurrency, batch size) that must be a whole number of at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{label} must be a whole number of at least 1, not {value!r}")
+    return value
+
+
+def read_secret_file(path: str | Path, source: str) -> str:
+    """A key or token kept in a file (one line, trailing newline ignored), so it never shows in
+    ``ps``, a shell history or the environment of other processes."""
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigurationError(f"cannot read {source} {str(path)!r}: {reason}") from None
+    value = text.strip()
+    if not value or "\n" in value:
+        raise ConfigurationError(
+            f"{source} {str(path)!r} must hold the secret on one line (it is "
+            f"{'empty' if not value else 'several lines'})"
+        )
+    return value
+
+
+def split_list(raw: str) -> tuple[str, ...]:
+    """``a, b,,c`` -> ``("a", "b", "c")``: the form of the list-valued environment variables."""
+    return tuple(part.strip() for part in raw.split(",") if part.strip())

@@ -110,6 +110,9 @@ def create_engine(url: str | URL, **kw: Any) -> AsyncEngine:
 def _make_engine(
     url: str | URL, *, foreign_keys: bool = True, create: bool = True, **kw: Any
 ) -> AsyncEngine:
+    # A failed statement's error (logged, shown) would otherwise carry its bound parameters:
+    # prompts, metadata, URLs that let anyone join a call.
+    kw.setdefault("hide_parameters", True)
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, foreign_keys=foreign_keys, create=create, **kw)

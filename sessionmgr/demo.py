@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -139,9 +141,30 @@ async def run_demo(db_path: Path = DEMO_DB, console: Console | None = None) -> P
             f"LemonSlice (fake) saw {fake.creates} creates, "
             f"{sum(fake.terminate_counts.values())} terminates, {fake.live_count} still live"
         )
-    console.print(
-        f"database: {path}\n"
-        f"try: sessionmgr --database-url sqlite+aiosqlite:///{path} list --status ended",
-        soft_wrap=True,
-    )
+    command = command_hint()
+    hint = f"try: {command} --database-url sqlite+aiosqlite:///{path} list --status ended"
+    if command != "sessionmgr" and sys.prefix != sys.base_prefix:
+        activate = Path(sys.prefix) / "bin" / "activate"
+        hint += f"\n (or `sessionmgr ...` after `. {_shown_path(activate)}`)"
+    console.print(f"database: {path}\n{hint}", soft_wrap=True)
     return path
+
+
+def command_hint() -> str:
+    """``sessionmgr`` as whoever ran the demo can type it now: the bare name when that is what
+    the shell finds, else the script's path (``.venv/bin/sessionmgr`` after ``make demo``)."""
+    script = Path(sys.argv[0])
+    if script.name != "sessionmgr" or not script.exists():  # python -m sessionmgr, or embedded
+        return f"{_shown_path(Path(sys.executable))} -m sessionmgr"
+    found = shutil.which("sessionmgr")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "sessionmgr"
+    return _shown_path(script)
+
+
+def _shown_path(path: Path) -> str:
+    """Relative to the working directory when under it (short, and what a user types)."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.absolute())

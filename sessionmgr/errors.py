@@ -15,7 +15,8 @@
     │   └── InvalidResponseError        non-JSON, an HTML page, or JSON missing required fields
     ├── ConfigurationError              a missing API key, a bad URL or setting
     ├── InvalidArgument                 a bad argument, refused before any I/O (also a
-    │                                   ValueError and a TypeError, as Python code expects)
+    │   │                               ValueError and a TypeError, as Python code expects)
+    │   └── UntrustedURLError           a control_url off LemonSlice's origin (the key would go)
     ├── DatabaseError                   the database cannot be used as it is
     │   ├── DatabaseNotMigrated         behind the migrations: run ``sessionmgr db upgrade``
     │   └── DatabaseLocked              another process held the write lock past the busy timeout
@@ -118,6 +119,11 @@ class InvalidArgument(SessionMgrError, ValueError, TypeError):
     """A bad argument (a NaN window, text no database can store, a naive datetime...), refused
     before anything is written or sent. Subclasses ValueError and TypeError, so code written
     against the plain built-in errors keeps working."""
+
+
+class UntrustedURLError(InvalidArgument):
+    """A ``control_url`` on another origin than the API URL's (or a configured one): the API key
+    travels with every control request, so none is sent there."""
 
 
 class DatabaseError(SessionMgrError):

@@ -115,6 +115,16 @@ class SessionManager:
             check_windows(idle_window, max_age)
         except (TypeError, ValueError) as exc:
             raise ConfigurationError(str(exc)) from None
+        for label, seconds in (
+            ("reaper_interval", reaper_interval),
+            ("lease", lease),
+            ("touch_flush_interval", touch_flush_interval),
+        ):
+            config.check_seconds(label, seconds)
+        if reconcile_interval is not None:
+            config.check_seconds("reconcile_interval", reconcile_interval)
+        config.check_count("reaper_concurrency", reaper_concurrency)
+        config.check_count("reaper_batch", reaper_batch)
         self._database_url = database_url
         self._repository = repository
         self._client = client
@@ -515,8 +525,11 @@ class SessionManager:
         transport_type: str | None = None,
     ) -> SessionRecord:
         """Guard a session created elsewhere (e.g. by pipecat's own transport, or LiveKit's
-        plugin: ``transport_type="livekit"``)."""
+        plugin: ``transport_type="livekit"``). A ``control_url`` off the API's origin raises
+        ``UntrustedURLError``: the reaper would send the API key there."""
         check_session_id(session_id)
+        if control_url:
+            self.client.check_control_url(control_url)
         record, created = await self.repository.adopt(
             session_id=session_id,
             control_url=control_url or self.client.control_url_for(session_id),

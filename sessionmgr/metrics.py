@@ -61,6 +61,45 @@ class _LiveSessions(Collector):
         yield live
 
 
+class _ReaperHealth(Collector):
+    """``sessionmgr_reaper_up``, ``sessionmgr_reaper_last_tick_age_seconds`` and
+    ``sessionmgr_reaper_interval_seconds`` as of the last scrape: what /healthz judges, as numbers
+    an alert rule can compare (docs/prometheus/alerts.yml)."""
+
+    def __init__(self) -> None:
+        self.running = False
+        self.age: float | None = None  # seconds since the last tick ended (or the reaper started)
+        self.interval: float | None = None
+
+    def read(self, manager: SessionManager) -> None:
+        reaper = manager.reaper
+        beat = reaper.heartbeat
+        since = beat.last_tick_at or beat.started_at
+        self.running = reaper.running
+        self.interval = reaper.interval
+        self.age = None if since is None else (manager.clock.now() - since).total_seconds()
+
+    def collect(self) -> Iterable[Metric]:
+        up = GaugeMetricFamily(
+            "sessionmgr_reaper_up", "1 while this process's reaper runs, else 0 (due sessions wait)"
+        )
+        up.add_metric([], 1 if self.running else 0)
+        yield up
+        if self.interval is not None:
+            interval = GaugeMetricFamily(
+                "sessionmgr_reaper_interval_seconds", "Seconds between the reaper's ticks"
+            )
+            interval.add_metric([], self.interval)
+            yield interval
+        if self.running and self.age is not None:
+            age = GaugeMetricFamily(
+                "sessionmgr_reaper_last_tick_age_seconds",
+                "Seconds since the reaper last finished a tick (or started, before its first)",
+            )
+            age.add_metric([], max(0.0, self.age))
+            yield age
+
+
 class Metrics:
     """The metrics of one manager; ``render()`` gives the text a Prometheus server scrapes."""
 
@@ -127,8 +166,18 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.payment_required = Counter(
+            "sessionmgr_api_payment_required",
+            "LemonSlice answers 402 (no subscription or not enough credits), by endpoint",
+            ["endpoint"],
+            registry=r,
+        )
+        for name in ("create", "get", "list", "terminate"):
+            self.payment_required.labels(name)  # exported at 0 before the first one
         self._live = _LiveSessions()
         r.register(self._live)
+        self._reaper = _ReaperHealth()
+        r.register(self._reaper)
         self._attached: list[SessionManager] = []
 
     # --- wiring -------------------------------------------------------------------------------
@@ -213,6 +262,8 @@ class Metrics:
             _: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
         ) -> None:
             done(ctx, f"{params.response.status // 100}xx")
+            if params.response.status == 402:
+                self.payment_required.labels(endpoint(ctx)).inc()
 
         async def failed(
             _: aiohttp.ClientSession,
@@ -235,6 +286,10 @@ class Metrics:
         except SessionMgrError as exc:
             logger.warning("metrics: could not count live sessions: %s", exc)
             self._live.counts = None
+        try:
+            self._reaper.read(manager)
+        except SessionMgrError:  # the manager is not open: no reaper to report on
+            self._reaper.running = False
         return self.render()
 
     def render(self) -> bytes:

@@ -41,7 +41,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 ERRORS = {  # status -> what it means, as components/responses/E<status>
     400: "Bad input (a filter, a body field): `detail` says which and what to use",
     401: "Missing or wrong admin token",
-    403: "Changes are off: the server has no SESSIONMGR_ADMIN_TOKEN",
+    403: "Changes are off (the server has no SESSIONMGR_ADMIN_TOKEN), or the Host is not this "
+    "server's (host_not_allowed)",
     404: "No session with that id or session_id",
     409: "The session's state does not allow this now",
     502: "LemonSlice rejected the request or could not be reached (`error` is "
@@ -323,14 +324,32 @@ LIST_PARAMETERS: list[dict[str, Any]] = [
 
 def document(version: str) -> dict[str, Any]:
     """The whole document; ``version`` is sessionmgr's."""
+    return _guarded(_document(version))
+
+
+def _guarded(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every operation the admin token guards (web.OPEN_ROUTES decides) may answer 401. (Reads
+    declare no ``security``: without a configured token they are open, see the description.)"""
+    from .web import OPEN_ROUTES  # web imports this module
+
+    for path, operations in doc["paths"].items():
+        if any(o.covers(path) for o in OPEN_ROUTES):
+            continue
+        for operation in operations.values():
+            operation["responses"].setdefault("401", {"$ref": "#/components/responses/E401"})
+    return doc
+
+
+def _document(version: str) -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "sessionmgr admin API",
             "version": version,
-            "description": "Reads are open to whoever reaches the port (loopback by default). "
-            "POST routes need `Authorization: Bearer <SESSIONMGR_ADMIN_TOKEN>`; without a "
-            "configured token they answer 403. Errors are JSON {error, detail}.",
+            "description": "With SESSIONMGR_ADMIN_TOKEN set, every route but /healthz and the "
+            "dashboard's page and files needs `Authorization: Bearer <token>`; without one "
+            "(loopback only) reads are open and changes answer 403. A Host that is not this "
+            "server's is refused (403 host_not_allowed). Errors are JSON {error, detail}.",
         },
         "paths": {
             "/healthz": {

@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 from . import config
 from .client import LemonSliceClient
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AuthError, LemonSliceError, RateLimitedError
+from .errors import AuthError, LemonSliceError, RateLimitedError, UntrustedURLError
 from .records import SessionFilter, SessionRecord
 from .repository import SessionRepository
 from .retry import RetryPolicy
@@ -106,8 +106,10 @@ class Reaper:
         on_tick: TickHook | None = None,
     ) -> None:
         """``on_tick`` is called after every tick that claimed (not dry runs), e.g. for metrics."""
-        if concurrency < 1 or batch < 1:
-            raise ValueError("reaper concurrency and batch must be at least 1")
+        config.check_seconds("Reaper interval", interval)
+        config.check_seconds("Reaper lease", lease)
+        config.check_count("Reaper concurrency", concurrency)
+        config.check_count("Reaper batch", batch)
         self.repository = repository
         self.client = client
         self.owner = owner or new_owner()
@@ -125,6 +127,22 @@ class Reaper:
         self._task: asyncio.Task[None] | None = None
 
     # --- one session -----------------------------------------------------------------------
+
+    def _control_url(self, record: SessionRecord) -> str | None:
+        """The stored control URL, unless it is off the API's origin (a row recorded before
+        that was checked): then the documented one, so the session still ends and the key
+        still goes only to LemonSlice."""
+        if not record.control_url:
+            return None
+        try:
+            return self.client.check_control_url(record.control_url)
+        except UntrustedURLError:
+            logger.warning(
+                "session %s has a control_url off the API's origin: using the documented one",
+                record.session_id,
+                extra={"session_id": record.session_id},
+            )
+            return None
 
     async def finish(
         self,
@@ -155,7 +173,7 @@ class Reaper:
             else:
                 try:
                     terminated = await self.client.end_session(
-                        record.session_id, record.control_url
+                        record.session_id, self._control_url(record)
                     )
                 except LemonSliceError as exc:
                     failure, terminated = exc, None

@@ -95,17 +95,19 @@ def is_secret_key(key: object) -> bool:
 def redact(mapping: Mapping[str, Any] | None) -> dict[str, Any]:
     """A copy whose values under secret-looking keys (token/secret/key, any case, at any depth)
     are ``"***"``: what may be stored, logged or printed."""
-    out: dict[str, Any] = {}
-    for key, value in (mapping or {}).items():
-        if is_secret_key(key):
-            out[key] = REDACTED
-        elif isinstance(value, Mapping):
-            out[key] = redact(value)
-        elif isinstance(value, list | tuple):
-            out[key] = [redact(v) if isinstance(v, Mapping) else v for v in value]
-        else:
-            out[key] = value
-    return out
+    return {
+        key: REDACTED if is_secret_key(key) else _redact_value(value)
+        for key, value in (mapping or {}).items()
+    }
+
+
+def _redact_value(value: Any) -> Any:
+    """``redact`` for any JSON-like value: objects inside lists inside lists are walked too."""
+    if isinstance(value, Mapping):
+        return redact(value)
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
 
 
 def is_clean_text(value: str) -> bool:

@@ -40,6 +40,9 @@ async def serve(
 ) -> None:
     """Run until SIGTERM or SIGINT. ``ready`` is called once the manager is up (for tests)."""
     check_http_exposure(settings.http_host, settings.admin_token)
+    config.check_seconds("--grace", grace)
+    if reconcile_interval is not None:
+        config.check_seconds("--reconcile-every", reconcile_interval)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -47,7 +50,10 @@ async def serve(
     try:
         metrics = Metrics()
         client = LemonSliceClient(
-            settings.api_key, api_url=settings.api_url, trace_configs=[metrics.trace_config()]
+            settings.api_key,
+            api_url=settings.api_url,
+            trace_configs=[metrics.trace_config()],
+            control_origins=settings.control_origins,
         )
         manager = SessionManager(
             database_url=settings.database_url,
@@ -62,7 +68,12 @@ async def serve(
             auto_upgrade=True,
         )
         async with client, manager:
-            app = create_app(manager, admin_token=settings.admin_token, metrics=metrics)
+            app = create_app(
+                manager,
+                admin_token=settings.admin_token,
+                metrics=metrics,
+                allowed_hosts=(settings.http_host, *settings.allowed_hosts),
+            )
             runner = await _start_http(app, settings.http_host, settings.http_port)
             try:
                 logger.info(

@@ -1,9 +1,11 @@
 """The HTTP side of ``sessionmgr serve``: health, metrics, a JSON admin API and a dashboard.
 
-Reads are open to whoever can reach the port (loopback by default); the routes that change
-sessions need ``Authorization: Bearer <SESSIONMGR_ADMIN_TOKEN>``, and without a configured token
-they are off (403). Every error is JSON ``{"error", "detail"}``: never an HTML page or a
-traceback, never a secret.
+One middleware (``_guard``) stands in front of every route. It refuses a ``Host`` that is not
+this server's (DNS rebinding: a web page whose name resolves to 127.0.0.1 must not read the
+API), then, with ``SESSIONMGR_ADMIN_TOKEN`` set, demands ``Authorization: Bearer <token>`` on
+every route but the few in ``OPEN_ROUTES``. Without a token (loopback only, see server.py) reads
+are open and changes are off (403). Every error is JSON ``{"error", "detail"}``: never an HTML
+page or a traceback, never a secret.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from importlib import resources
 from typing import Any, NoReturn
@@ -25,6 +28,7 @@ from aiohttp import web
 
 from . import __version__, openapi
 from .cli_params import KEY_VALUE, MOMENT, parse_duration
+from .config import ENV_ALLOWED_HOSTS
 from .errors import (
     ActivationTimeout,
     CreateOutcomeUnknown,
@@ -34,6 +38,7 @@ from .errors import (
     SessionMgrError,
     SessionNotFound,
     SessionNotLive,
+    excerpt,
 )
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
@@ -102,6 +107,36 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MANAGER: web.AppKey[SessionManager] = web.AppKey("manager", SessionManager)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 TOKEN: web.AppKey[str] = web.AppKey("admin_token", str)
+HOSTS: web.AppKey[frozenset[str]] = web.AppKey("allowed_hosts", frozenset)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # what "reads" means without a token
+LOCAL_NAMES = ("localhost",)  # Host names always answered, besides the address a request came to
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenRoute:
+    """A route the admin token does not guard, and why. ``path`` is a route as registered
+    (``/healthz``), or with ``prefix`` every route under it (``/static/`` covers
+    ``/static/{name}``). Matched against the route a request resolved to, not its raw path, so
+    no ``..`` or percent-encoding can reach a guarded handler through an open prefix."""
+
+    path: str
+    why: str
+    prefix: bool = False
+
+    def covers(self, route: str) -> bool:
+        if self.prefix:
+            return route == self.path.rstrip("/") or route.startswith(self.path)
+        return route == self.path
+
+
+OPEN_ROUTES = (
+    OpenRoute("/healthz", "probes carry no credentials; it shows no session"),
+    OpenRoute("/", "the dashboard's page holds no data; its script asks for the token"),
+    OpenRoute("/static/", "the dashboard's script and style: no data", prefix=True),
+    # The LemonSlice-compatible proxy (sessionmgr/integrations) carries its own auth: callers
+    # send their LemonSlice key as x-api-key, as to LemonSlice itself, never the admin token.
+    OpenRoute("/api/liveai/", "authenticated by the caller's own x-api-key", prefix=True),
+)
 
 
 class ApiError(Exception):
@@ -136,17 +171,24 @@ HTTP_ERRORS = {
 
 
 def create_app(
-    manager: SessionManager, *, admin_token: str | None, metrics: Metrics | None = None
+    manager: SessionManager,
+    *,
+    admin_token: str | None,
+    metrics: Metrics | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> web.Application:
     """The app for an open ``manager``. ``metrics`` (a new ``Metrics`` if None) is attached to
     it; to count LemonSlice requests too, build the manager's client with
-    ``trace_configs=[metrics.trace_config()]``."""
+    ``trace_configs=[metrics.trace_config()]``. ``allowed_hosts``: ``Host`` names answered
+    besides ``localhost`` and the address each request arrived at (``serve`` passes ``--host``
+    and ``--allowed-host``)."""
     metrics = metrics or Metrics()
     metrics.attach(manager)
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[_errors, _guard], client_max_size=MAX_BODY_BYTES)
     app[MANAGER] = manager
     app[METRICS] = metrics
     app[TOKEN] = admin_token or ""
+    app[HOSTS] = frozenset(_host_name(h) for h in (*LOCAL_NAMES, *allowed_hosts) if h.strip())
     r = app.router
     r.add_get("/healthz", healthz)
     r.add_get("/metrics", metrics_text)
@@ -197,6 +239,47 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         logger.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal_error", "unexpected server error: see the server log")
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one gate: this server's Host, then the admin token (see the module docstring)."""
+    _check_host(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else None
+    if route is not None and any(o.covers(route) for o in OPEN_ROUTES):
+        return await handler(request)
+    if request.app[TOKEN] or (route is not None and request.method not in SAFE_METHODS):
+        _authorize(request)
+    return await handler(request)
+
+
+def _check_host(request: web.Request) -> None:
+    """A browser tricked by DNS rebinding sends the attacker's name as Host: refuse any name
+    but ours. An address literal is ours when the request came to that address."""
+    name = _host_name(request.headers.get("Host", ""))  # not request.host: no DNS lookup
+    if name in request.app[HOSTS]:
+        return
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if isinstance(sockname, tuple) and name == _host_name(str(sockname[0])):
+        return
+    raise ApiError(
+        403,
+        "host_not_allowed",
+        f"Host {excerpt(name, 80)!r} is not this server's: use its address or localhost, or "
+        f"allow the name with `sessionmgr serve --allowed-host NAME` / {ENV_ALLOWED_HOSTS}",
+    )
+
+
+def _host_name(host: str) -> str:
+    """``Example.COM:8787`` -> ``example.com``; ``[::1]:8787`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[1:end] if end > 0 else host
+    if host.count(":") > 1:  # a bare IPv6 address (a configured one, or a socket's)
+        return host
+    return host.partition(":")[0].rstrip(".")
 
 
 def _scrub(request: web.Request, text: str) -> str:
@@ -373,6 +456,7 @@ async def stats(request: web.Request) -> web.Response:
 
 
 def _authorize(request: web.Request) -> None:
+    """The admin token (``_guard`` calls this for every guarded route)."""
     token = request.app[TOKEN]
     if not token:
         raise ApiError(
@@ -438,7 +522,6 @@ def _fields(body: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]]) -> 
 
 async def create_session(request: web.Request) -> web.Response:
     """Create through the manager (intent first, so a crash mid-create is still found)."""
-    _authorize(request)
     args = _create_args(await _json_object(request))
     wait_active = args.pop("wait_active", None)
     manager = _manager(request)
@@ -452,7 +535,6 @@ async def control_session(request: web.Request) -> web.Response:
     """Send one control event (the body names it: exactly one of ``CONTROL_FIELDS``) to an
     active session, as ``sessionmgr control`` does. 409 when the session is not active (or
     LemonSlice no longer has it: it is then recorded as ended), 502 when LemonSlice fails."""
-    _authorize(request)
     args = _fields(await _json_object(request), CONTROL_FIELDS)
     if args.get("reset_idle_timeout") is False:
         del args["reset_idle_timeout"]
@@ -482,7 +564,6 @@ async def control_session(request: web.Request) -> web.Response:
 
 async def touch_session(request: web.Request) -> web.Response:
     """Record activity now and write it at once (an admin touch is rare; no need to buffer)."""
-    _authorize(request)
     repo = _manager(request).repository
     record = await _record(request)
     if record.session_id is None or not await repo.touch_many([record.session_id]):
@@ -499,7 +580,6 @@ async def end_session(request: web.Request) -> web.Response:
     """End a session (idempotent, as the manager is). 200 when it is over, 202 while another
     process is ending it, 409 while it is still being created, 502 when the terminate failed
     (the session stays ``ending`` and the reaper retries it)."""
-    _authorize(request)
     body = await _json_object(request, optional=True)
     unknown = sorted(set(body) - {"reason"})
     if unknown:

@@ -145,7 +145,7 @@ def dead_url() -> str:
 
 
 class Cli:
-    """``sessionmgr --database-url ... --api-url ... --api-key ... ARGS`` through CliRunner."""
+    """``sessionmgr --database-url ... --api-url ... ARGS`` via CliRunner, key in the env."""
 
     def __init__(self, db_url: str, api_url: str) -> None:
         self.db_url = db_url
@@ -160,11 +160,8 @@ class Cli:
         db_url: str | None = None,
     ) -> Result:
         base = ["--database-url", db_url or self.db_url, "--api-url", api_url or self.api_url]
-        if api_key:
-            base += ["--api-key", api_key]
-        return CliRunner().invoke(
-            cli, [*base, *args], input=input, env=CLEAN_ENV, catch_exceptions=False
-        )
+        env = {**CLEAN_ENV, "LEMONSLICE_API_KEY": api_key}  # the flag would warn on stderr
+        return CliRunner().invoke(cli, [*base, *args], input=input, env=env, catch_exceptions=False)
 
     def json(self, *args: str, **kw: Any) -> Any:
         result = ok(self(*args, "--json", **kw))
@@ -559,8 +556,9 @@ def test_end_partial_batch_exits_4(sm: Cli, fake: FakeThread) -> None:
 
 
 def test_end_with_api_unreachable_exits_1(sm: Cli, dead_url: str) -> None:
-    record = sm.json("adopt", "sess_far", "--control-url", f"{dead_url}/sess_far/control")
-    error_line(sm("end", "sess_far"), 1, "sess_far")
+    far = f"{dead_url}/sess_far/control"
+    record = sm.json("adopt", "sess_far", "--control-url", far, api_url=dead_url)
+    error_line(sm("end", "sess_far", api_url=dead_url), 1, "sess_far")
     after = get(sm.db_url, record["id"])
     assert after is not None
     assert after.status is SessionStatus.ENDING
@@ -780,7 +778,7 @@ def test_reap_with_api_unreachable_exits_1(sm: Cli, dead_url: str) -> None:
             )
 
     asyncio.run(adopt_due())
-    error_line(sm("reap"), 1, "could not be ended", "retried")
+    error_line(sm("reap", api_url=dead_url), 1, "could not be ended", "retried")
     record = get(sm.db_url, "sess_dead")
     assert record is not None
     assert record.status is SessionStatus.ENDING

@@ -83,10 +83,9 @@ def sessionmgr(
     *args: str, db_url: str, api_url: str, api_key: str | None = API_KEY
 ) -> subprocess.CompletedProcess[str]:
     base = [SESSIONMGR, "--database-url", db_url, "--api-url", api_url]
-    if api_key:
-        base += ["--api-key", api_key]
+    env = clean_env() | ({"LEMONSLICE_API_KEY": api_key} if api_key else {})
     return subprocess.run(
-        [*base, *args], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=clean_env()
+        [*base, *args], capture_output=True, text=True, timeout=RUN_TIMEOUT, env=env
     )
 
 
@@ -168,8 +167,6 @@ def test_serve_stops_cleanly_on_sigterm(db_url: str, fake_url: str, tmp_path: Pa
                 db_url,
                 "--api-url",
                 fake_url,
-                "--api-key",
-                API_KEY,
                 "serve",
                 "--port",
                 "0",
@@ -180,7 +177,7 @@ def test_serve_stops_cleanly_on_sigterm(db_url: str, fake_url: str, tmp_path: Pa
             ],
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env=clean_env(),
+            env=clean_env() | {"LEMONSLICE_API_KEY": API_KEY},
         )
     try:
         wait_for_line(log, "serving", proc, START_TIMEOUT)

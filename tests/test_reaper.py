@@ -8,6 +8,7 @@ import pytest
 
 from sessionmgr import EndReason, SessionStatus
 from sessionmgr.clock import FakeClock
+from sessionmgr.errors import ConfigurationError
 from sessionmgr.manager import SessionManager
 from sessionmgr.reaper import Outcome, Reaper, TickResult
 from sessionmgr.reconcile import ReconcileReport
@@ -186,7 +187,9 @@ async def test_the_loop_ticks_on_the_injected_clock_and_stops_cleanly(
 
 @pytest.mark.parametrize("concurrency", [0])
 def test_bad_settings_are_refused(manager: SessionManager, concurrency: int):
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(
+        ConfigurationError, match="Reaper concurrency must be a whole number of at least 1"
+    ):
         Reaper(manager.repository, manager.client, concurrency=concurrency)
 
 

@@ -42,10 +42,16 @@ STATIC = Path(__file__).parent.parent / "sessionmgr" / "static"
 
 @contextlib.asynccontextmanager
 async def http(
-    manager: SessionManager, token: str | None = TOKEN, metrics: Metrics | None = None
+    manager: SessionManager,
+    token: str | None = TOKEN,
+    metrics: Metrics | None = None,
+    *,
+    signed_in: bool = True,
 ) -> AsyncIterator[TestClient[web.Request, web.Application]]:
+    """A client of the app; ``signed_in``: every request carries the admin token (when set)."""
     app = create_app(manager, admin_token=token, metrics=metrics)
-    async with TestClient(TestServer(app)) as client:
+    headers = AUTH if token and signed_in else None
+    async with TestClient(TestServer(app), headers=headers) as client:
         yield client
 
 
@@ -104,10 +110,11 @@ async def test_changes_are_off_without_a_configured_token(
     ],
 )
 async def test_missing_or_wrong_token_is_401(
-    api: Any, lemon: FakeLemonSlice, headers: dict[str, str]
+    manager: SessionManager, lemon: FakeLemonSlice, headers: dict[str, str]
 ) -> None:
-    resp = await api.post("/api/sessions", json={"agent_id": "a"}, headers=headers)
-    detail = await expect_error(resp, 401, "unauthorized", "Authorization: Bearer")
+    async with http(manager, signed_in=False) as api:
+        resp = await api.post("/api/sessions", json={"agent_id": "a"}, headers=headers)
+        detail = await expect_error(resp, 401, "unauthorized", "Authorization: Bearer")
     assert TOKEN not in detail
     assert lemon.creates == 0
 
@@ -646,8 +653,9 @@ def test_only_loopback_serves_without_an_admin_token() -> None:
 
 
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
-    args = ["--database-url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", "--api-key", "k"]
+    args = ["--database-url", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"]
     env = {"SESSIONMGR_ADMIN_TOKEN": "", "SESSIONMGR_HTTP_HOST": "", "SESSIONMGR_HTTP_PORT": ""}
+    env["LEMONSLICE_API_KEY"] = "k"
     result = CliRunner().invoke(cli, [*args, "serve", "--host", "0.0.0.0"], env=env)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [

@@ -175,7 +175,7 @@ def test_dashboard_shows_live_sessions_in_headless_chromium(serve: Serve, tmp_pa
     assert ended["record"]["status"] == "ended"
     live = made[:3]
 
-    dom = chromium(tmp_path, "--dump-dom", f"{serve.url}/").stdout
+    dom = chromium(tmp_path, "--dump-dom", f"{serve.url}/#token={TOKEN}").stdout
     tables = Tables()
     tables.feed(dom)
     live_rows = tables.rows["live"]
@@ -196,7 +196,9 @@ def test_dashboard_shows_live_sessions_in_headless_chromium(serve: Serve, tmp_pa
     assert "refresh failed" not in dom
 
     shot = tmp_path / "dashboard.png"
-    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,800", f"{serve.url}/")
+    chromium(
+        tmp_path, f"--screenshot={shot}", "--window-size=1280,800", f"{serve.url}/#token={TOKEN}"
+    )
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
 

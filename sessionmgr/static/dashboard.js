@@ -4,6 +4,35 @@
 const REFRESH_MS = 5000;
 const LIVE_LIMIT = 200;
 const ENDED_LIMIT = 15;
+// The admin token, when the server has one: asked once, kept for this tab only (sessionStorage
+// ends with the tab; nothing is written that outlives it). A link may carry it as
+// #token=..., which never reaches the server and is removed from the address bar at once.
+const TOKEN_KEY = "sessionmgr-admin-token";
+
+function adoptTokenFromLink() {
+  const match = /^#token=(.+)$/.exec(location.hash);
+  if (!match) return;
+  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
+function askForToken(message) {
+  const form = document.getElementById("signin");
+  document.getElementById("signin-why").textContent = message;
+  form.hidden = false;
+  document.getElementById("token").focus();
+}
+
+function signIn(event) {
+  event.preventDefault();
+  const input = document.getElementById("token");
+  const token = input.value.trim();
+  if (!token) return;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  input.value = "";
+  document.getElementById("signin").hidden = true;
+  refresh();
+}
 
 function human(seconds) {
   if (seconds === null || seconds === undefined || !isFinite(seconds)) return "–";
@@ -27,7 +56,15 @@ function cell(row, text, cls) {
 }
 
 async function getJson(url) {
-  const resp = await fetch(url, { headers: { Accept: "application/json" } });
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const resp = await fetch(url, { headers });
+  if (resp.status === 401) {
+    sessionStorage.removeItem(TOKEN_KEY);
+    askForToken(token ? "That token was refused: try again." : "This server needs its admin token.");
+    throw new Error("the admin token is needed (SESSIONMGR_ADMIN_TOKEN)");
+  }
   const body = await resp.json();
   if (!resp.ok) throw new Error(`${url}: ${body.detail || resp.status}`);
   return body;
@@ -113,5 +150,7 @@ async function refresh() {
   }
 }
 
+adoptTokenFromLink();
+document.getElementById("signin").addEventListener("submit", signIn);
 refresh();
 setInterval(refresh, REFRESH_MS);

@@ -535,7 +535,7 @@ async def test_reconcile_reports_malformed_answers_and_never_raises(
     manager = garbage_manager
     repo = manager.repository
     assert isinstance(manager.clock, FakeClock)
-    await manager.adopt_session(f"sess_{garbage.count}_{id(reply)}", "http://127.0.0.1:9/x")
+    await manager.adopt_session(f"sess_{garbage.count}_{id(reply)}")  # control on the API
     await repo.record_intent(agent_id="agent_1", idle_window=60.0, max_age=None)
     manager.clock.advance(700)  # past SETTLE and PENDING_GRACE: every intent is judged
     garbage.answer(reply)
@@ -553,7 +553,7 @@ async def test_reconcile_reports_malformed_answers_and_never_raises(
 
 SEED_ID = "sess_seed"  # the one session in the CLI tests' database (local id 1)
 DEAD_API = "http://127.0.0.1:9/api/liveai/sessions"  # nothing listens: no bad value may get there
-CLI_BASE = ["--api-key", "k-123456", "--api-url", DEAD_API]
+CLI_BASE = ["--api-url", DEAD_API]  # the key comes from the environment (the flag warns)
 
 
 @dataclass
@@ -701,7 +701,7 @@ def test_the_cli_refuses_bad_flags_in_one_line_and_writes_nothing(
     result = CliRunner().invoke(
         cli,
         [*CLI_BASE, "--database-url", cli_db.url, command, *args],
-        env={"LEMONSLICE_API_KEY": None, "SESSIONMGR_DATABASE_URL": None, "COLUMNS": "200"},
+        env={"LEMONSLICE_API_KEY": "k-123456", "SESSIONMGR_DATABASE_URL": None, "COLUMNS": "200"},
     )
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(
         result.exception
