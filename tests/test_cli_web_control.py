@@ -306,7 +306,7 @@ async def test_http_control(api: Any, lemon: FakeLemonSlice, manager: SessionMan
 async def test_http_control_errors(api: Any, lemon: FakeLemonSlice):
     body = await create(api)
     url = f"/api/sessions/{body['id']}/control"
-    resp = await api.post(url, json={"action": "wave"})
+    resp = await api.post(url, json={"action": "wave"}, headers={"Authorization": "Bearer wrong"})
     await expect_error(resp, 401, "unauthorized")
     for bad, needle in [
         ({}, "exactly one of"),
