@@ -275,6 +275,7 @@ class FakeLemonSlice:
         self._stopping = asyncio.Event()
         self._dirty = False
         self._saver: asyncio.Task[None] | None = None
+        self._init_realism()
 
     def __repr__(self) -> str:
         where = self.url if self._runner else "not started"
@@ -451,6 +452,42 @@ class FakeLemonSlice:
         self._max_in_flight = dict.fromkeys(ENDPOINTS, 0)
         self._dirty = True
 
+    # --- realism: what makes the fake as rough as LemonSlice -------------------------------------
+
+    def _init_realism(self) -> None:
+        self.answer_hold: dict[str, float] = {}  # endpoint -> seconds its answer is held
+        self._released: dict[str, asyncio.Event] = {}
+
+    def hold_answers(self, endpoint: str, seconds: float) -> None:
+        """Hold each ``endpoint`` answer for ``seconds`` *after* the request took effect: a
+        create's session already exists and is listed while its creator still waits (the slow
+        create of the real service). ``release_answers`` lets the held answers go at once."""
+        _check_endpoint(endpoint)
+        if seconds < 0:
+            raise ValueError(f"hold for {endpoint} must be >= 0 seconds")
+        self.answer_hold[endpoint] = float(seconds)
+        self._released[endpoint] = asyncio.Event()
+
+    def release_answers(self, endpoint: str) -> None:
+        """Send the answers ``hold_answers`` is holding now, and hold no more."""
+        self.answer_hold.pop(endpoint, None)
+        if (event := self._released.pop(endpoint, None)) is not None:
+            event.set()
+
+    async def _hold_answer(self, endpoint: str) -> None:
+        seconds = self.answer_hold.get(endpoint)
+        if not seconds:
+            return
+        waits = {
+            asyncio.ensure_future(self._released[endpoint].wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        }
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
     # --- state file -----------------------------------------------------------------------------
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
@@ -505,6 +542,7 @@ class FakeLemonSlice:
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 return _error(401, "invalid or missing X-API-Key")
             response = handler(recorded, request)
+            await self._hold_answer(endpoint)
             if fault is None:
                 return response
             return await self._spoil(endpoint, fault, request, response)
