@@ -33,7 +33,7 @@ chromium:
 	@test -x /usr/bin/chromium || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
-BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory
+BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory bench_reconcile bench_recovery
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
