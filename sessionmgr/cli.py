@@ -832,6 +832,11 @@ def stats(obj: CliContext, days: int, as_json: bool) -> None:
     )
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.end_reasons.items()))
     grid.add_row(f"end reasons ({days}d)", reasons or "-")
+    grid.add_row(
+        f"credits known ({days}d)",
+        f"{result.credits_known:g}"
+        + (f" ({result.cost_unknown} ended without a cost yet)" if result.cost_unknown else ""),
+    )
     table = new_table()
     table.add_column("DAY (UTC)", no_wrap=True)
     for name in ("CREATED", "ENDED", "CREDITS"):

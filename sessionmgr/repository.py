@@ -1250,6 +1250,8 @@ class SessionRepository:
             duration_p50=p50,
             duration_p95=p95,
             end_reasons=reasons,
+            credits_known=float(sum(c for _, c, k in ended.values() if k and c is not None)),
+            cost_unknown=int(sum(n - k for n, _, k in ended.values())),
         )
 
     def _day(self, col: Any) -> ColumnElement[Any]:

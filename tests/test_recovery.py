@@ -285,3 +285,21 @@ async def test_hosts_whose_clocks_differ_by_30s_never_hold_one_row_at_once(
     finally:
         await slow_host.close()
         await fast_host.close()
+
+
+async def test_stats_show_credits_known_and_sessions_still_without_a_cost(
+    lemon: FakeLemonSlice, clock: FakeClock, migrated_url: str
+) -> None:
+    async with make_manager(lemon, clock, migrated_url) as mgr:
+        first = await mgr.create_session(agent_id="agent_1")
+        second = await mgr.create_session(agent_id="agent_2")
+        clock.advance(120)
+        await mgr.end_session(first.id)
+        await mgr.end_session(second.id)
+        stats = await mgr.repository.stats(days=1)
+        assert (stats.credits_known, stats.cost_unknown) == (0.0, 2)
+        clock.advance(COST_DELAY)
+        await mgr.reaper.run_once()  # both costs fetched after the end
+        stats = await mgr.repository.stats(days=1)
+        assert (stats.credits_known, stats.cost_unknown) == (4.0, 0)
+        assert stats.to_dict()["credits_known"] == 4.0
