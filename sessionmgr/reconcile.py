@@ -231,6 +231,7 @@ async def list_remote(
     global _unordered_logged
     out: list[RemoteSession] = []
     ordered = True
+    past = False  # an item older than ``since`` was seen
     previous: datetime | None = None
     skew = timedelta(seconds=CLOCK_SKEW)
     pages = client.list_sessions(limit=LIST_PAGE)
@@ -252,7 +253,10 @@ async def list_remote(
             if created is not None:
                 previous = created if previous is None else min(previous, created)
             out.append(remote)
-            if ordered and created is not None and created < since:
+            past = past or (created is not None and created < since)
+            # stop at a page's end (a fetched page costs nothing more to read, and its order
+            # is checked whole): the next page would be older still
+            if ordered and past and len(out) % LIST_PAGE == 0:
                 break
     finally:
         if isinstance(pages, AsyncGenerator):

@@ -462,6 +462,7 @@ class FakeLemonSlice:
         self.queue_seconds = 0.0  # > 0: new sessions stay QUEUED this long (a cold start)
         self.server_timeouts = False  # True: idle_timeout and the 30-minute cap end sessions
         self.max_session_seconds = MAX_SESSION_SECONDS
+        self.list_newest_first = True  # False: a list out of its documented order
         self._queued: dict[str, FakeSession] = {}
 
     def hold_answers(self, endpoint: str, seconds: float) -> None:
@@ -531,15 +532,19 @@ class FakeLemonSlice:
         for session in self.sessions.values():
             if session.status not in REMOTE_LIVE:
                 continue
-            idle = (now - session.last_activity).total_seconds()
-            if session.idle_timeout >= 0 and idle >= session.idle_timeout:
-                session.status = "TIMED_OUT"
-            elif (now - session.created_at).total_seconds() >= self.max_session_seconds:
-                session.status = "COMPLETED"
+            capped = session.created_at + timedelta(seconds=self.max_session_seconds)
+            idled = (
+                session.last_activity + timedelta(seconds=session.idle_timeout)
+                if session.idle_timeout >= 0
+                else None
+            )
+            if idled is not None and idled <= now and idled < capped:
+                session.status, session.ended_at = "TIMED_OUT", idled
+            elif capped <= now:
+                session.status, session.ended_at = "COMPLETED", capped
             else:
                 continue
-            session.ended_at = now
-            session.cost = self._bill(session)
+            session.cost = self._bill(session, until=session.ended_at)
             ended.append(session.session_id)
         self._dirty = self._dirty or bool(ended)
         return ended
@@ -728,7 +733,9 @@ class FakeLemonSlice:
             return _error(400, "page and limit must be integers")
         if page < 1 or not 1 <= limit <= LIST_MAX_LIMIT:
             return _error(400, f"page must be >= 1 and limit 1-{LIST_MAX_LIMIT}")
-        newest_first = sorted(self.sessions.values(), key=lambda s: s.created_at, reverse=True)
+        newest_first = sorted(
+            self.sessions.values(), key=lambda s: s.created_at, reverse=self.list_newest_first
+        )
         total = len(newest_first)
         chunk = newest_first[(page - 1) * limit : page * limit]
         total_pages = (total + limit - 1) // limit
@@ -870,8 +877,8 @@ class FakeLemonSlice:
         except KeyError:
             raise KeyError(f"no fake session {session_id!r}") from None
 
-    def _bill(self, session: FakeSession) -> float:
-        seconds = (self.clock.now() - session.created_at).total_seconds()
+    def _bill(self, session: FakeSession, until: datetime | None = None) -> float:
+        seconds = ((until or self.clock.now()) - session.created_at).total_seconds()
         return round(max(seconds, 0.0) / 60.0 * CREDITS_PER_MINUTE, 4)
 
 

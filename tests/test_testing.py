@@ -617,11 +617,11 @@ async def test_server_ends_idle_and_old_sessions_by_itself_with_a_cost(
     assert got["session_status"] == "ACTIVE"  # never idles out
     clock.advance(1800)
     _, got = await call(http, "GET", f"{fake.url}/{busy['session_id']}")
-    assert got == {"session_status": "COMPLETED", "cost": 31.0}
+    assert got == {"session_status": "COMPLETED", "cost": 30.0}  # ended at the cap, not now
     _, listed = await call(http, "GET", fake.url)
     assert {s["session_id"]: s["credits_used"] for s in listed["sessions"]} == {
         idle["session_id"]: 1.0,
-        busy["session_id"]: 31.0,
+        busy["session_id"]: 30.0,
     }
 
 
