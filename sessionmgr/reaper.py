@@ -411,8 +411,10 @@ class Reaper:
         self._progress()
 
     async def due_now(self, limit: int = 10_000) -> list[SessionRecord]:
-        """Active sessions whose deadline has passed, soonest first (what a tick would end)."""
+        """Active sessions whose deadline has passed, soonest first (what a tick would end,
+        ``touch_grace`` included)."""
         now = self.clock.now()
+        due_before = now - timedelta(seconds=self.touch_grace)
         due: list[SessionRecord] = []
         cursor: str | None = None
         while len(due) < limit:
@@ -423,7 +425,7 @@ class Reaper:
                 sort="deadline",
             )
             for record in page.items:
-                if record.deadline is None or record.deadline > now:
+                if record.deadline is None or record.deadline > due_before:
                     return due
                 if record.status is SessionStatus.ENDING and (
                     (record.lease_until is not None and record.lease_until > now)
