@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from .config import IDLE_WINDOW
 from .errors import LemonSliceError, NotFoundError
 from .records import SessionRecord, iso_utc
+from .repository import COST_DELAY, COST_HORIZON, LEGACY_INTENT_SETTLE
 from .states import REMOTE_FINAL, REMOTE_LIVE, EndReason, SessionStatus
 
 if TYPE_CHECKING:
@@ -336,7 +337,8 @@ async def recover(
             control_url=client.control_url_for(session.session_id),
             created_at=session.created_at,
         )
-        if record is None:  # its creator's answer won, or another process resolved it
+        if record is None:  # its creator's answer won, or that session was recorded meanwhile
+            free[intent.id] = intent  # still ours to resolve, if it is still pending
             continue
         report.adopted.append(record)
         final = REMOTE_FINAL.get(session.status or "")
@@ -374,7 +376,7 @@ def _retry(intent: SessionRecord, now: datetime) -> datetime:
 
 def _intent_free(intent: SessionRecord, at: datetime, now: datetime) -> bool:
     if intent.lease_until is None:
-        return (now - intent.created_at).total_seconds() >= SETTLE
+        return (now - intent.created_at).total_seconds() >= LEGACY_INTENT_SETTLE
     return intent.lease_until <= at and (
         intent.next_attempt_at is None or intent.next_attempt_at <= now
     )
@@ -382,7 +384,7 @@ def _intent_free(intent: SessionRecord, at: datetime, now: datetime) -> bool:
 
 async def _held_intents(repo: SessionRepository, *, mine: set[int]) -> list[SessionRecord]:
     """Pending intents a creator still holds (a live lease not taken by recovery, or a lease-less
-    intent younger than ``SETTLE``): no session they could own may be ended."""
+    intent younger than ``LEGACY_INTENT_SETTLE``): no session they could own may be ended."""
     at = await repo.lease_now()
     now = repo.clock.now()
     held = []
@@ -390,7 +392,7 @@ async def _held_intents(repo: SessionRepository, *, mine: set[int]) -> list[Sess
         if intent.id in mine:
             continue
         if intent.lease_until is None:
-            if (now - intent.created_at).total_seconds() < SETTLE:
+            if (now - intent.created_at).total_seconds() < LEGACY_INTENT_SETTLE:
                 held.append(intent)
         elif intent.lease_until > at and not (intent.lease_owner or "").endswith(RECOVERY_SUFFIX):
             held.append(intent)
@@ -409,8 +411,6 @@ async def fetch_costs(repo: SessionRepository, client: LemonSliceClient, reaper:
     """Ask for the cost of sessions ended without one (``costs_due``); returns how many were
     recorded. A session still billing is asked again later; one that is gone, or finished
     without a cost, or ended more than ``COST_HORIZON`` ago, is not asked again."""
-    from .repository import COST_DELAY, COST_HORIZON
-
     due = await repo.costs_due(limit=COST_BATCH)
     if not due:
         return 0
