@@ -639,3 +639,24 @@ async def test_history_seeds_in_one_call_and_lists_newest_first(
     ]
     assert first["pagination"]["total"] == 1000
     assert all(s["session_status"] == "COMPLETED" for s in first["sessions"])
+
+
+async def test_realism_is_switched_through_the_admin_route(
+    fake: FakeLemonSlice, http: aiohttp.ClientSession
+):
+    admin = fake.url.split("/api/")[0] + "/_fake/realism"
+    body = {"queue_seconds": 5, "server_timeouts": True, "hold": {"create": 2}}
+    async with http.post(admin, json=body) as resp:
+        assert resp.status == 200
+    assert (fake.queue_seconds, fake.server_timeouts, fake.answer_hold) == (
+        5.0,
+        True,
+        {"create": 2.0},
+    )
+    async with http.post(admin, json={"release": ["create"], "server_timeouts": False}) as resp:
+        assert resp.status == 200
+    assert (fake.server_timeouts, fake.answer_hold) == (False, {})
+    async with http.post(admin, json={"queue_seconds": -1}) as resp:
+        assert resp.status == 400
+    async with http.post(admin, json={"colour": "red"}) as resp:
+        assert resp.status == 400
