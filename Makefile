@@ -39,7 +39,7 @@ promtool:
 	@test -x /usr/bin/systemd-analyze || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
-BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory
+BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory bench_reconcile bench_recovery
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
@@ -50,12 +50,13 @@ bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
 	@$(BIN)/python -m benchmarks.summary --smoke
 
-# 200 crash trials (tests/reliability/test_crash.py; CI runs 20) and their tally, on SQLite and,
-# with SESSIONMGR_TEST_POSTGRES_URL set, on PostgreSQL. SESSIONMGR_CRASH_SEED=S replays a run.
+# 200 crash trials and 200 "recovery while others create" trials (tests/reliability/test_crash.py;
+# CI runs 20 and 2) and their tallies, on SQLite and, with SESSIONMGR_TEST_POSTGRES_URL set, on
+# PostgreSQL. SESSIONMGR_CRASH_SEED=S replays a run.
 SOAK_TRIALS ?= 200
 
 soak: $(STAMP)
-	SESSIONMGR_CRASH_TRIALS=$(SOAK_TRIALS) $(BIN)/pytest tests/reliability/test_crash.py -q -s -p no:cacheprovider
+	SESSIONMGR_CRASH_TRIALS=$(SOAK_TRIALS) SESSIONMGR_LIVE_TRIALS=$(SOAK_TRIALS) $(BIN)/pytest tests/reliability/test_crash.py -q -s -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/sessionmgr demo

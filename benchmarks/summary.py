@@ -54,6 +54,22 @@ CHECKS: list[Check] = [
     ("P4 list vs raw sqlite3", "repository", "list_ratio", "{:.2f}", "<= 2", lambda v: v <= 2),
     ("P5 RSS growth, MiB", "memory", "growth_mb", "{:.1f}", "<= 10", lambda v: v <= 10),
     (
+        "R1 recovery: SIGKILL mid-create -> terminate, s",
+        "recovery",
+        "median_seconds",
+        "{:.1f}",
+        "<= 30",
+        lambda v: v <= 30,
+    ),
+    (
+        "R2 requests per reconcile pass (100k history)",
+        "reconcile_requests",
+        "requests",
+        "{:.0f}",
+        "<= 5",
+        lambda v: v <= 5,
+    ),
+    (
         "writes: repository / raw sqlite3",
         "repository",
         "write_ratio",

@@ -1017,6 +1017,11 @@ def stats(obj: CliContext, days: int, as_json: bool) -> None:
     )
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.end_reasons.items()))
     grid.add_row(f"end reasons ({days}d)", reasons or "-")
+    grid.add_row(
+        f"credits known ({days}d)",
+        f"{result.credits_known:g}"
+        + (f" ({result.cost_unknown} ended without a cost yet)" if result.cost_unknown else ""),
+    )
     table = new_table()
     table.add_column("DAY (UTC)", no_wrap=True)
     for name in ("CREATED", "ENDED", "CREDITS"):
@@ -1473,6 +1478,23 @@ def demo(database: Path) -> None:
     help="Load sessions from this JSON file at start; write the state there while running "
     "and on exit.",
 )
+@click.option(
+    "--queue-seconds",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="New sessions stay QUEUED this long (a cold start); create still answers at once.",
+)
+@click.option(
+    "--server-timeouts/--no-server-timeouts",
+    default=False,
+    help="End sessions by themselves: idle_timeout (TIMED_OUT) and the 30-minute cap.",
+)
+@click.option(
+    "--hold-create",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    help="Seconds a create's answer is held after its session started (a slow create).",
+)
 @click.pass_obj
 def fake_server(
     obj: CliContext,
@@ -1481,12 +1503,15 @@ def fake_server(
     fake_key: str | None,
     latency: dict[str, float],
     state_file: Path | None,
+    queue_seconds: float,
+    server_timeouts: bool,
+    hold_create: float,
 ) -> None:
     """Run a local fake LemonSlice (for tests, benchmarks and demos) until SIGTERM/SIGINT.
 
     Prints one line, `fake-server listening on <url>`, where <url> is the sessions collection
     URL to use as LEMONSLICE_API_URL. JSON admin routes live under /_fake/ (state, faults,
-    latency, sessions/<id>/status, expire_idle, reset).
+    latency, realism, sessions/<id>/status, expire_idle, reset).
     """
     import signal
 
@@ -1499,6 +1524,11 @@ def fake_server(
         latency=latency,
         state_file=state_file,
         record_requests=False,  # a long benchmark must not grow the fake's memory
+    )
+    fake.configure_realism(
+        queue_seconds=queue_seconds,
+        server_timeouts=server_timeouts,
+        hold={"create": hold_create} if hold_create else None,
     )
 
     async def serve_fake() -> None:

@@ -386,6 +386,13 @@ def print_reconcile(report: ReconcileReport, *, end_orphans: bool) -> None:
                 action = "left running"
             table.add_row(Text(o.session_id), o.status or "-", iso_seconds(o.created_at), action)
         print_out(table)
+    if report.held:
+        click.echo(
+            f"left alone {len(report.held)} unknown remote session(s) a create still in flight "
+            "could own (its intent's lease is held)"
+        )
+    if report.costs:
+        click.echo(f"recorded the cost of {report.costs} ended session(s) from the list")
     if report.still_live:
         verb = "would terminate" if dry else "terminated"
         click.echo(

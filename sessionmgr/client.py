@@ -584,6 +584,22 @@ class LemonSliceClient:
             )
         return control_url
 
+    def stored_control_url(self, session_id: str, control_url: str | None) -> str:
+        """Where to send a stored session's controls: its recorded ``control_url``, unless that
+        is missing or off the API's origin (a row recorded before origins were checked); then
+        the documented one, so the session still ends and the key still goes only to
+        LemonSlice."""
+        if control_url:
+            try:
+                return self.check_control_url(control_url)
+            except UntrustedURLError:
+                logger.warning(
+                    "session %s has a control_url off the API's origin: using the documented one",
+                    session_id,
+                    extra={"session_id": session_id},
+                )
+        return self.control_url_for(session_id)
+
     # --- the pipecat surface --------------------------------------------------------------------
 
     async def create_session(

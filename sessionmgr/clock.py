@@ -25,6 +25,8 @@ class Clock(Protocol):
 class SystemClock:
     """The real clock."""
 
+    simulated = False  # real time: a database server's clock can stand in for it
+
     def now(self) -> datetime:
         return datetime.now(UTC)
 
@@ -38,12 +40,31 @@ class SystemClock:
 SYSTEM_CLOCK = SystemClock()
 
 
+class SkewedClock(SystemClock):
+    """The real clock, ``offset`` seconds off: a host whose clock runs fast (or slow), for
+    tests of what must not depend on each host's clock (leases on PostgreSQL)."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = timedelta(seconds=offset)
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+def is_simulated(clock: Clock) -> bool:
+    """True for a clock that moves only when a test says (``FakeClock``): no database clock can
+    follow it, so leases are then stamped on it instead of on the database's."""
+    return bool(getattr(clock, "simulated", False))
+
+
 class FakeClock:
     """A clock that moves only when told to, for tests.
 
     ``sleep`` parks the caller until ``advance`` moves time past its wake-up, so a test can step a
     reaper through an idle window without waiting for it.
     """
+
+    simulated = True
 
     def __init__(self, start: datetime | None = None) -> None:
         self._now = start or datetime(2026, 1, 1, tzinfo=UTC)

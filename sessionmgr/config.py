@@ -33,6 +33,8 @@ REAPER_INTERVAL = 5.0  # seconds between reaper ticks
 REAPER_CONCURRENCY = 20  # terminate requests in flight at once
 REAPER_BATCH = 500  # sessions claimed per statement
 LEASE = 60.0  # seconds a claim is held before another process may take it over
+INTENT_LEASE = 15.0  # seconds a creator's lease on its pending intent lasts (renewed every 5 s
+# while the POST is in flight); a crashed create is recovered soon after it runs out
 RETRY_BASE = 5.0  # seconds before the first retry of a failed terminate; doubles each attempt
 RETRY_MAX = 300.0  # seconds, the cap on that backoff
 TOUCH_FLUSH_INTERVAL = 1.0  # seconds between writes of buffered touches

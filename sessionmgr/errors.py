@@ -21,6 +21,8 @@
     │   ├── DatabaseNotMigrated         behind the migrations: run ``sessionmgr db upgrade``
     │   └── DatabaseLocked              another process held the write lock past the busy timeout
     ├── SessionNotFound                 no record with that id or session_id
+    ├── IntentTakenOver                 a create's answer came after recovery resolved its
+    │                                   intent (``record``: the session as recorded)
     ├── SessionNotLive                  a control event or a wait on a session that is over
     │                                   (refused before any request), or ended while waited on
     └── ActivationTimeout               ``wait_until_active`` ran out of time (still QUEUED)
@@ -140,6 +142,17 @@ class DatabaseLocked(DatabaseError):
 
 class SessionNotFound(SessionMgrError):
     """No session record with that id or session_id."""
+
+
+class IntentTakenOver(SessionMgrError):
+    """A create's answer arrived after its intent was resolved by recovery (its creator could not
+    renew the intent's lease in time, so it was presumed dead) and the session was recorded, and
+    ended, on that account. ``record`` is that session as it stands; nothing is raised as a raw
+    database error, and the caller must not use the session."""
+
+    def __init__(self, message: str, *, record: object) -> None:
+        self.record = record
+        super().__init__(message)
 
 
 class SessionNotLive(SessionMgrError):

@@ -1,8 +1,12 @@
 """``SessionManager``: what a backend embeds to create, touch, end and adopt sessions.
 
-Create is crash-safe: the intent row (``pending``) is written before the POST, so if the process
-dies between LemonSlice starting a session and the answer being recorded, reconcile can find the
-session and end it. Everything else (touch, end, adopt) goes through the repository's one
+Create is crash-safe: the intent row (``pending``) is written before the POST, under this
+process's intent lease, renewed while the POST is in flight (``config.INTENT_LEASE``; renewing
+rather than one lease for the client's whole create deadline keeps recovery fast: a killed creator
+is presumed dead one lease after its last renewal, not a create deadline later). If the process
+dies between LemonSlice starting a session and the answer being recorded, the lease runs out and
+the next reaper tick anywhere (``reconcile.recover``) finds the session and ends it.
+Everything else (touch, end, adopt) goes through the repository's one
 conditional transition per change, and the reaper guards whatever the backend forgets.
 """
 
@@ -33,11 +37,13 @@ from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
     ConfigurationError,
     CreateOutcomeUnknown,
+    IntentTakenOver,
     LemonSliceError,
     NotFoundError,
     SessionMgrError,
     SessionNotLive,
 )
+from .leases import LeaseKeeper
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
@@ -47,6 +53,7 @@ from .states import REMOTE_FINAL, EndReason, SessionStatus
 logger = logging.getLogger(__name__)
 
 SessionHook = Callable[[SessionRecord], Awaitable[None]]
+CreateSend = Callable[[], Awaitable[dict[str, Any]]]  # sends one create POST, returns the answer
 ReconciledHook = Callable[[ReconcileReport], None]
 ActiveHook = Callable[[SessionRecord, float], None]  # the record, seconds from intent to ACTIVE
 KeepaliveHook = Callable[[str, bool], None]  # session_id, whether reset-idle-timeout went through
@@ -89,6 +96,7 @@ class SessionManager:
         reaper_batch: int = config.REAPER_BATCH,
         lease: float = config.LEASE,
         touch_flush_interval: float = config.TOUCH_FLUSH_INTERVAL,
+        intent_lease: float = config.INTENT_LEASE,
         reconcile_interval: float | None = None,
         on_exit: OnExit = "leave",
         on_created: SessionHook | None = None,
@@ -139,6 +147,8 @@ class SessionManager:
         self._reaper_batch = reaper_batch
         self._lease = lease
         self._touch_flush_interval = touch_flush_interval
+        self.intent_lease = intent_lease
+        self._intents: LeaseKeeper | None = None
         self._reconcile_interval = reconcile_interval
         self.on_exit = on_exit
         self.on_created = on_created
@@ -202,6 +212,10 @@ class SessionManager:
                 lease=self._lease,
                 clock=self.clock,
                 on_ended=self.on_ended,
+                touch_grace=self._touch_flush_interval,
+            )
+            self._intents = LeaseKeeper(
+                self._repository, owner=self.owner, lease=self.intent_lease, clock=self.clock
             )
         except BaseException:
             if self._owns_repository:
@@ -210,8 +224,9 @@ class SessionManager:
         self._opened = True
         if self._reaper_enabled:
             self._reaper.start()
-        else:  # without a reaper, touches still need writing
-            self._loops.append(asyncio.create_task(self._flush_loop()))
+        # on its own interval, reaper or not: another process claims on the stored deadline one
+        # flush interval late (touch_grace), so every touch must land within that interval
+        self._loops.append(asyncio.create_task(self._flush_loop()))
         if self._reconcile_interval:
             self._loops.append(asyncio.create_task(self._reconcile_loop(self._reconcile_interval)))
         if self.server_keepalive is not None:
@@ -234,6 +249,8 @@ class SessionManager:
             await asyncio.wait(set(self._background), timeout=left)
         if self.reaper.running:
             await self.reaper.stop()
+        if self._intents is not None:
+            await self._intents.close()
         if self.on_exit == "end":
             await self._end_own_sessions()
         try:
@@ -377,6 +394,8 @@ class SessionManager:
         }
         build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
         intent = await self.repository.record_intent(
+            owner=self.owner,
+            lease=self.intent_lease,
             agent_id=agent_id,
             agent_image_url=agent_image_url,
             agent_prompt=agent_prompt,
@@ -387,7 +406,9 @@ class SessionManager:
             model=model,
             transport_type=transport_type,
         )
-        task = asyncio.create_task(self._create_remote(intent, create_args))
+        task = asyncio.create_task(
+            self._create_remote(intent, lambda: self.client.create_session(**create_args))
+        )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         try:
@@ -401,16 +422,23 @@ class SessionManager:
             await self._call_hook(self.on_created, record)
         return record
 
-    async def _create_remote(
-        self, intent: SessionRecord, create_args: dict[str, Any]
-    ) -> SessionRecord:
+    async def _create_remote(self, intent: SessionRecord, send: CreateSend) -> SessionRecord:
+        """POST (``send``) under the intent's lease and record the answer; every create path
+        (the manager's, a recording proxy's raw body) goes through here.
+
+        An answer that comes after recovery resolved the intent: if recovery recorded that very
+        session (and so ended it), ``IntentTakenOver`` is raised with the record; if the intent
+        was only failed, the session is recorded now and returned, guarded as any other."""
         repo = self.repository
+        keeper = self._intents
+        assert keeper is not None
         try:
-            answer = await self.client.create_session(**create_args)
+            async with keeper.holding(intent.id):
+                answer = await send()
         except CreateOutcomeUnknown:
-            logger.warning(
-                "create outcome unknown for intent %d; left pending for reconcile", intent.id
-            )
+            logger.warning("create outcome unknown for intent %d; recovery resolves it", intent.id)
+            with contextlib.suppress(SessionMgrError):  # else the lease runs out by itself
+                await repo.release_intent(intent.id, owner=self.owner)
             raise
         except LemonSliceError as exc:
             # The client raises anything but CreateOutcomeUnknown only when the server provably
@@ -425,8 +453,8 @@ class SessionManager:
                 room_url=answer.get("room_url"),
                 control_url=answer["control_url"],
             )
-            if record is None:  # reconcile resolved the intent meanwhile: keep the session guarded
-                record, _ = await repo.adopt(
+            if record is None:  # recovery resolved the intent meanwhile: keep the session guarded
+                record, created = await repo.adopt(
                     session_id=session_id,
                     control_url=answer["control_url"],
                     room_url=answer.get("room_url"),
@@ -435,6 +463,15 @@ class SessionManager:
                     agent_id=intent.agent_id,
                     metadata=intent.metadata,
                 )
+                if not created:
+                    raise IntentTakenOver(
+                        f"the answer to create {intent.id} came after recovery had resolved it "
+                        f"(its lease lapsed): session {session_id} is recorded as "
+                        f"{record.status}; create a new session",
+                        record=record,
+                    )
+        except IntentTakenOver:
+            raise  # recorded (and ended) by recovery: nothing more to end here
         except Exception:
             # The session is live but unrecorded and the caller will get an error, not a session:
             # end it now rather than pay for it until reconcile finds it.
@@ -606,7 +643,11 @@ class SessionManager:
                 f"session {record.id} is {record.status}: control events go to active sessions only"
             )
         try:
-            await self.client.send_control_event(record.session_id, record.control_url, body)
+            await self.client.send_control_event(
+                record.session_id,
+                self.client.stored_control_url(record.session_id, record.control_url),
+                body,
+            )
         except NotFoundError:
             logger.info(
                 "session %s was gone at LemonSlice when sent %s", record.session_id, body["event"]
@@ -712,7 +753,9 @@ class SessionManager:
         async def reset(session_id: str, control_url: str) -> bool:
             async with gate:
                 try:
-                    await self.client.reset_idle_timeout(session_id, control_url)
+                    await self.client.reset_idle_timeout(
+                        session_id, self.client.stored_control_url(session_id, control_url)
+                    )
                 except LemonSliceError as exc:
                     ok = False
                     self.keepalive_failures += 1

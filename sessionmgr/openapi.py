@@ -163,6 +163,11 @@ SCHEMAS: dict[str, Any] = {
             "duration_p50": _nullable("number"),
             "duration_p95": _nullable("number"),
             "end_reasons": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "credits_known": {"type": "number", "description": "Sum of the known costs"},
+            "cost_unknown": {
+                "type": "integer",
+                "description": "Sessions ended in the window whose cost is not known yet",
+            },
             "now": {"type": "string", "format": "date-time"},
         },
     },

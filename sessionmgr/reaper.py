@@ -3,8 +3,15 @@
 Each tick flushes buffered touches, then claims due rows with a lease (one statement, see the
 repository) and terminates them with at most ``concurrency`` requests in flight. Claims are taken in
 small slices as workers free up, so a slow API never leaves hundreds of rows leased but unattended,
-and a renewer keeps the leases of held rows alive while their terminates are slow. A process that
-dies leaves leases that expire; another reaper takes the rows over.
+and a ``LeaseKeeper`` keeps the leases of held rows alive while their terminates are slow. A
+process that dies leaves leases that expire; another reaper takes the rows over, and asks
+LemonSlice first whether the session already ended (the dead owner may have sent its terminate).
+
+Then the tick resolves pending intents whose creator's lease expired (``reconcile.recover``: a
+create killed mid-flight is ended within seconds, not at the next reconcile) and asks for the cost
+of sessions ended without one. Both start with an indexed read that finds nothing on a quiet
+database, so they cost nothing then. Active rows are claimed ``touch_grace`` seconds after their
+deadline, so a touch still buffered in another process always lands first.
 """
 
 from __future__ import annotations
@@ -23,11 +30,13 @@ from datetime import datetime, timedelta
 from . import config
 from .client import LemonSliceClient
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AuthError, LemonSliceError, RateLimitedError, UntrustedURLError
+from .errors import AuthError, LemonSliceError, NotFoundError, RateLimitedError
+from .leases import LeaseKeeper
+from .reconcile import credits, fetch_costs, recover
 from .records import SessionFilter, SessionRecord
 from .repository import SessionRepository
 from .retry import RetryPolicy
-from .states import EndReason, SessionStatus
+from .states import REMOTE_FINAL, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,8 @@ EndedHook = Callable[[SessionRecord], Awaitable[None]]
 TickHook = Callable[["TickResult"], None]
 
 STOP_GRACE = 10.0  # seconds in-flight terminates may take to finish on stop()
+TOUCH_GRACE = config.TOUCH_FLUSH_INTERVAL  # seconds past a deadline before a claim: the touch
+# flush interval, within which every process writes its buffered touches
 RESCHEDULE_POLICY = RetryPolicy(
     attempts=1_000_000, base=config.RETRY_BASE, cap=config.RETRY_MAX, deadline=float("inf")
 )
@@ -67,6 +78,15 @@ class Heartbeat:
     auth_failures: int = 0
     tick_errors: int = 0
     last_error: str | None = None
+    last_progress_at: datetime | None = None  # the last claim slice or end, mid-tick too
+    recovered: int = 0  # intents resolved by recovery
+    costs: int = 0  # costs recorded after the end
+
+    @property
+    def last_alive_at(self) -> datetime | None:
+        """When the reaper last showed progress: a long drain keeps this fresh between ticks."""
+        times = [t for t in (self.last_tick_at, self.last_progress_at) if t is not None]
+        return max(times) if times else None
 
 
 @dataclasses.dataclass
@@ -104,8 +124,11 @@ class Reaper:
         clock: Clock | None = None,
         on_ended: EndedHook | None = None,
         on_tick: TickHook | None = None,
+        touch_grace: float = TOUCH_GRACE,
+        recover: bool = True,
     ) -> None:
-        """``on_tick`` is called after every tick that claimed (not dry runs), e.g. for metrics."""
+        """``on_tick`` is called after every tick that claimed (not dry runs), e.g. for metrics.
+        ``recover``: each tick also resolves expired intents and fetches costs after ends."""
         config.check_seconds("Reaper interval", interval)
         config.check_seconds("Reaper lease", lease)
         config.check_count("Reaper concurrency", concurrency)
@@ -121,28 +144,15 @@ class Reaper:
         self.clock = clock or repository.clock or SYSTEM_CLOCK
         self.on_ended = on_ended
         self.on_tick = on_tick
+        self.touch_grace = touch_grace
+        self.recover = recover
         self.heartbeat = Heartbeat()
+        self.leases = LeaseKeeper(repository, owner=self.owner, lease=lease, clock=self.clock)
         self._slots = asyncio.Semaphore(concurrency)  # terminate requests in flight
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     # --- one session -----------------------------------------------------------------------
-
-    def _control_url(self, record: SessionRecord) -> str | None:
-        """The stored control URL, unless it is off the API's origin (a row recorded before
-        that was checked): then the documented one, so the session still ends and the key
-        still goes only to LemonSlice."""
-        if not record.control_url:
-            return None
-        try:
-            return self.client.check_control_url(record.control_url)
-        except UntrustedURLError:
-            logger.warning(
-                "session %s has a control_url off the API's origin: using the documented one",
-                record.session_id,
-                extra={"session_id": record.session_id},
-            )
-            return None
 
     async def finish(
         self,
@@ -159,12 +169,29 @@ class Reaper:
         the group commit without keeping a terminate from starting. ``abort`` set (the API key
         was rejected) gives the row back untried; ``on_sent`` is called when the slot is freed.
         """
+        async with self.leases.holding(record.id):
+            return await self._finish(record, abort=abort, on_sent=on_sent)
+
+    async def _finish(
+        self,
+        record: SessionRecord,
+        *,
+        abort: asyncio.Event | None,
+        on_sent: Callable[[], None] | None,
+    ) -> Outcome:
         repo = self.repository
         if record.session_id is None:  # cannot happen for claimed rows; keep the row, say why
             await repo.reschedule(
                 record.id, owner=self.owner, error="no session_id", retry_at=self._retry_at(record)
             )
             return Outcome.RESCHEDULED
+        if record.attempts > 1 and (abort is None or not abort.is_set()):
+            # A takeover or a retry: the previous attempt may have terminated it already.
+            known = await self._ended_remotely(record)
+            if known is not None:
+                if on_sent is not None:
+                    on_sent()
+                return known
         failure: LemonSliceError | None = None
         async with self._slots:
             if abort is not None and abort.is_set():
@@ -173,7 +200,8 @@ class Reaper:
             else:
                 try:
                     terminated = await self.client.end_session(
-                        record.session_id, self._control_url(record)
+                        record.session_id,
+                        self.client.stored_control_url(record.session_id, record.control_url),
                     )
                 except LemonSliceError as exc:
                     failure, terminated = exc, None
@@ -204,9 +232,10 @@ class Reaper:
             return Outcome.LOST
         outcome = Outcome.ENDED if terminated else Outcome.GONE
         if outcome is Outcome.ENDED:
-            self.heartbeat.ended += 1
+            self._progress(ended=1)
         else:
             self.heartbeat.gone += 1
+            self._progress()
         logger.info(
             "ended session %s (%s)",
             record.session_id,
@@ -216,6 +245,52 @@ class Reaper:
         if self.on_ended is not None:
             await self._call_hook(self.on_ended, ended)
         return outcome
+
+    async def _ended_remotely(self, record: SessionRecord) -> Outcome | None:
+        """Ask LemonSlice before a second terminate: record the end without one when the session
+        already finished (or is gone). None: still live, or no answer; terminate then."""
+        assert record.session_id is not None
+        try:
+            async with self._slots:
+                remote = await self.client.get_session(record.session_id)
+        except NotFoundError:
+            remote = None
+        except LemonSliceError:
+            return None
+        if remote is None:
+            ended = await self.repository.mark_ended(
+                record.id, owner=self.owner, reason=EndReason.GONE
+            )
+            outcome = Outcome.GONE
+        else:
+            status = str(remote.get("session_status"))
+            if status not in REMOTE_FINAL:
+                return None
+            ended = await self.repository.mark_ended(
+                record.id,
+                owner=self.owner,
+                remote_status=status,
+                cost=credits(remote.get("cost")),
+            )
+            outcome = Outcome.ENDED
+        if ended is None:
+            return Outcome.LOST
+        self._progress(ended=1)
+        logger.info(
+            "session %s had already ended remotely; recorded without a second terminate",
+            record.session_id,
+            extra={"session_id": record.session_id},
+        )
+        if self.on_ended is not None:
+            await self._call_hook(self.on_ended, ended)
+        return outcome
+
+    def _progress(self, *, claimed: int = 0, ended: int = 0) -> None:
+        """Heartbeat after each claim slice and each end (health follows progress)."""
+        self.heartbeat.claimed += claimed
+        if ended:
+            self.heartbeat.ended += ended
+        self.heartbeat.last_progress_at = self.clock.now()
 
     def _retry_at(self, record: SessionRecord, retry_after: float | None = None) -> datetime:
         delay = self.retry.delay(max(record.attempts, 1), retry_after)
@@ -241,7 +316,6 @@ class Reaper:
         if dry_run:
             result.due = await self.due_now()
             return result
-        held: dict[int, SessionRecord] = {}  # claimed and not yet finished: leases to renew
         unsent: set[int] = set()  # claimed and not yet through their terminate request
         tasks: set[asyncio.Task[None]] = set()
         auth_failed = asyncio.Event()
@@ -277,26 +351,13 @@ class Reaper:
                 logger.exception("ending session %s failed", record.session_id)
                 result.outcomes[Outcome.RESCHEDULED].append(record)
             finally:
-                held.pop(record.id, None)
+                self.leases.discard((record.id,))
                 sent(record.id)
 
         def sent(pk: int) -> None:
             unsent.discard(pk)
             room_freed.set()
 
-        async def renew() -> None:
-            while True:
-                await self.clock.sleep(self.lease / 3)
-                if not held:
-                    continue
-                try:
-                    await self.repository.renew_leases(
-                        list(held), owner=self.owner, lease=self.lease
-                    )
-                except Exception:  # the leases may lapse; another reaper then takes over
-                    logger.exception("renewing %d lease(s) failed; retrying", len(held))
-
-        renewer = asyncio.create_task(renew())
         try:
             exhausted = False
             while not exhausted and not auth_failed.is_set() and not self._stopping.is_set():
@@ -310,12 +371,12 @@ class Reaper:
                     continue
                 want = min(room, self.batch)
                 claimed = await self.repository.claim_due(
-                    owner=self.owner, limit=want, lease=self.lease
+                    owner=self.owner, limit=want, lease=self.lease, grace=self.touch_grace
                 )
-                self.heartbeat.claimed += len(claimed)
+                self._progress(claimed=len(claimed))
                 exhausted = len(claimed) < want
+                self.leases.add(r.id for r in claimed)  # renewed until finished
                 for record in claimed:
-                    held[record.id] = record
                     unsent.add(record.id)
                     task = asyncio.create_task(end_one(record))
                     tasks.add(task)
@@ -323,12 +384,10 @@ class Reaper:
         finally:
             # However the claiming stopped (all done, stop(), a failed claim), the terminates
             # already sent run to the end and are recorded; cancelling us cancels them too.
-            try:
-                while tasks:
-                    await asyncio.gather(*tasks)
-            finally:
-                renewer.cancel()
-                await asyncio.gather(renewer, return_exceptions=True)
+            while tasks:
+                await asyncio.gather(*tasks)
+        if self.recover and not auth_failed.is_set() and not self._stopping.is_set():
+            await self._recover_and_cost()
         result.auth_failed = auth_failed.is_set()
         self.heartbeat.ticks += 1
         self.heartbeat.last_tick_at = self.clock.now()
@@ -340,9 +399,25 @@ class Reaper:
                 logger.exception("on_tick hook failed")
         return result
 
+    async def _recover_and_cost(self) -> None:
+        """Resolve expired intents, then fetch costs due; a failure of either is logged (the
+        next tick retries), never fails the tick's ends."""
+        try:
+            report = await recover(self.repository, self.client, self)
+            self.heartbeat.recovered += len(report.adopted) + len(report.intents_failed)
+        except Exception:
+            logger.exception("recovering expired intents failed; retrying next tick")
+        try:
+            self.heartbeat.costs += await fetch_costs(self.repository, self.client, self)
+        except Exception:
+            logger.exception("fetching costs after the end failed; retrying next tick")
+        self._progress()
+
     async def due_now(self, limit: int = 10_000) -> list[SessionRecord]:
-        """Active sessions whose deadline has passed, soonest first (what a tick would end)."""
+        """Active sessions whose deadline has passed, soonest first (what a tick would end,
+        ``touch_grace`` included)."""
         now = self.clock.now()
+        due_before = now - timedelta(seconds=self.touch_grace)
         due: list[SessionRecord] = []
         cursor: str | None = None
         while len(due) < limit:
@@ -353,7 +428,7 @@ class Reaper:
                 sort="deadline",
             )
             for record in page.items:
-                if record.deadline is None or record.deadline > now:
+                if record.deadline is None or record.deadline > due_before:
                     return due
                 if record.status is SessionStatus.ENDING and (
                     (record.lease_until is not None and record.lease_until > now)
@@ -406,6 +481,7 @@ class Reaper:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.leases.close()
         released = await self.repository.release_leases(self.owner)
         if released:
             logger.info("released %d lease(s) for other reapers", released)

@@ -179,6 +179,10 @@ class Stats:
     duration_p50: float | None  # seconds, sessions ended in the window
     duration_p95: float | None
     end_reasons: dict[str, int]  # sessions ended or failed in the window
+    # sessions ended in the window: the credits their known costs sum to, and how many have no
+    # cost yet (fetched after the end; until then the credits are a lower bound)
+    credits_known: float = 0.0
+    cost_unknown: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,4 +201,6 @@ class Stats:
             "duration_p50": self.duration_p50,
             "duration_p95": self.duration_p95,
             "end_reasons": dict(self.end_reasons),
+            "credits_known": self.credits_known,
+            "cost_unknown": self.cost_unknown,
         }

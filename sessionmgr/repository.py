@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
-from .clock import SYSTEM_CLOCK, Clock
+from .clock import SYSTEM_CLOCK, Clock, is_simulated
 from .errors import InvalidArgument, SessionNotFound
 from .models import DEFAULT_TRANSPORT, NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
 from .records import (
@@ -52,11 +52,12 @@ from .records import (
     SessionRecord,
     Stats,
     is_clean_text,
+    iso_utc,
     redact,
     unclean_text,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
-from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork
+from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ MAX_SECONDS = 100 * 365.25 * 86400  # the longest window or age accepted: 100 ye
 MAX_DAYS = 36_525  # days of stats history at most: 100 years
 INT32 = 2**31  # idle_timeout is stored as a 32-bit integer
 BIGINT = 2**63  # local ids are 64-bit integers
+COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
+COST_HORIZON = 3600.0  # seconds after an end past which a missing cost is no longer asked for
+LEGACY_INTENT_SETTLE = 120.0  # seconds: an intent written without a lease counts as held this long
 TRANSPORT_TYPES = (DEFAULT_TRANSPORT, "livekit")  # what a session may have been created on
 
 P = ParamSpec("P")
@@ -233,12 +237,21 @@ Decision = tuple[Row, str | None, str | None] | None
 class SessionRepository:
     """Sessions and their lifecycle events in one database (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, clock: Clock | None = None, database_clock: bool | None = None
+    ) -> None:
+        """``database_clock``: stamp and compare leases on the database server's ``now()``
+        instead of ``clock``. Default: on PostgreSQL (several hosts, several clocks) unless
+        ``clock`` is simulated (a ``FakeClock``, which no server clock can follow); SQLite is
+        one host, whose clock all its processes share."""
         self._engine = engine
         self._write = db.write_engine(engine)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.dialect: str = engine.dialect.name
-        self._writer = GroupWriter(engine)
+        if database_clock is None:
+            database_clock = self.dialect == "postgresql" and not is_simulated(self.clock)
+        self.database_clock = database_clock
+        self._writer = GroupWriter(engine, database_clock=database_clock)
         self._touches: dict[str, datetime] = {}
         self._closed = False
 
@@ -246,7 +259,12 @@ class SessionRepository:
 
     @classmethod
     async def open(
-        cls, url: str, *, clock: Clock | None = None, upgrade: bool = False
+        cls,
+        url: str,
+        *,
+        clock: Clock | None = None,
+        upgrade: bool = False,
+        database_clock: bool | None = None,
     ) -> SessionRepository:
         """A repository on ``url``; ``upgrade`` migrates first, else an old schema fails
         (``DatabaseNotMigrated``, naming `sessionmgr db upgrade`)."""
@@ -258,7 +276,7 @@ class SessionRepository:
         except BaseException:
             await engine.dispose()
             raise
-        return cls(engine, clock=clock)
+        return cls(engine, clock=clock, database_clock=database_clock)
 
     async def close(self) -> None:
         """Write buffered touches, stop the writer, release the connections."""
@@ -308,11 +326,23 @@ class SessionRepository:
         self, key: int | str, decide: Callable[[Row], Decision], *, event: bool = True
     ) -> SessionRecord | None:
         """Apply ``decide`` to the row ``key`` names, in the shared write transaction."""
+        return await self._lease_transition(key, lambda row, _at: decide(row), event=event)
+
+    async def _lease_transition(
+        self,
+        key: int | str,
+        decide: Callable[[Row, datetime], Decision],
+        *,
+        event: bool = True,
+        sids: tuple[str, ...] = (),
+    ) -> SessionRecord | None:
+        """``_transition`` for decisions about leases: ``decide(row, lease_now)`` gets the time
+        leases are stamped and compared on (the database's, see ``database_clock``)."""
         now = self.clock.now()
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = _lookup(uow, key)
-            decision = decide(row) if row is not None else None
+            decision = decide(row, uow.lease_now or now) if row is not None else None
             if row is None or decision is None:
                 return lambda: None
             changes, reason, detail = decision
@@ -328,8 +358,9 @@ class SessionRepository:
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
-        pks, sids = _key_parts(key)
-        return cast(SessionRecord | None, await self._submit(Op(apply, pks=pks, sids=sids)))
+        pks, key_sids = _key_parts(key)
+        op = Op(apply, pks=pks, sids=key_sids + sids)
+        return cast(SessionRecord | None, await self._submit(op))
 
     async def record_intent(
         self,
@@ -341,10 +372,20 @@ class SessionRepository:
         idle_window: float,
         max_age: float | None,
         metadata: Mapping[str, Any] | None = None,
+        owner: str | None = None,
+        lease: float | None = None,
         model: str | None = None,
         transport_type: str = DEFAULT_TRANSPORT,
     ) -> SessionRecord:
-        """Record a ``pending`` intent, before the create request is sent."""
+        """Record a ``pending`` intent, before the create request is sent.
+
+        ``owner`` and ``lease`` (seconds): the creator's intent lease, which it renews while its
+        POST is in flight; until it expires nobody resolves the intent, nor ends a remote session
+        it could own. Without them the intent counts as held ``LEGACY_INTENT_SETTLE`` seconds."""
+        if (owner is None) != (lease is None):
+            raise InvalidArgument("record_intent takes owner and lease together, or neither")
+        if lease is not None:
+            check_seconds("lease", lease)
         check_windows(idle_window, max_age)
         _optional_text("agent_id", agent_id, max_chars=NAME_LENGTH)
         _check_create_fields(model, transport_type)
@@ -380,6 +421,9 @@ class SessionRepository:
         }
 
         def apply(uow: UnitOfWork) -> Thunk:
+            if owner is not None and lease is not None:
+                values["lease_owner"] = owner
+                values["lease_until"] = (uow.lease_now or now) + timedelta(seconds=lease)
             row = uow.insert(values, at=now, reason="intent", detail=None)
             snap = uow.snapshot(row)
             return lambda: _record(snap)
@@ -393,9 +437,11 @@ class SessionRepository:
         _check_remote(session_id, control_url, room_url)
         now = self.clock.now()
 
-        def decide(row: Row) -> Decision:
-            if row["status"] != _PENDING:
-                return None
+        def apply(uow: UnitOfWork) -> Thunk:
+            row = uow.get(pk)
+            if row is None or row["status"] != _PENDING or uow.get(session_id) is not None:
+                return lambda: None  # resolved elsewhere, or that session is recorded already
+            _check_transition(row["status"], _ACTIVE)
             changes = {
                 "status": _ACTIVE,
                 "session_id": session_id,
@@ -403,10 +449,17 @@ class SessionRepository:
                 "control_url": control_url,
                 "last_activity_at": now,
                 "deadline": _deadline(now, row["idle_window"], row["expires_at"]),
+                "lease_owner": None,
+                "lease_until": None,
+                "next_attempt_at": None,
+                "updated_at": now,
             }
-            return changes, "created", None
+            uow.change(row, changes, at=now, reason="created", detail=None)
+            snap = uow.snapshot(row)
+            return lambda: _record(snap)
 
-        return await self._transition(pk, decide)
+        op = Op(apply, pks=(pk,), sids=(session_id,))
+        return cast(SessionRecord | None, await self._submit(op))
 
     async def mark_failed(self, pk: int, *, reason: EndReason, error: str | None = None) -> bool:
         """pending -> failed (the create was rejected, or its outcome never learned)."""
@@ -421,6 +474,8 @@ class SessionRepository:
                 "ended_at": now,
                 "end_reason": reason.value,
                 "last_error": _clip(error),
+                "lease_until": None,
+                "next_attempt_at": None,
             }
             return changes, reason.value, _clip(error)
 
@@ -566,28 +621,27 @@ class SessionRepository:
     async def begin_end(
         self, key: int | str, *, owner: str, lease: float, reason: EndReason
     ) -> SessionRecord | None:
-        """End one session now (manual, shutdown, orphan): an active session, a pending intent,
-        or an ending one whose lease ran out becomes ``ending`` leased to ``owner``. None when
-        the session is not in such a state (already ended, or another process holds it)."""
-        now = self.clock.now()
+        """End one session now (manual, shutdown, orphan): an active session, or an ending one
+        whose lease ran out, becomes ``ending`` leased to ``owner``. None when the session is not
+        in such a state (pending: its creator holds it; already ended; another process holds
+        it)."""
         reason = EndReason(reason)
-        until = now + timedelta(seconds=lease)
 
-        def decide(row: Row) -> Decision:
+        def decide(row: Row, at: datetime) -> Decision:
             lease_changes = {
                 "lease_owner": owner,
-                "lease_until": until,
+                "lease_until": at + timedelta(seconds=lease),
                 "attempts": row["attempts"] + 1,
                 "next_attempt_at": None,
             }
-            if row["status"] in (_ACTIVE, _PENDING):
+            if row["status"] == _ACTIVE:
                 changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
                 return changes, reason.value, f"lease {owner}"
-            if row["status"] == _ENDING and _lease_free(row, now):
+            if row["status"] == _ENDING and _lease_free(row, at):
                 return lease_changes, row["end_reason"], f"lease taken over by {owner}"
             return None
 
-        return await self._transition(_key(key), decide)
+        return await self._lease_transition(_key(key), decide)
 
     async def reschedule(self, pk: int, *, owner: str, error: str, retry_at: datetime) -> bool:
         """A terminate failed: release the lease and retry at ``retry_at`` (``owner`` only)."""
@@ -617,14 +671,15 @@ class SessionRepository:
     ) -> SessionRecord | None:
         """ending -> ended, by the lease owner (``owner=None``: only when no lease is live);
         the ended record, or None when not applied. ``reason=None`` keeps the reason stamped
-        when the session was claimed."""
+        when the session was claimed. Without a ``cost`` its fetch is scheduled
+        (``next_attempt_at``, see ``costs_due``)."""
         now = self.clock.now()
         reason = EndReason(reason) if reason is not None else None
 
-        def decide(row: Row) -> Decision:
+        def decide(row: Row, at: datetime) -> Decision:
             if row["status"] != _ENDING:
                 return None
-            if owner is None and not _lease_free(row, now):
+            if owner is None and not _lease_free(row, at):
                 return None
             if owner is not None and row["lease_owner"] != owner:
                 return None
@@ -633,14 +688,13 @@ class SessionRepository:
                 "ended_at": now,
                 "end_reason": reason.value if reason is not None else row["end_reason"],
                 "lease_until": None,
+                **_cost_changes(row, cost, now),
             }
             if remote_status is not None:
                 changes["remote_status"] = remote_status
-            if cost is not None:
-                changes["cost"] = float(cost)
             return changes, changes["end_reason"], remote_status
 
-        return await self._transition(pk, decide)
+        return await self._lease_transition(pk, decide)
 
     async def mark_ended_remote(
         self, pk: int, *, reason: EndReason, remote_status: str, cost: float | None
@@ -650,9 +704,9 @@ class SessionRepository:
         now = self.clock.now()
         reason = EndReason(reason)
 
-        def decide(row: Row) -> Decision:
+        def decide(row: Row, at: datetime) -> Decision:
             if not (
-                row["status"] == _ACTIVE or (row["status"] == _ENDING and _lease_free(row, now))
+                row["status"] == _ACTIVE or (row["status"] == _ENDING and _lease_free(row, at))
             ):
                 return None
             changes: Row = {
@@ -661,12 +715,11 @@ class SessionRepository:
                 "end_reason": reason.value,
                 "remote_status": remote_status,
                 "lease_until": None,
+                **_cost_changes(row, cost, now),
             }
-            if cost is not None:
-                changes["cost"] = float(cost)
             return changes, reason.value, remote_status
 
-        return await self._transition(pk, decide) is not None
+        return await self._lease_transition(pk, decide) is not None
 
     async def record_remote(self, pk: int, *, remote_status: str, cost: float | None) -> None:
         """Note what LemonSlice reports about a session (no transition)."""
@@ -699,25 +752,51 @@ class SessionRepository:
 
     @_db_errors
     async def claim_due(
-        self, *, owner: str, limit: int, lease: float, now: datetime | None = None
+        self,
+        *,
+        owner: str,
+        limit: int,
+        lease: float,
+        now: datetime | None = None,
+        grace: float = 0.0,
     ) -> list[SessionRecord]:
         """Claim up to ``limit`` sessions to end, in one statement: active sessions past their
         deadline (-> ending, end_reason max_age or idle) and ending sessions whose lease ran out
         and whose retry time has come (re-leased, end_reason kept). Each gets ``owner``'s lease
         for ``lease`` seconds and one more attempt. Only due rows are read (index ranges on
         (status, deadline) and (status, lease_until, next_attempt_at)), so the cost does not
-        grow with the table. On PostgreSQL, rows another claimer holds are skipped."""
+        grow with the table. On PostgreSQL, rows another claimer holds are skipped.
+
+        ``grace`` (seconds): an active row is claimed only once its deadline passed that long ago,
+        so a touch still buffered in another process (flushed every touch-flush interval) is
+        written before anyone may claim the row: a touch anywhere wins over a claim elsewhere.
+        Leases are compared and stamped on the database's clock when ``database_clock``."""
         if limit <= 0:
             return []
         now = _aware(now, "now") if now is not None else self.clock.now()
-        until = now + timedelta(seconds=lease)
+        check_seconds("grace", grace, positive=False)
+
+        async def run(conn: AsyncConnection) -> list[SessionRecord]:
+            at = await database_now(conn) if self.database_clock else now
+            stmt = self._claim_statement(owner, limit, lease, now, at, grace)
+            return await self._claimed(conn, stmt, owner, now)
+
+        return await self._write_statement(run)
+
+    def _claim_statement(
+        self, owner: str, limit: int, lease: float, now: datetime, at: datetime, grace: float
+    ) -> Any:
+        """claim_due's one UPDATE; ``now``: the claimer's clock (deadlines), ``at``: the lease
+        clock."""
+        until = at + timedelta(seconds=lease)
+        due_before = now - timedelta(seconds=grace)
         c = sessions.c
         # Spelled as disjoint index ranges so that only due rows are read: (status, deadline)
         # for active rows; (status, lease_until, next_attempt_at) for ending ones.
         retry_due = or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)
         due = or_(
-            and_(c.status == _ACTIVE, c.deadline <= now),
-            and_(c.status == _ENDING, c.lease_until <= now, retry_due),
+            and_(c.status == _ACTIVE, c.deadline <= due_before),
+            and_(c.status == _ENDING, c.lease_until <= at, retry_due),
             and_(c.status == _ENDING, c.lease_until.is_(None), c.next_attempt_at.is_(None)),
             and_(c.status == _ENDING, c.lease_until.is_(None), c.next_attempt_at <= now),
         )
@@ -734,7 +813,7 @@ class SessionRepository:
             ),
             else_=c.end_reason,
         )
-        stmt = (
+        return (
             update(sessions)
             .where(c.id.in_(picked.scalar_subquery()))
             .values(
@@ -748,51 +827,206 @@ class SessionRepository:
             .returning(*sessions.columns)
         )
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
-            if not rows:
-                return []
-            events = [
-                {
-                    "session_pk": r["id"],
-                    "at": now,
-                    # attempts is 0 until a session is first claimed (a CHECK guarantees it)
-                    "from_status": _ACTIVE if r["attempts"] == 1 else _ENDING,
-                    "to_status": _ENDING,
-                    "reason": r["end_reason"],
-                    "detail": f"claimed by {owner} (attempt {r['attempts']})",
-                }
-                for r in rows
-            ]
-            await conn.execute(insert(session_events), events)
-            far = datetime.max.replace(tzinfo=UTC)
-            rows.sort(key=lambda r: (r["deadline"] or far, r["id"]))
-            return [_record(r) for r in rows]
-
-        return await self._write_statement(run)
+    @staticmethod
+    async def _claimed(
+        conn: AsyncConnection, stmt: Any, owner: str, now: datetime
+    ) -> list[SessionRecord]:
+        """Run a claim statement and append its events."""
+        rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+        if not rows:
+            return []
+        events = [
+            {
+                "session_pk": r["id"],
+                "at": now,
+                # attempts is 0 until a session is first claimed (a CHECK guarantees it)
+                "from_status": _ACTIVE if r["attempts"] == 1 else _ENDING,
+                "to_status": _ENDING,
+                "reason": r["end_reason"],
+                "detail": f"claimed by {owner} (attempt {r['attempts']})",
+            }
+            for r in rows
+        ]
+        await conn.execute(insert(session_events), events)
+        far = datetime.max.replace(tzinfo=UTC)
+        rows.sort(key=lambda r: (r["deadline"] or far, r["id"]))
+        return [_record(r) for r in rows]
 
     @_db_errors
     async def renew_leases(self, pks: Sequence[int], *, owner: str, lease: float) -> int:
-        """Extend ``owner``'s leases on these ending sessions; returns how many it still held."""
+        """Extend ``owner``'s leases on these ending sessions and pending intents; returns how
+        many it still held (a lease another process took over is not renewed)."""
         if not pks:
             return 0
         now = self.clock.now()
         c = sessions.c
-        stmt = (
-            update(sessions)
-            .where(
-                c.id.in_(list(pks)),
-                c.status == _ENDING,
-                c.lease_owner == owner,
-                c.lease_until.is_not(None),
-            )
-            .values(lease_until=now + timedelta(seconds=lease), updated_at=now)
-        )
 
         async def run(conn: AsyncConnection) -> int:
+            at = await database_now(conn) if self.database_clock else now
+            stmt = (
+                update(sessions)
+                .where(
+                    c.id.in_(list(pks)),
+                    c.status.in_((_ENDING, _PENDING)),
+                    c.lease_owner == owner,
+                    c.lease_until.is_not(None),
+                )
+                .values(lease_until=at + timedelta(seconds=lease), updated_at=now)
+            )
             return (await conn.execute(stmt)).rowcount
 
         return await self._write_statement(run)
+
+    # --- intent leases: who may resolve a pending intent ----------------------------------------
+
+    def _intent_due(self, now: datetime, at: datetime) -> ColumnElement[bool]:
+        """Pending intents nobody holds: lease expired (and retry time come), or written without
+        a lease and older than ``LEGACY_INTENT_SETTLE``. Index ranges on (status, lease_until,
+        next_attempt_at): free when there are none."""
+        c = sessions.c
+        retry_due = or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)
+        legacy = now - timedelta(seconds=LEGACY_INTENT_SETTLE)
+        return or_(
+            and_(c.status == _PENDING, c.lease_until <= at, retry_due),
+            and_(c.status == _PENDING, c.lease_until.is_(None), c.created_at <= legacy),
+        )
+
+    @_db_errors
+    async def has_due_intents(self) -> bool:
+        """Whether any pending intent is free to resolve (one indexed read, no write lock)."""
+        now = self.clock.now()
+        async with self._engine.connect() as conn:
+            at = await database_now(conn) if self.database_clock else now
+            stmt = select(sessions.c.id).where(self._intent_due(now, at)).limit(1)
+            return (await conn.execute(stmt)).first() is not None
+
+    @_db_errors
+    async def claim_intents(self, *, owner: str, lease: float, limit: int) -> list[SessionRecord]:
+        """Take the lease of up to ``limit`` free pending intents (oldest first) for recovery:
+        their creators' renewals then fail, and no other recoverer resolves them at once."""
+        now = self.clock.now()
+        c = sessions.c
+
+        async def run(conn: AsyncConnection) -> list[SessionRecord]:
+            at = await database_now(conn) if self.database_clock else now
+            picked = (
+                select(c.id)
+                .where(self._intent_due(now, at))
+                .order_by(c.created_at, c.id)
+                .limit(limit)
+            )
+            if self.dialect == "postgresql":
+                picked = picked.with_for_update(skip_locked=True)
+            stmt = (
+                update(sessions)
+                .where(c.id.in_(picked.scalar_subquery()))
+                .values(
+                    lease_owner=owner,
+                    lease_until=at + timedelta(seconds=lease),
+                    next_attempt_at=None,
+                    updated_at=now,
+                )
+                .returning(*sessions.columns)
+            )
+            rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+            rows.sort(key=lambda r: (r["created_at"], r["id"]))
+            return [_record(r) for r in rows]
+
+        return await self._write_statement(run)
+
+    async def release_intent(
+        self, pk: int, *, owner: str, retry_at: datetime | None = None
+    ) -> bool:
+        """Give up ``owner``'s lease on a pending intent now, so recovery resolves it on its next
+        pass (at ``retry_at`` at the earliest, when given)."""
+        retry_at = _aware(retry_at, "retry_at") if retry_at is not None else None
+
+        def decide(row: Row, at: datetime) -> Decision:
+            if row["status"] != _PENDING or row["lease_owner"] != owner:
+                return None
+            return {"lease_until": at, "next_attempt_at": retry_at}, None, None
+
+        return await self._lease_transition(pk, decide, event=False) is not None
+
+    async def adopt_intent(
+        self, pk: int, *, owner: str, session_id: str, control_url: str, created_at: datetime
+    ) -> SessionRecord | None:
+        """Recovery: the pending intent ``pk`` (whose lease ``owner`` holds) is the create of
+        remote session ``session_id``: it becomes that active session. None when the intent is
+        no longer ``owner``'s pending one, or the session is recorded already (its creator's
+        answer won): nothing is changed, and nobody should end the session on this account."""
+        _check_remote(session_id, control_url, None)
+        created_at = _aware(created_at, "created_at")
+        now = self.clock.now()
+
+        def apply(uow: UnitOfWork) -> Thunk:
+            row = uow.get(pk)
+            if (
+                row is None
+                or row["status"] != _PENDING
+                or row["lease_owner"] != owner
+                or uow.get(session_id) is not None
+            ):
+                return lambda: None
+            _check_transition(row["status"], _ACTIVE)
+            changes = {
+                "status": _ACTIVE,
+                "session_id": session_id,
+                "control_url": control_url,
+                "last_activity_at": now,
+                "deadline": _deadline(now, row["idle_window"], row["expires_at"]),
+                "lease_owner": None,
+                "lease_until": None,
+                "next_attempt_at": None,
+                "updated_at": now,
+            }
+            detail = f"matched by {owner}; remote created {iso_utc(created_at)}"
+            uow.change(row, changes, at=now, reason="adopted", detail=detail)
+            snap = uow.snapshot(row)
+            return lambda: _record(snap)
+
+        op = Op(apply, pks=(pk,), sids=(session_id,))
+        return cast(SessionRecord | None, await self._submit(op))
+
+    # --- cost after the end ---------------------------------------------------------------------
+
+    @_db_errors
+    async def costs_due(self, *, limit: int) -> list[SessionRecord]:
+        """Ended sessions whose cost is still to be asked for (``next_attempt_at`` come): the
+        index range (status, lease_until, next_attempt_at), free when there are none."""
+        now = self.clock.now()
+        c = sessions.c
+        stmt = (
+            select(sessions)
+            .where(c.status == _ENDED, c.lease_until.is_(None), c.next_attempt_at <= now)
+            .order_by(c.next_attempt_at, c.id)
+            .limit(limit)
+        )
+        return [_record(r) for r in await self._fetch(stmt)]
+
+    async def record_cost(
+        self,
+        pk: int,
+        *,
+        cost: float | None,
+        remote_status: str | None,
+        retry_at: datetime | None,
+    ) -> bool:
+        """Note an ended session's cost (or that it is not known yet: asked again at
+        ``retry_at``; None: never again)."""
+        retry_at = _aware(retry_at, "retry_at") if retry_at is not None else None
+
+        def decide(row: Row) -> Decision:
+            if row["status"] != _ENDED:
+                return None
+            changes: Row = {"next_attempt_at": None if cost is not None else retry_at}
+            if cost is not None:
+                changes["cost"] = float(cost)
+            if remote_status is not None:
+                changes["remote_status"] = remote_status
+            return changes, None, None
+
+        return await self._transition(pk, decide, event=False) is not None
 
     @_db_errors
     async def release_leases(self, owner: str) -> int:
@@ -955,6 +1189,28 @@ class SessionRepository:
         return found
 
     @_db_errors
+    async def ended_without_cost(self, session_ids: Iterable[str]) -> list[SessionRecord]:
+        """Which of these LemonSlice ids ended here with no cost recorded (for reconcile)."""
+        wanted = sorted(set(session_ids))
+        found: list[SessionRecord] = []
+        c = sessions.c
+        for start in range(0, len(wanted), LOOKUP_CHUNK):
+            chunk = wanted[start : start + LOOKUP_CHUNK]
+            stmt = select(sessions).where(
+                c.session_id.in_(chunk), c.status == _ENDED, c.cost.is_(None)
+            )
+            found += [_record(r) for r in await self._fetch(stmt.order_by(c.id))]
+        return found
+
+    @_db_errors
+    async def lease_now(self) -> datetime:
+        """The time leases are compared on: the database's clock when ``database_clock``."""
+        if not self.database_clock:
+            return self.clock.now()
+        async with self._engine.connect() as conn:
+            return await database_now(conn)
+
+    @_db_errors
     async def events(self, key: int | str) -> list[SessionEvent]:
         """The lifecycle of one session, oldest first."""
         record = await self.get(key)
@@ -1053,6 +1309,8 @@ class SessionRepository:
             duration_p50=p50,
             duration_p95=p95,
             end_reasons=reasons,
+            credits_known=float(sum(c for _, c, k in ended.values() if k and c is not None)),
+            cost_unknown=int(sum(n - k for n, _, k in ended.values())),
         )
 
     def _day(self, col: Any) -> ColumnElement[Any]:
@@ -1229,6 +1487,15 @@ def _local_id(key: str) -> int | None:
 
 def _lease_free(row: Row, now: datetime) -> bool:
     return row["lease_until"] is None or row["lease_until"] <= now
+
+
+def _cost_changes(row: Row, cost: float | None, now: datetime) -> Row:
+    """An end's cost columns: the cost when known, else its fetch scheduled ``COST_DELAY`` on."""
+    if cost is not None:
+        return {"cost": float(cost), "next_attempt_at": None}
+    if row["cost"] is not None:
+        return {"next_attempt_at": None}
+    return {"next_attempt_at": now + timedelta(seconds=COST_DELAY)}
 
 
 def _rank(p: float, n: int) -> int:

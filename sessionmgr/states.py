@@ -4,7 +4,10 @@
 
     pending ──create ok──> active ──due / end()──> ending ──terminate ok, 404/410──> ended
        │ 4xx ──> failed       │ remote finished ──> ended      │ transient failure: stays ending,
-       │ unknown: stays pending until reconcile resolves it     │ lease released, retried later
+       │ unknown: stays pending (its creator's lease held)     │ lease released, retried later
+       │ lease expired: recovery adopts the session (-> active -> ending) or fails it
+
+A pending intent never becomes ``ending`` or ``ended`` directly: it has no session id to end.
 
 The repository is the only writer of ``status`` and enforces ``TRANSITIONS`` with one conditional
 UPDATE per transition (``WHERE status = <expected>``), so two actors can never both win.
@@ -43,9 +46,7 @@ class EndReason(enum.StrEnum):
 
 # status -> statuses it may move to
 TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
-    SessionStatus.PENDING: frozenset(
-        {SessionStatus.ACTIVE, SessionStatus.FAILED, SessionStatus.ENDING, SessionStatus.ENDED}
-    ),
+    SessionStatus.PENDING: frozenset({SessionStatus.ACTIVE, SessionStatus.FAILED}),
     SessionStatus.ACTIVE: frozenset({SessionStatus.ENDING, SessionStatus.ENDED}),
     SessionStatus.ENDING: frozenset({SessionStatus.ENDING, SessionStatus.ENDED}),
     SessionStatus.ENDED: frozenset(),

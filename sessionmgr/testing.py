@@ -34,8 +34,8 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -57,7 +57,8 @@ ENDPOINTS = ("create", "get", "list", "terminate", "control")  # control: events
 SERVER_IDLE_TIMEOUT = 60  # seconds, LemonSlice's default idle_timeout
 CREDITS_PER_MINUTE = 1.0  # what the fake bills a live session
 LIST_DEFAULT_LIMIT = 25  # sessions per page when the client does not say
-LIST_MAX_LIMIT = 100  # a larger limit is clamped, as real APIs do
+LIST_MAX_LIMIT = 100  # a larger limit is refused (400), as LemonSlice documents 1-100
+MAX_SESSION_SECONDS = 1800.0  # LemonSlice ends any session after 30 minutes (server_timeouts)
 SHUTDOWN_TIMEOUT = 0.5  # seconds stop() waits for in-flight handlers
 STATE_SAVE_INTERVAL = 0.5  # seconds between writes of --state-file while state changes
 ADMIN_TIMEOUT = 10.0  # seconds, fake_state()'s limit
@@ -284,6 +285,7 @@ class FakeLemonSlice:
         self._stopping = asyncio.Event()
         self._dirty = False
         self._saver: asyncio.Task[None] | None = None
+        self._init_realism()
 
     def __repr__(self) -> str:
         where = self.url if self._runner else "not started"
@@ -309,6 +311,7 @@ class FakeLemonSlice:
         app.router.add_post(ADMIN_PATH + "/sessions/{session_id}/status", self._admin_status)
         app.router.add_post(ADMIN_PATH + "/expire_idle", self._admin_expire)
         app.router.add_post(ADMIN_PATH + "/reset", self._admin_reset)
+        app.router.add_post(ADMIN_PATH + "/realism", self._admin_realism)
         app.router.add_post(ADMIN_PATH + "/credits", self._admin_credits)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
@@ -462,6 +465,137 @@ class FakeLemonSlice:
         self._max_in_flight = dict.fromkeys(ENDPOINTS, 0)
         self._dirty = True
 
+    # --- realism: what makes the fake as rough as LemonSlice -------------------------------------
+
+    def _init_realism(self) -> None:
+        self.answer_hold: dict[str, float] = {}  # endpoint -> seconds its answer is held
+        self._released: dict[str, asyncio.Event] = {}
+        self.queue_seconds = 0.0  # > 0: new sessions stay QUEUED this long (a cold start)
+        self.server_timeouts = False  # True: idle_timeout and the 30-minute cap end sessions
+        self.max_session_seconds = MAX_SESSION_SECONDS
+        self.list_newest_first = True  # False: a list out of its documented order
+        self._queued: dict[str, FakeSession] = {}
+
+    def hold_answers(self, endpoint: str, seconds: float) -> None:
+        """Hold each ``endpoint`` answer for ``seconds`` *after* the request took effect: a
+        create's session already exists and is listed while its creator still waits (the slow
+        create of the real service). ``release_answers`` lets the held answers go at once."""
+        _check_endpoint(endpoint)
+        if seconds < 0:
+            raise ValueError(f"hold for {endpoint} must be >= 0 seconds")
+        self.answer_hold[endpoint] = float(seconds)
+        self._released[endpoint] = asyncio.Event()
+
+    def release_answers(self, endpoint: str) -> None:
+        """Send the answers ``hold_answers`` is holding now, and hold no more."""
+        self.answer_hold.pop(endpoint, None)
+        if (event := self._released.pop(endpoint, None)) is not None:
+            event.set()
+
+    def configure_realism(
+        self,
+        *,
+        queue_seconds: float | None = None,
+        server_timeouts: bool | None = None,
+        max_session_seconds: float | None = None,
+        hold: Mapping[str, float] | None = None,
+        release: Iterable[str] = (),
+    ) -> None:
+        """Switch each rough edge on or off (also ``POST /_fake/realism`` and the fake-server
+        flags)."""
+        if queue_seconds is not None:
+            if float(queue_seconds) < 0:
+                raise ValueError("queue_seconds must be >= 0")
+            self.queue_seconds = float(queue_seconds)
+        if server_timeouts is not None:
+            self.server_timeouts = bool(server_timeouts)
+        if max_session_seconds is not None:
+            if float(max_session_seconds) <= 0:
+                raise ValueError("max_session_seconds must be > 0")
+            self.max_session_seconds = float(max_session_seconds)
+        for endpoint, seconds in (hold or {}).items():
+            self.hold_answers(endpoint, float(seconds))
+        for endpoint in release:
+            self.release_answers(endpoint)
+
+    def _queue_if_cold(self, session: FakeSession) -> None:
+        if self.queue_seconds > 0 and session.status == "ACTIVE":
+            session.status = "QUEUED"
+            self._queued[session.session_id] = session
+
+    def apply_server_rules(self) -> list[str]:
+        """What the server does by itself, on the fake's clock: QUEUED sessions become ACTIVE
+        after ``queue_seconds``; with ``server_timeouts``, a session idle for its
+        ``idle_timeout`` (>= 0) ends TIMED_OUT and one older than ``max_session_seconds`` ends
+        COMPLETED, each with its cost. Runs before every request; returns the ids it ended."""
+        now = self.clock.now()
+        queue = timedelta(seconds=self.queue_seconds)
+        for sid, session in list(self._queued.items()):
+            if session.status != "QUEUED":
+                del self._queued[sid]
+            elif now - session.created_at >= queue:
+                session.status = "ACTIVE"
+                del self._queued[sid]
+                self._dirty = True
+        if not self.server_timeouts:
+            return []
+        ended = []
+        for session in self.sessions.values():
+            if session.status not in REMOTE_LIVE:
+                continue
+            capped = session.created_at + timedelta(seconds=self.max_session_seconds)
+            idled = (
+                session.last_activity + timedelta(seconds=session.idle_timeout)
+                if session.idle_timeout >= 0
+                else None
+            )
+            if idled is not None and idled <= now and idled < capped:
+                session.status, session.ended_at = "TIMED_OUT", idled
+            elif capped <= now:
+                session.status, session.ended_at = "COMPLETED", capped
+            else:
+                continue
+            session.cost = self._bill(session, until=session.ended_at)
+            ended.append(session.session_id)
+        self._dirty = self._dirty or bool(ended)
+        return ended
+
+    def seed_history(
+        self, count: int, *, before: datetime, spacing: float = 60.0, cost: float = 1.0
+    ) -> None:
+        """Add ``count`` finished (COMPLETED) sessions, created ``spacing`` seconds apart up to
+        ``before``: a long remote history in one call, without a request each."""
+        for n in range(count):
+            created = before - timedelta(seconds=spacing * (count - n))
+            sid = f"hist_{n:08d}"
+            self.sessions[sid] = FakeSession(
+                session_id=sid,
+                status="COMPLETED",
+                created_at=created,
+                idle_timeout=SERVER_IDLE_TIMEOUT,
+                cost=cost,
+                terminate_count=0,
+                payload={},
+                last_activity=created,
+                control_url=None,
+                ended_at=created + timedelta(seconds=spacing / 2),
+            )
+        self._dirty = True
+
+    async def _hold_answer(self, endpoint: str) -> None:
+        seconds = self.answer_hold.get(endpoint)
+        if not seconds:
+            return
+        waits = {
+            asyncio.ensure_future(self._released[endpoint].wait()),
+            asyncio.ensure_future(self._stopping.wait()),
+        }
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
     # --- state file -----------------------------------------------------------------------------
 
     def save_state(self, path: str | os.PathLike[str]) -> None:
@@ -500,6 +634,7 @@ class FakeLemonSlice:
                 self._in_flight[endpoint] -= 1
 
         async def handle(request: web.Request) -> web.StreamResponse:
+            self.apply_server_rules()
             recorded = await self._record(endpoint, request)
             if endpoint == "terminate":
                 sid = request.match_info["session_id"]
@@ -516,6 +651,7 @@ class FakeLemonSlice:
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
                 return _error(401, "invalid or missing X-API-Key")
             response = handler(recorded, request)
+            await self._hold_answer(endpoint)
             if fault is None:
                 return response
             return await self._spoil(endpoint, fault, request, response)
@@ -588,6 +724,7 @@ class FakeLemonSlice:
         )
         self._created += 1
         self._dirty = True
+        self._queue_if_cold(self.sessions[session_id])
         if transport == "livekit":  # the self-managed flavour answers with the id only
             return web.json_response({"session_id": session_id})
         return web.json_response(
@@ -609,10 +746,11 @@ class FakeLemonSlice:
             limit = int(request.query.get("limit", str(LIST_DEFAULT_LIMIT)))
         except ValueError:
             return _error(400, "page and limit must be integers")
-        if page < 1 or limit < 1:
-            return _error(400, "page and limit must be >= 1")
-        limit = min(limit, LIST_MAX_LIMIT)
-        newest_first = sorted(self.sessions.values(), key=lambda s: s.created_at, reverse=True)
+        if page < 1 or not 1 <= limit <= LIST_MAX_LIMIT:
+            return _error(400, f"page must be >= 1 and limit 1-{LIST_MAX_LIMIT}")
+        newest_first = sorted(
+            self.sessions.values(), key=lambda s: s.created_at, reverse=self.list_newest_first
+        )
         total = len(newest_first)
         chunk = newest_first[(page - 1) * limit : page * limit]
         total_pages = (total + limit - 1) // limit
@@ -705,6 +843,7 @@ class FakeLemonSlice:
     # --- admin routes ---------------------------------------------------------------------------
 
     async def _admin_state(self, request: web.Request) -> web.Response:
+        self.apply_server_rules()
         return web.json_response(self.state())
 
     async def _admin_faults(self, request: web.Request) -> web.Response:
@@ -740,6 +879,16 @@ class FakeLemonSlice:
 
     async def _admin_expire(self, request: web.Request) -> web.Response:
         return web.json_response({"expired": self.expire_idle()})
+
+    async def _admin_realism(self, request: web.Request) -> web.Response:
+        """``{"queue_seconds": s, "server_timeouts": bool, "max_session_seconds": s,
+        "hold": {endpoint: s}, "release": [endpoint, ...]}``, each optional."""
+        data = await _admin_json(request)
+        try:
+            self.configure_realism(**data)
+        except (TypeError, ValueError) as exc:
+            return _error(400, str(exc))
+        return web.json_response({"ok": True})
 
     async def _admin_reset(self, request: web.Request) -> web.Response:
         self.reset()
@@ -794,8 +943,8 @@ class FakeLemonSlice:
         except KeyError:
             raise KeyError(f"no fake session {session_id!r}") from None
 
-    def _bill(self, session: FakeSession) -> float:
-        seconds = (self.clock.now() - session.created_at).total_seconds()
+    def _bill(self, session: FakeSession, until: datetime | None = None) -> float:
+        seconds = ((until or self.clock.now()) - session.created_at).total_seconds()
         return round(max(seconds, 0.0) / 60.0 * CREDITS_PER_MINUTE, 4)
 
 

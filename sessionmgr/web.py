@@ -301,8 +301,8 @@ async def healthz(request: web.Request) -> web.Response:
     """200 when the database answers and the reaper ticked within ``STALE_TICKS`` intervals.
 
     503 otherwise, ``error`` naming why: ``database_unavailable``, ``reaper_not_running`` (disabled,
-    stopped or crashed: nothing in this process ends due sessions) or ``reaper_stale`` (a tick
-    has been running, or none has started, for too long).
+    stopped or crashed: nothing in this process ends due sessions) or ``reaper_stale`` (no tick
+    ended, no claim slice and no end for too long: a long drain that keeps ending is healthy).
     """
     manager = _manager(request)
     body: dict[str, Any] = {"database": "ok", "reaper_last_tick_age": None, "version": __version__}
@@ -321,13 +321,14 @@ async def healthz(request: web.Request) -> web.Response:
     if not reaper.running:
         detail = "the reaper is not running in this process: due sessions are not being ended"
         return error_response(503, "reaper_not_running", detail, **body)
-    since = beat.last_tick_at or beat.started_at or now
+    # progress, not tick ends: a long drain claims and ends all along (issue 12)
+    since = beat.last_alive_at or beat.started_at or now
     quiet = (now - since).total_seconds()
     limit = STALE_TICKS * reaper.interval
     if quiet > limit:
         detail = (
-            f"the reaper has not finished a tick for {quiet:.0f} s (limit {limit:g} s, "
-            f"{STALE_TICKS} intervals): see the server log"
+            f"the reaper has shown no progress (no tick, claim or end) for {quiet:.0f} s "
+            f"(limit {limit:g} s, {STALE_TICKS} intervals): see the server log"
         )
         return error_response(503, "reaper_stale", detail, **body)
     return web.json_response(body)

@@ -26,9 +26,10 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Update, bindparam, insert, or_, select, update
+from sqlalchemy import Update, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -70,6 +71,9 @@ class UnitOfWork:
 
     def __init__(self, *, lock_rows: bool) -> None:
         self._lock_rows = lock_rows
+        # the database server's now() in this transaction, when leases follow its clock
+        # (PostgreSQL shared by several hosts); None: lease times come from the caller's clock
+        self.lease_now: datetime | None = None
         self._by_pk: dict[int, Row] = {}
         self._by_sid: dict[str, Row] = {}
         self._read_status: dict[int, str] = {}
@@ -226,8 +230,13 @@ def _update_statement(columns: frozenset[str]) -> Update:
 class GroupWriter:
     """The one task that writes transitions, a batch per transaction (see the module docstring)."""
 
-    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+    def __init__(
+        self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH, database_clock: bool = False
+    ) -> None:
+        """``database_clock``: every transaction reads the server's ``now()`` first
+        (``UnitOfWork.lease_now``), so leases are stamped and compared on one clock."""
         self._engine = write_engine(engine)
+        self.database_clock = database_clock
         self._url = engine.url
         self._lock_rows = engine.dialect.name == "postgresql"
         # SQLite has one write lock per file. Within this process, writers take turns on an
@@ -336,6 +345,8 @@ class GroupWriter:
         uow = UnitOfWork(lock_rows=self._lock_rows)
         outcomes: list[tuple[Op, Thunk | Exception]] = []
         async with self.exclusive(), self._engine.begin() as conn:
+            if self.database_clock:
+                uow.lease_now = await database_now(conn)
             await uow.load(
                 conn, (pk for op in batch for pk in op.pks), (s for op in batch for s in op.sids)
             )
@@ -346,6 +357,14 @@ class GroupWriter:
                     outcomes.append((op, exc))
             await uow.flush(conn)
         return outcomes
+
+
+async def database_now(conn: AsyncConnection) -> datetime:
+    """The database server's clock (PostgreSQL's ``now()``: this transaction's start)."""
+    value = (await conn.execute(select(func.now()))).scalar_one()
+    if not isinstance(value, datetime) or value.tzinfo is None:
+        raise DatabaseError(f"the database's now() is not a timezone-aware time: {value!r}")
+    return value.astimezone(UTC)
 
 
 def _resolve(op: Op, *, result: Any = None, exc: BaseException | None = None) -> None:

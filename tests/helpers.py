@@ -17,6 +17,14 @@ FAKE_API_KEY = "test-key"
 # Retries in milliseconds and a 1 s attempt limit, so fault tests stay fast.
 TEST_RETRY = RetryPolicy(attempts=4, base=0.001, cap=0.01, deadline=5.0)
 TEST_TIMEOUTS = Timeouts(connect=1.0, total=1.0)
+SLOW_TIMEOUTS = Timeouts(connect=1.0, total=60.0)  # for tests whose creates take seconds
+
+
+def slow_client(fake: FakeLemonSlice) -> LemonSliceClient:
+    """Fast retries, but an answer may take up to a minute (held creates, QUEUED starts)."""
+    return LemonSliceClient(
+        fake.api_key, api_url=fake.url, retry=TEST_RETRY, timeouts=SLOW_TIMEOUTS
+    )
 
 
 def fast_client(fake: FakeLemonSlice) -> LemonSliceClient:
@@ -28,14 +36,15 @@ def fast_client(fake: FakeLemonSlice) -> LemonSliceClient:
 
 @contextlib.asynccontextmanager
 async def make_manager(
-    fake: FakeLemonSlice, clock: FakeClock, db_url: str, **kw: Any
+    fake: FakeLemonSlice, clock: FakeClock, db_url: str, *, slow: bool = False, **kw: Any
 ) -> AsyncIterator[SessionManager]:
-    """A manager whose reaper the test drives by hand (``reaper.run_once()`` after advancing)."""
+    """A manager whose reaper the test drives by hand (``reaper.run_once()`` after advancing);
+    ``slow``: its client waits for answers that take seconds."""
     kw.setdefault("idle_window", 60.0)
     kw.setdefault("max_age", 3600.0)
     kw.setdefault("reaper", False)
     async with (
-        fast_client(fake) as client,
+        slow_client(fake) if slow else fast_client(fake) as client,
         SessionManager(
             database_url=db_url, client=client, clock=clock, auto_upgrade=True, **kw
         ) as mgr,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 import pytest
 
 from sessionmgr import CreateOutcomeUnknown, EndReason, SessionStatus
@@ -9,6 +12,8 @@ from sessionmgr.clock import FakeClock
 from sessionmgr.manager import SessionManager
 from sessionmgr.reconcile import PENDING_GRACE, SETTLE
 from sessionmgr.testing import FakeLemonSlice, Fault
+
+from .helpers import wait_for
 
 
 async def test_finished_remote_sessions_are_ended_with_cost(
@@ -55,11 +60,7 @@ async def test_lost_create_is_matched_adopted_and_ended(
         await manager.create_session(agent_id="agent_1", metadata={"bot": "b"})
     [intent] = (await manager.repository.list()).items
     [remote_id] = list(lemon.sessions)
-    # too young: its create might still be in flight in another process
-    early = await manager.reconcile()
-    assert early.adopted == []
-    assert early.orphans == []
-    clock.advance(SETTLE + 1)
+    # the creator gave its lease up with the unknown outcome: resolved at once, no settle wait
     report = await manager.reconcile()
     assert [r.session_id for r in report.adopted] == [remote_id]
     assert report.orphans == []
@@ -167,3 +168,99 @@ async def test_a_session_ended_here_but_still_live_there_is_terminated_again(
     row = await manager.get(record.id)
     assert (row.status, row.end_reason) == (SessionStatus.ENDED, EndReason.GONE)  # unchanged
     assert (await manager.reconcile()).still_live == []  # and only once
+
+
+# --- issue 12: leases wherever taken, a list read only as far as it matters -----------------------
+
+
+async def test_end_session_keeps_its_lease_renewed_while_the_terminate_is_slow(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    """A lease taken outside the reaper's tick (end_session) is renewed too, so a slow
+    terminate is never joined by a second one from another process."""
+    import asyncio
+
+    record = await manager.create_session(agent_id="agent_1")
+    lemon.hold_answers("terminate", 30)
+    ending = asyncio.create_task(manager.end_session(record.id))
+    await wait_for(lambda: len(lemon.terminate_requests_total()) == 1)
+    first = await manager.get(record.id)
+    assert first.lease_until is not None
+    for _ in range(3):  # three lease periods, each renewed before it runs out
+        clock.advance(manager.reaper.lease / 3 + 1)
+        taken = await manager.repository.begin_end(
+            record.id, owner="other", lease=60, reason=EndReason.IDLE
+        )
+        assert taken is None
+    lemon.release_answers("terminate")
+    result = await ending
+    assert result.record.end_reason is EndReason.MANUAL
+    assert lemon.terminate_requests == {record.session_id: 1}
+
+
+async def test_reconcile_reads_the_list_only_back_to_what_can_matter(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    lemon.seed_history(2_000, before=clock.now() - timedelta(hours=2))
+    for n in range(3):
+        await manager.create_session(agent_id=f"agent_{n}")
+    before = len(lemon.requests)
+    report = await manager.reconcile()
+    sent = lemon.requests[before:]
+    assert [r.endpoint for r in sent] == ["list"]  # one page; status from the list, no GETs
+    assert report.checked == 3
+
+
+async def test_a_list_that_is_not_newest_first_is_read_whole(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock, caplog: Any
+):
+    import sessionmgr.reconcile as reconcile_module
+
+    lemon.seed_history(250, before=clock.now() - timedelta(hours=2))
+    lemon.list_newest_first = False  # not as documented: the live session comes last
+    reconcile_module._unordered_logged = False
+    await manager.create_session(agent_id="agent_1")
+    for _ in range(2):
+        before = len(lemon.requests)
+        report = await manager.reconcile()
+        sent = lemon.requests[before:]
+        assert [r.endpoint for r in sent] == ["list"] * 3  # all 251 sessions
+        assert report.checked == 1
+    assert caplog.text.count("not newest-first") == 1  # logged once
+
+
+async def test_a_queued_cold_start_whose_answer_was_lost_is_recovered(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    lemon.configure_realism(queue_seconds=150)  # a cold start: QUEUED for 2.5 minutes
+    lemon.inject("create", Fault.lost_answer())
+    with pytest.raises(CreateOutcomeUnknown):
+        await manager.create_session(agent_id="agent_1")
+    [sid] = list(lemon.sessions)
+    assert lemon.sessions[sid].status == "QUEUED"
+    await manager.reaper.run_once()  # the creator gave the lease up: recovered on this tick
+    assert lemon.terminate_counts == {sid: 1}
+    row = await manager.get(sid)
+    assert row.status is SessionStatus.ENDED
+    assert row.end_reason is EndReason.CREATE_UNKNOWN
+
+
+async def test_sessions_the_server_ends_by_itself_are_ended_with_the_lists_cost(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    lemon.configure_realism(server_timeouts=True)
+    idle = await manager.create_session(agent_id="agent_idle", idle_timeout=60)
+    capped = await manager.create_session(agent_id="agent_capped", idle_timeout=-1)
+    clock.advance(61)
+    report = await manager.reconcile()
+    assert [r.id for r in report.ended_remote] == [idle.id]
+    row = await manager.get(idle.id)
+    assert row.end_reason is EndReason.REMOTE_TIMED_OUT
+    assert row.cost is not None  # the list's credits_used (a GET has none for TIMED_OUT)
+    assert report.get_requests == 0
+    clock.advance(1800)
+    await manager.reconcile()
+    row = await manager.get(capped.id)
+    assert row.end_reason is EndReason.REMOTE_COMPLETED
+    assert row.cost == 30.0  # billed to the 30-minute cap
+    assert lemon.terminate_requests == {}

@@ -373,11 +373,12 @@ async def test_begin_end_from_every_state(repo: SessionRepository):
     assert (
         await repo.begin_end(active.id, owner="you", lease=LEASE, reason=EndReason.MANUAL) is None
     )
-    from_pending = await repo.begin_end(
-        str(pending.id), owner="me", lease=LEASE, reason=EndReason.ORPHAN
+    # a pending intent has no session to end: its creator (or recovery) resolves it
+    assert (
+        await repo.begin_end(str(pending.id), owner="me", lease=LEASE, reason=EndReason.ORPHAN)
+        is None
     )
-    assert from_pending is not None
-    assert from_pending.status is ENDING
+    assert (await repo.get(pending.id)).status is SessionStatus.PENDING
     clock_of(repo).advance(LEASE)
     taken = await repo.begin_end(active.id, owner="you", lease=LEASE, reason=EndReason.SHUTDOWN)
     assert taken is not None
@@ -481,7 +482,9 @@ async def test_ops_on_a_row_inserted_in_the_same_batch(repo: SessionRepository):
     assert await event_trail(repo, "x") == [(None, "active"), ("active", "ending")]
 
 
-async def test_one_bad_write_does_not_fail_its_neighbours(repo: SessionRepository):
+async def test_a_session_id_answered_twice_loses_cleanly(repo: SessionRepository):
+    """Two answers naming one session: the second is "not applied" (None), never an integrity
+    error, and the batch it shared with others is unharmed."""
     intents = [await repo.record_intent(idle_window=IDLE, max_age=None) for _ in range(6)]
     results = await asyncio.gather(
         *(
@@ -492,10 +495,8 @@ async def test_one_bad_write_does_not_fail_its_neighbours(repo: SessionRepositor
         ),
         return_exceptions=True,
     )
-    errors = [r for r in results if isinstance(r, BaseException)]
-    assert len(errors) == 1
-    assert isinstance(errors[0], DatabaseError)
-    assert "\n" not in str(errors[0])
+    assert not [r for r in results if isinstance(r, BaseException)]
+    assert results.count(None) == 1
     assert sum(isinstance(r, SessionRecord) for r in results) == 5
     assert (await repo.get("same")).status is ACTIVE
 

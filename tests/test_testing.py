@@ -213,8 +213,11 @@ async def test_list_pages_newest_first(fake: FakeLemonSlice, http: aiohttp.Clien
     assert page9["pagination"]["has_more"] is False
     assert (await call(http, "GET", f"{fake.url}?page=0"))[0] == 400
     assert (await call(http, "GET", f"{fake.url}?limit=x"))[0] == 400
-    _, clamped = await call(http, "GET", f"{fake.url}?limit=1000")
-    assert clamped["pagination"]["limit"] == 100
+    # LemonSlice documents limit 1-100: beyond is refused, not clamped
+    assert (await call(http, "GET", f"{fake.url}?limit=101"))[0] == 400
+    assert (await call(http, "GET", f"{fake.url}?limit=0"))[0] == 400
+    _, full = await call(http, "GET", f"{fake.url}?limit=100")
+    assert full["pagination"]["limit"] == 100
 
 
 async def test_expire_idle_follows_each_sessions_idle_timeout(
@@ -549,3 +552,115 @@ def test_fake_server_process_helper(tmp_path: Path) -> None:
     assert json.loads(state_file.read_text())["sessions"][sid]["status"] == "ACTIVE"
     with pytest.raises(aiohttp.ClientConnectionError):
         asyncio.run(fake_state(url))  # stopped on exit
+
+
+# --- realism: QUEUED cold starts, slow creates, the server's own timeouts ----------------------
+
+
+async def test_cold_start_answers_at_once_and_shows_queued_until_ready(
+    fake: FakeLemonSlice, http: aiohttp.ClientSession
+):
+    clock = FakeClock()
+    fake.clock = clock
+    fake.configure_realism(queue_seconds=90)
+    status, body = await call(
+        http, "POST", fake.url, json={"transport_type": "daily", "agent_id": "a"}
+    )
+    assert status == 200
+    sid = body["session_id"]
+    _, got = await call(http, "GET", f"{fake.url}/{sid}")
+    assert got["session_status"] == "QUEUED"
+    _, listed = await call(http, "GET", fake.url)
+    assert listed["sessions"][0]["session_status"] == "QUEUED"
+    clock.advance(90)
+    _, got = await call(http, "GET", f"{fake.url}/{sid}")
+    assert got["session_status"] == "ACTIVE"
+
+
+async def test_a_held_create_is_listed_before_its_answer_arrives(
+    fake: FakeLemonSlice, http: aiohttp.ClientSession
+):
+    fake.hold_answers("create", 30)
+    creating = asyncio.create_task(
+        call(http, "POST", fake.url, json={"transport_type": "daily", "agent_id": "a"})
+    )
+    async with asyncio.timeout(10):
+        while fake.live_count == 0:
+            await asyncio.sleep(0.005)
+    _, listed = await call(http, "GET", fake.url)
+    [sid] = [s["session_id"] for s in listed["sessions"]]
+    assert not creating.done()
+    fake.release_answers("create")
+    _, body = await creating
+    assert body["session_id"] == sid
+
+
+async def test_server_ends_idle_and_old_sessions_by_itself_with_a_cost(
+    fake: FakeLemonSlice, http: aiohttp.ClientSession
+):
+    clock = FakeClock()
+    fake.clock = clock
+    fake.configure_realism(server_timeouts=True)
+    _, idle = await call(
+        http,
+        "POST",
+        fake.url,
+        json={"transport_type": "daily", "agent_id": "a", "idle_timeout": 60},
+    )
+    _, busy = await call(
+        http,
+        "POST",
+        fake.url,
+        json={"transport_type": "daily", "agent_id": "b", "idle_timeout": -1},
+    )
+    clock.advance(60)
+    _, got = await call(http, "GET", f"{fake.url}/{idle['session_id']}")
+    assert got["session_status"] == "TIMED_OUT"
+    assert fake.sessions[idle["session_id"]].cost == 1.0  # one minute at one credit a minute
+    _, got = await call(http, "GET", f"{fake.url}/{busy['session_id']}")
+    assert got["session_status"] == "ACTIVE"  # never idles out
+    clock.advance(1800)
+    _, got = await call(http, "GET", f"{fake.url}/{busy['session_id']}")
+    assert got == {"session_status": "COMPLETED", "cost": 30.0}  # ended at the cap, not now
+    _, listed = await call(http, "GET", fake.url)
+    assert {s["session_id"]: s["credits_used"] for s in listed["sessions"]} == {
+        idle["session_id"]: 1.0,
+        busy["session_id"]: 30.0,
+    }
+
+
+async def test_history_seeds_in_one_call_and_lists_newest_first(
+    fake: FakeLemonSlice, http: aiohttp.ClientSession
+):
+    clock = FakeClock()
+    fake.clock = clock
+    fake.seed_history(1000, before=clock.now())
+    _, first = await call(http, "GET", f"{fake.url}?limit=3")
+    assert [s["session_id"] for s in first["sessions"]] == [
+        "hist_00000999",
+        "hist_00000998",
+        "hist_00000997",
+    ]
+    assert first["pagination"]["total"] == 1000
+    assert all(s["session_status"] == "COMPLETED" for s in first["sessions"])
+
+
+async def test_realism_is_switched_through_the_admin_route(
+    fake: FakeLemonSlice, http: aiohttp.ClientSession
+):
+    admin = fake.url.split("/api/")[0] + "/_fake/realism"
+    body = {"queue_seconds": 5, "server_timeouts": True, "hold": {"create": 2}}
+    async with http.post(admin, json=body) as resp:
+        assert resp.status == 200
+    assert (fake.queue_seconds, fake.server_timeouts, fake.answer_hold) == (
+        5.0,
+        True,
+        {"create": 2.0},
+    )
+    async with http.post(admin, json={"release": ["create"], "server_timeouts": False}) as resp:
+        assert resp.status == 200
+    assert (fake.server_timeouts, fake.answer_hold) == (False, {})
+    async with http.post(admin, json={"queue_seconds": -1}) as resp:
+        assert resp.status == 400
+    async with http.post(admin, json={"colour": "red"}) as resp:
+        assert resp.status == 400

@@ -432,15 +432,53 @@ async def test_healthz_tracks_the_reaper(
         await manager.create_session(agent_id="a")
         clock.advance(61)  # past the idle window: the next tick ends it and hangs in the hook
         await asyncio.wait_for(entered.wait(), 10)
-        clock.advance(14)  # 75 s since the last finished tick, limit 3 x 5 s
+        clock.advance(14)  # 75 s since the last finished tick, 14 s since the last end
+        assert (await api.get("/healthz")).status == 200  # progress is recent
+        clock.advance(2)  # 16 s with no progress, limit 3 x 5 s
         resp = await api.get("/healthz")
         detail = await expect_error(resp, 503, "reaper_stale", "limit 15 s")
-        assert "75 s" in detail
-        assert (await resp.json())["reaper_last_tick_age"] == 75.0
+        assert "16 s" in detail
+        assert (await resp.json())["reaper_last_tick_age"] == 77.0
 
         release.set()
         await wait_for(lambda: manager.reaper.heartbeat.ticks >= 2)
         assert (await api.get("/healthz")).status == 200
+
+
+async def test_healthz_stays_healthy_through_a_drain_longer_than_its_limit(
+    lemon: FakeLemonSlice, clock: FakeClock, db_url: str
+) -> None:
+    """The heartbeat follows each end, so a drain of many slow ends never reads as stale."""
+    ended = asyncio.Queue[SessionRecord]()
+    go_on = asyncio.Event()
+
+    async def each_end(record: SessionRecord) -> None:
+        await ended.put(record)
+        await go_on.wait()
+        go_on.clear()
+
+    async with (
+        make_manager(
+            lemon,
+            clock,
+            db_url,
+            reaper=True,
+            reaper_interval=5.0,
+            reaper_concurrency=1,
+            on_ended=each_end,
+        ) as manager,
+        http(manager) as api,
+    ):
+        await wait_for(lambda: manager.reaper.heartbeat.ticks >= 1)
+        for n in range(6):
+            await manager.create_session(agent_id=f"a{n}")
+        clock.advance(61)
+        for _ in range(6):  # one tick, 6 ends 10 s apart: 60 s, four times the 15 s limit
+            await asyncio.wait_for(ended.get(), 10)
+            assert (await api.get("/healthz")).status == 200
+            clock.advance(10)
+            go_on.set()
+        await wait_for(lambda: manager.reaper.heartbeat.ticks >= 2)
 
 
 async def test_healthz_without_a_reaper_is_503(api: Any) -> None:

@@ -78,6 +78,9 @@ function fillCounts(stats) {
   const today = stats.per_day[stats.per_day.length - 1];
   document.getElementById("credits-today").textContent =
     today && today.credits !== null ? today.credits.toFixed(2) : "–";
+  document.getElementById("credits-known").textContent = stats.credits_known.toFixed(2);
+  document.getElementById("cost-unknown").textContent =
+    stats.cost_unknown ? ` (${stats.cost_unknown} without a cost yet)` : "";
 }
 
 function fillLive(page) {

@@ -15,6 +15,11 @@ lines", K drawn from a seeded RNG: no sleeps decide when it dies.
 ``cli`` is ``sessionmgr ARGS`` (its real entry point) in a process started early that waits for
 its go file, so a recovery step costs its work and not Python's start-up. ``creator`` creates
 sessions continuously for the contention test.
+
+``live`` is the healthy backend of the "recovery while others create" trials: on the real clock,
+its reaper on (so it recovers the crashed process's intents on its ticks), it creates sessions
+with multi-second creates that it keeps (long idle window) until its stop file appears, one
+progress line per step (``want``, ``got <session_id>``, ``error <type> <message>``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import IO
 import aiohttp
 from yarl import URL
 
+from sessionmgr import config
 from sessionmgr.client import LemonSliceClient, Timeouts
 from sessionmgr.errors import CreateOutcomeUnknown
 from sessionmgr.manager import SessionManager
@@ -54,6 +60,11 @@ LOST_ANSWER_DELAY = 5.0  # seconds, past the client's timeout: the create outcom
 TIMEOUTS = Timeouts(connect=2.0, total=2.0)
 RETRY = RetryPolicy(attempts=3, base=0.005, cap=0.02, deadline=5.0)
 CREATOR_IDLE_WINDOWS = (0.1, 0.3, 600.0)  # seconds: due within a tick or two, or never
+INTENT_LEASE = config.INTENT_LEASE  # seconds, the library's default
+LEASE = config.LEASE
+LIVE_AGENT = "live_backend"  # agent_id of every session the live backend creates
+LIVE_WORKERS = 3  # creates in flight at once in the live backend
+LIVE_TIMEOUTS = Timeouts(connect=2.0, total=30.0)  # its creates take seconds: wait for them
 
 
 class OffsetClock:
@@ -75,8 +86,9 @@ class OffsetClock:
 # --- the fake ------------------------------------------------------------------------------------
 
 
-async def run_fake(offset: float) -> None:
-    """Serve until SIGTERM; print the listening line the test waits for."""
+async def run_fake(offset: float, hold_create: float = 0.0) -> None:
+    """Serve until SIGTERM; print the listening line the test waits for. ``hold_create``: every
+    create's answer is held that long after its session started (multi-second creates)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -87,6 +99,8 @@ async def run_fake(offset: float) -> None:
         latency={"terminate": TERMINATE_LATENCY},  # so kills land while terminates are in flight
         record_requests=False,
     )
+    if hold_create:
+        fake.configure_realism(hold={"create": hold_create})
     async with fake:
         print(f"{LISTENING_PREFIX}{fake.url}", flush=True)
         await stop.wait()
@@ -183,7 +197,14 @@ class Workload:
 
 
 async def run_workload(
-    fake_url: str, db_url: str, progress: Path, seed: int, offset: float
+    fake_url: str,
+    db_url: str,
+    progress: Path,
+    seed: int,
+    offset: float,
+    intent_lease: float = INTENT_LEASE,
+    lease: float | None = None,
+    create_timeout: float | None = None,
 ) -> None:
     rng = random.Random(seed)
     clock = OffsetClock(offset)
@@ -197,15 +218,24 @@ async def run_workload(
             out.flush()
 
         async with (
-            LemonSliceClient(API_KEY, api_url=fake_url, timeouts=TIMEOUTS, retry=RETRY) as client,
+            LemonSliceClient(
+                API_KEY,
+                api_url=fake_url,
+                timeouts=Timeouts(connect=2.0, total=create_timeout)
+                if create_timeout
+                else TIMEOUTS,
+                retry=RETRY,
+            ) as client,
             SessionManager(
                 database_url=db_url,
                 client=client,
                 clock=clock,
+                lease=lease or LEASE,
                 idle_window=IDLE_WINDOWS[1],
                 max_age=MAX_AGE,
                 reaper_interval=REAPER_INTERVAL,
                 touch_flush_interval=REAPER_INTERVAL,
+                intent_lease=intent_lease,
                 on_ended=ended,
             ) as manager,
         ):
@@ -234,6 +264,44 @@ async def run_creator(
                 out.flush()
 
 
+# --- the live backend of the "recovery while others create" trials ------------------------------
+
+
+async def run_live(fake_url: str, db_url: str, progress: Path, stop: Path) -> None:
+    """Create and keep sessions until ``stop`` exists, then leave (sessions left live)."""
+    async with (
+        LemonSliceClient(API_KEY, api_url=fake_url, timeouts=LIVE_TIMEOUTS, retry=RETRY) as client,
+        SessionManager(
+            database_url=db_url,
+            client=client,
+            idle_window=600.0,
+            max_age=None,
+            reaper_interval=REAPER_INTERVAL,
+            touch_flush_interval=REAPER_INTERVAL,
+        ) as manager,
+    ):
+        with progress.open("a") as out:
+            out.write("ready\n")
+            out.flush()
+
+            async def worker() -> None:
+                while not stop.exists():
+                    out.write("want\n")
+                    out.flush()
+                    try:
+                        record = await manager.create_session(agent_id=LIVE_AGENT)
+                    except Exception as exc:  # every error is a finding of the trial
+                        message = " ".join(str(exc).split())
+                        out.write(f"error {type(exc).__name__} {message}\n")
+                    else:
+                        out.write(f"got {record.session_id}\n")
+                    out.flush()
+
+            await asyncio.gather(*(worker() for _ in range(LIVE_WORKERS)))
+            out.write("stopped\n")
+            out.flush()
+
+
 # --- a CLI command, started early -----------------------------------------------------------------
 
 
@@ -252,12 +320,21 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="mode", required=True)
     fake = sub.add_parser("fake", help="run the fake LemonSlice until SIGTERM")
     fake.add_argument("--offset", type=float, default=OFFSET)
+    fake.add_argument("--hold-create", type=float, default=0.0)
     work = sub.add_parser("workload", help="run the workload until killed")
     work.add_argument("fake_url")
     work.add_argument("db_url")
     work.add_argument("progress", type=Path)
     work.add_argument("--seed", type=int, required=True)
     work.add_argument("--offset", type=float, default=OFFSET)
+    work.add_argument("--intent-lease", type=float, default=INTENT_LEASE)
+    work.add_argument("--lease", type=float, default=None)
+    work.add_argument("--create-timeout", type=float, default=None)
+    live = sub.add_parser("live", help="create and keep sessions until the STOP file exists")
+    live.add_argument("fake_url")
+    live.add_argument("db_url")
+    live.add_argument("progress", type=Path)
+    live.add_argument("stop", type=Path)
     creator = sub.add_parser("creator", help="create sessions until the STOP file exists")
     creator.add_argument("fake_url")
     creator.add_argument("db_url")
@@ -278,11 +355,22 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
     elif args.mode == "fake":
-        asyncio.run(run_fake(args.offset))
+        asyncio.run(run_fake(args.offset, args.hold_create))
+    elif args.mode == "live":
+        asyncio.run(run_live(args.fake_url, args.db_url, args.progress, args.stop))
     else:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
-                run_workload(args.fake_url, args.db_url, args.progress, args.seed, args.offset)
+                run_workload(
+                    args.fake_url,
+                    args.db_url,
+                    args.progress,
+                    args.seed,
+                    args.offset,
+                    args.intent_lease,
+                    args.lease,
+                    args.create_timeout,
+                )
             )
 
 

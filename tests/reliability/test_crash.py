@@ -67,7 +67,7 @@ from sessionmgr.states import (
 from sessionmgr.testing import fake_state, listening_process
 
 from ..conftest import postgres_database
-from .driver import API_KEY
+from .driver import API_KEY, LIVE_AGENT
 
 TRIALS_ENV = "SESSIONMGR_CRASH_TRIALS"
 SEED_ENV = "SESSIONMGR_CRASH_SEED"
@@ -127,9 +127,9 @@ class Tally:
 
 
 @contextlib.contextmanager
-def fake_process() -> Iterator[str]:
+def fake_process(*extra: str) -> Iterator[str]:
     """The driver's fake LemonSlice (on the crashed world's clock) in its own process."""
-    cmd = [sys.executable, "-m", "tests.reliability.driver", "fake"]
+    cmd = [sys.executable, "-m", "tests.reliability.driver", "fake", *extra]
     with listening_process(cmd, cwd=ROOT, start_timeout=STEP_TIMEOUT) as url:
         yield url
 
@@ -146,7 +146,9 @@ def reset_fake(fake_url: str) -> None:
 class Driver:
     """One trial's workload process: spawned early, let go and killed by ``run_until_killed``."""
 
-    def __init__(self, fake_url: str, db_url: str, progress: Path, seed: int) -> None:
+    def __init__(
+        self, fake_url: str, db_url: str, progress: Path, seed: int, extra: tuple[str, ...] = ()
+    ) -> None:
         self.progress = progress
         self.err_path = progress.with_suffix(".err")
         with self.err_path.open("w") as err:
@@ -161,6 +163,7 @@ class Driver:
                     str(progress),
                     "--seed",
                     str(seed),
+                    *extra,
                 ],
                 cwd=ROOT,
                 stderr=err,
@@ -546,3 +549,221 @@ def test_invariant_checker_flags_impossible_rows() -> None:
     ]
     for events in bad_histories:
         assert row_problems(ended, events), events
+
+
+# --- recovery while others create -------------------------------------------------------------
+#
+# The trials above recover in an empty world. Here a live backend (driver ``live``: real clock,
+# reaper on, so its ticks recover the crashed process's intents) keeps creating with
+# multi-second creates (the fake holds every create's answer ``LIVE_HOLD_CREATE`` seconds after
+# its session started) while the workload is killed, ``sessionmgr reconcile`` runs in the middle
+# of it, and recovery happens. The crashed workload runs on the real clock too, with a short
+# intent lease and claim lease, so recovery is seconds away.
+#
+# Invariants, from the fake's own records: no session the live backend was handed, or was still
+# waiting for, is terminated by anyone (its idle window is 600 s, it never ends one); it never
+# got an error; each session it was handed has its active row. Everything the crashed workload
+# started ends (no live remote session outside the live backend's), every remote session has a
+# row, and every row but the live backend's is final and consistent.
+
+LIVE_TRIALS_ENV = "SESSIONMGR_LIVE_TRIALS"
+DEFAULT_LIVE_TRIALS = 2
+LIVE_TRIALS = int(os.environ.get(LIVE_TRIALS_ENV) or DEFAULT_LIVE_TRIALS)
+LIVE_HOLD_CREATE = 2.0  # seconds every create takes to answer
+CRASHED_INTENT_LEASE = 1.0  # seconds: the crashed workload's intents are recoverable this soon
+CRASHED_LEASE = 2.0  # seconds: its ending rows are taken over this soon
+CRASHED_CREATE_TIMEOUT = 4.0  # seconds: past the hold, short of the 5 s lost-answer hang
+RECOVERY_DEADLINE = 60.0  # seconds for the live backend to end all the crashed one left
+
+
+@dataclasses.dataclass
+class LiveTally:
+    trials: int = 0
+    live_created: int = 0  # sessions handed to the live backend
+    live_in_flight_at_stop: int = 0
+    crashed_remote: int = 0
+    crashed_lost_answers: int = 0
+    intents_deferred: int = 0  # the crashed workload's intents that never reached LemonSlice
+    recovery_seconds: list[float] = dataclasses.field(default_factory=list)
+    violations: list[str] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        worst = max(self.recovery_seconds, default=0.0)
+        return (
+            f"trials {self.trials}; live backend handed {self.live_created} sessions "
+            f"({self.live_in_flight_at_stop} more in flight at its stop), none terminated; "
+            f"crashed workload: {self.crashed_remote} remote sessions, "
+            f"{self.crashed_lost_answers} create answers lost, all ended within "
+            f"{worst:.1f} s of the kill, {self.intents_deferred} intents that never reached "
+            f"LemonSlice deferred; invariant violations {len(self.violations)}"
+        )
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def run_live_trial(fake_url: str, store: Store, seed: int, tally: LiveTally) -> None:
+    tag = f"{store.backend} live trial seed {seed} ({SEED_ENV}={seed} {LIVE_TRIALS_ENV}=1)"
+    problems = tally.violations
+    store.empty()
+    reset_fake(fake_url)
+    db_url = store.url_for(seed)
+    progress = store.workdir / f"live-{seed}.progress"
+    stop = store.workdir / f"live-{seed}.stop"
+    live_progress = store.workdir / f"live-{seed}.live"
+    live_err = live_progress.with_suffix(".err")
+    with live_err.open("w") as err:
+        live = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.reliability.driver",
+                "live",
+                fake_url,
+                db_url,
+                str(live_progress),
+                str(stop),
+            ],
+            cwd=ROOT,
+            stderr=err,
+        )
+    driver = Driver(
+        fake_url,
+        db_url,
+        progress,
+        seed,
+        extra=(
+            "--offset",
+            "0",
+            "--intent-lease",
+            str(CRASHED_INTENT_LEASE),
+            "--lease",
+            str(CRASHED_LEASE),
+            "--create-timeout",
+            str(CRASHED_CREATE_TIMEOUT),
+        ),
+    )
+    reconcile = Command("reconcile", fake_url, db_url, store.workdir / f"live-{seed}.rec.go")
+    try:
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while not any(line.startswith("got ") for line in _lines(live_progress)):
+            if live.poll() is not None or time.monotonic() > deadline:
+                problems.append(f"{tag}: the live backend never created: {live_err.read_text()}")
+                return
+            time.sleep(0.01)
+        kill_after = random.Random(seed).randint(1, MAX_KILL_AFTER)
+        tally.trials += 1
+        if driver.run_until_killed(kill_after) is None:
+            problems.append(f"{tag}: the driver died early: {driver.stderr()}")
+            return
+        killed = time.monotonic()
+        crashed_rows, _ = store.read(db_url)
+        crashed_known = {r["session_id"] for r in crashed_rows if r["agent_id"] != LIVE_AGENT}
+        remote = asyncio.run(fake_state(fake_url))["sessions"]
+        tally.crashed_lost_answers += sum(
+            1
+            for sid, s in remote.items()
+            if s["payload"].get("agent_id") != LIVE_AGENT
+            and s["status"] in REMOTE_LIVE
+            and sid not in crashed_known
+        )
+        # the original race: a reconcile while creates are in flight and intents are lost
+        code, out, stderr = reconcile.run()
+        if code != 0:
+            problems.append(f"{tag}: reconcile exited {code}: {stderr.strip()}")
+        elif json.loads(out)["orphans"]:
+            problems.append(f"{tag}: reconcile reported orphans {json.loads(out)['orphans']}")
+        # the live backend's reaper recovers everything the crashed one left
+        while True:
+            remote = asyncio.run(fake_state(fake_url))["sessions"]
+            rows, _ = store.read(db_url)
+            left = [
+                sid
+                for sid, s in remote.items()
+                if s["payload"].get("agent_id") != LIVE_AGENT and s["status"] in REMOTE_LIVE
+            ]
+            unfinished = [r["id"] for r in rows if _unrecovered(r)]
+            if not left and not unfinished:
+                tally.recovery_seconds.append(time.monotonic() - killed)
+                break
+            if time.monotonic() - killed > RECOVERY_DEADLINE:
+                problems.append(
+                    f"{tag}: {RECOVERY_DEADLINE:g} s after the kill, live {left}, rows {unfinished}"
+                )
+                break
+            time.sleep(0.05)
+    finally:
+        stop.touch()
+        try:
+            live.wait(STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            live.kill()
+            problems.append(f"{tag}: the live backend did not stop")
+        driver.stop()
+        reconcile.stop()
+    if live.returncode != 0:
+        problems.append(f"{tag}: the live backend exited {live.returncode}: {live_err.read_text()}")
+
+    # The invariants, from the fake's own records.
+    state = asyncio.run(fake_state(fake_url))
+    remote = state["sessions"]
+    rows, events = store.read(db_url)
+    rows_by_sid = {r["session_id"]: r for r in rows if r["session_id"] is not None}
+    steps = _lines(live_progress)
+    handed = {line.split()[1] for line in steps if line.startswith("got ")}
+    tally.live_created += len(handed)
+    problems.extend(f"{tag}: live backend: {line}" for line in steps if line.startswith("error"))
+    live_remote = {sid for sid, s in remote.items() if s["payload"].get("agent_id") == LIVE_AGENT}
+    tally.live_in_flight_at_stop += len(live_remote - handed)
+    for sid in live_remote:
+        s = remote[sid]
+        if s["status"] not in REMOTE_LIVE or state["terminate_requests"].get(sid):
+            what = "handed to" if sid in handed else "awaited by"
+            problems.append(f"{tag}: {sid}, {what} the live backend, was ended ({s['status']})")
+    for sid in handed:
+        row = rows_by_sid.get(sid)
+        if row is None or row["status"] != "active":
+            problems.append(f"{tag}: {sid} was handed over but its row is {row and row['status']}")
+    for sid, s in remote.items():
+        if sid in live_remote:
+            continue
+        tally.crashed_remote += 1
+        if s["status"] in REMOTE_LIVE:
+            problems.append(f"{tag}: {sid} of the crashed workload still live")
+        if sid not in rows_by_sid:
+            problems.append(f"{tag}: remote session {sid} has no row")
+        if s["terminate_count"] > 1:
+            problems.append(f"{tag}: {sid} terminated {s['terminate_count']} times")
+    for row in rows:
+        if row["agent_id"] == LIVE_AGENT:
+            continue
+        if row["status"] == "pending" and not _unrecovered(row):
+            tally.intents_deferred += 1  # never reached LemonSlice: failed after the grace
+            continue
+        problems.extend(f"{tag}: {p}" for p in row_problems(row, events[row["id"]]))
+
+
+def _unrecovered(row: dict[str, Any]) -> bool:
+    """A crashed workload's row recovery has not dealt with yet. A pending intent with no
+    session is done once recovery has looked and deferred it (``next_attempt_at``): it is
+    failed after the 10-minute grace (the trials above check that part, an hour later)."""
+    if row["agent_id"] == LIVE_AGENT or row["status"] in ("ended", "failed"):
+        return False
+    return not (row["status"] == "pending" and row["next_attempt_at"] is not None)
+
+
+def test_recovery_while_others_create(postgres_url: str | None, tmp_path: Path) -> None:
+    seed = int(os.environ.get(SEED_ENV) or random.SystemRandom().getrandbits(31))
+    store = Store(tmp_path, postgres_url)
+    rng = random.Random(seed)
+    seeds = [seed] if LIVE_TRIALS == 1 else [rng.getrandbits(31) for _ in range(LIVE_TRIALS)]
+    print(f"live trials on {store.backend}: {SEED_ENV}={seed} {LIVE_TRIALS_ENV}={LIVE_TRIALS}")
+    tally = LiveTally()
+    with fake_process("--offset", "0", "--hold-create", str(LIVE_HOLD_CREATE)) as fake_url:
+        for trial_seed in seeds:
+            run_live_trial(fake_url, store, trial_seed, tally)
+    print(f"live trials on {store.backend}: {tally.summary()}")
+    assert tally.trials == LIVE_TRIALS, tally.violations[:5]
+    assert not tally.violations, "\n".join(tally.violations[:20])
+    assert tally.live_created > 0, tally.summary()
