@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from . import config
-from .client import LemonSliceClient, build_create_request
+from .client import LemonSliceClient, RawAnswer, build_create_request, create_fields
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
     ConfigurationError,
@@ -34,6 +34,7 @@ from .states import EndReason, SessionStatus
 logger = logging.getLogger(__name__)
 
 SessionHook = Callable[[SessionRecord], Awaitable[None]]
+CreateSend = Callable[[], Awaitable[dict[str, Any]]]  # POSTs one create, returns the answer
 ReconciledHook = Callable[[ReconcileReport], None]
 OnExit = Literal["leave", "end"]
 
@@ -310,7 +311,85 @@ class SessionManager:
             max_age=max_age if max_age is not None else self.max_age,
             metadata=metadata,
         )
-        task = asyncio.create_task(self._create_remote(intent, create_args))
+        return await self._run_create(intent, lambda: self.client.create_session(**create_args))
+
+    async def create_with(
+        self,
+        send: CreateSend,
+        *,
+        agent_id: str | None = None,
+        agent_image_url: str | None = None,
+        agent_prompt: str | None = None,
+        idle_timeout: int | None = None,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionRecord:
+        """The crash-safe create for a request someone else sends (the recording proxy, the
+        LiveKit plugin): record the intent, ``await send()``, record its answer.
+
+        ``send`` returns LemonSlice's answer (``session_id``, ``control_url``, optional
+        ``room_url``) and raises ``CreateOutcomeUnknown`` when a session may exist, any other
+        ``LemonSliceError`` when the server provably took nothing. The fields are what the
+        record shows; never a token.
+        """
+        intent = await self.repository.record_intent(
+            agent_id=agent_id,
+            agent_image_url=agent_image_url,
+            agent_prompt=agent_prompt,
+            idle_timeout=idle_timeout,
+            idle_window=self.idle_window if idle_window is None else idle_window,
+            max_age=max_age if max_age is not None else self.max_age,
+            metadata=metadata,
+        )
+        return await self._run_create(intent, send)
+
+    async def create_session_raw(
+        self,
+        body: bytes,
+        content_type: str,
+        *,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[SessionRecord | None, RawAnswer]:
+        """A create body sent byte-for-byte (the recording proxy), through ``create_with``.
+
+        The body is parsed only to fill the record (agent, prompt, idle timeout; never a token).
+        Returns the record (None when LemonSlice refused) and LemonSlice's answer as it came;
+        raises ``CreateOutcomeUnknown`` when no answer came (the intent stays pending) and
+        ``InvalidArgument`` for a body that is not a create, before anything is written.
+        """
+        fields = create_fields(body, content_type)
+        answers: list[RawAnswer] = []
+
+        async def send() -> dict[str, Any]:
+            answer = await self.client.create_session_raw(body, content_type)
+            answers.append(answer)
+            if answer.session is not None:
+                return answer.session
+            error = LemonSliceError if not answer.unknown else CreateOutcomeUnknown
+            raise error(
+                f"LemonSlice answered the create with HTTP {answer.status}", status=answer.status
+            )
+
+        try:
+            record = await self.create_with(
+                send,
+                idle_window=idle_window,
+                max_age=max_age,
+                metadata={**fields.pop("metadata"), **(metadata or {})},
+                **fields,
+            )
+        except LemonSliceError:
+            if not answers:
+                raise
+            return None, answers[0]
+        return record, answers[0]
+
+    async def _run_create(self, intent: SessionRecord, send: CreateSend) -> SessionRecord:
+        """``_create_remote`` in a task the caller's cancellation cannot cut short."""
+        task = asyncio.create_task(self._create_remote(intent, send))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         try:
@@ -324,12 +403,10 @@ class SessionManager:
             await self._call_hook(self.on_created, record)
         return record
 
-    async def _create_remote(
-        self, intent: SessionRecord, create_args: dict[str, Any]
-    ) -> SessionRecord:
+    async def _create_remote(self, intent: SessionRecord, send: CreateSend) -> SessionRecord:
         repo = self.repository
         try:
-            answer = await self.client.create_session(**create_args)
+            answer = await send()
         except CreateOutcomeUnknown:
             logger.warning(
                 "create outcome unknown for intent %d; left pending for reconcile", intent.id
@@ -397,9 +474,14 @@ class SessionManager:
         self.repository.touch(session_id, self.clock.now())
 
     async def end_session(
-        self, session_id: str | int, reason: EndReason | str = EndReason.MANUAL
+        self,
+        session_id: str | int,
+        reason: EndReason | str = EndReason.MANUAL,
+        *,
+        detail: str | None = None,
     ) -> EndResult:
-        """Terminate a session and record its end. Idempotent: ending an ended one says so."""
+        """Terminate a session and record its end. Idempotent: ending an ended one says so.
+        ``detail`` goes on the lifecycle event (who asked, e.g. "client terminate via proxy")."""
         reason = EndReason(reason)
         repo = self.repository
         record = await repo.get(session_id)
@@ -413,7 +495,7 @@ class SessionManager:
                 "`sessionmgr reconcile` if its creator died"
             )
         claimed = await repo.begin_end(
-            record.id, owner=self.owner, lease=self._lease, reason=reason
+            record.id, owner=self.owner, lease=self._lease, reason=reason, detail=detail
         )
         if claimed is None:
             current = await repo.get(record.id)

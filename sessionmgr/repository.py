@@ -539,7 +539,13 @@ class SessionRepository:
         return cast(tuple[set[str], int], await self._submit(Op(apply, sids=tuple(times))))
 
     async def begin_end(
-        self, key: int | str, *, owner: str, lease: float, reason: EndReason
+        self,
+        key: int | str,
+        *,
+        owner: str,
+        lease: float,
+        reason: EndReason,
+        detail: str | None = None,
     ) -> SessionRecord | None:
         """End one session now (manual, shutdown, orphan): an active session, a pending intent,
         or an ending one whose lease ran out becomes ``ending`` leased to ``owner``. None when
@@ -557,7 +563,8 @@ class SessionRepository:
             }
             if row["status"] in (_ACTIVE, _PENDING):
                 changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
-                return changes, reason.value, f"lease {owner}"
+                why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
+                return changes, reason.value, _clip(why)
             if row["status"] == _ENDING and _lease_free(row, now):
                 return lease_changes, row["end_reason"], f"lease taken over by {owner}"
             return None
@@ -642,6 +649,17 @@ class SessionRepository:
             return changes, reason.value, remote_status
 
         return await self._transition(pk, decide) is not None
+
+    async def record_event(self, key: int | str, *, reason: str, detail: str | None) -> bool:
+        """An event of a live session that is no transition (a control event sent through the
+        proxy); False when the session is not live."""
+
+        def decide(row: Row) -> Decision:
+            if row["status"] not in _LIVE:
+                return None
+            return {}, reason, _clip(detail)
+
+        return await self._transition(_key(key), decide) is not None
 
     async def record_remote(self, pk: int, *, remote_status: str, cost: float | None) -> None:
         """Note what LemonSlice reports about a session (no transition)."""

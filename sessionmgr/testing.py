@@ -64,6 +64,14 @@ REDACTED = "REDACTED"
 FAKE_ROOM_BASE = "https://fake-lemonslice.daily.co"  # rooms of sessions created without one
 
 STATUSES = ("QUEUED", "ACTIVE", "COMPLETED", "TIMED_OUT", "FAILED")
+CONTROL_EVENTS = (  # the documented control events besides terminate
+    "update-image",
+    "update-agent-prompt",
+    "update-idle-prompt",
+    "pose-trigger",
+    "action",
+    "reset-idle-timeout",
+)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HTML_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -624,11 +632,16 @@ class FakeLemonSlice:
         )
 
     def _control(self, recorded: RecordedRequest, request: web.Request) -> web.Response:
-        if not isinstance(recorded.json, dict) or recorded.json.get("event") != "terminate":
+        event = recorded.json.get("event") if isinstance(recorded.json, dict) else None
+        if event != "terminate" and event not in CONTROL_EVENTS:
             return _error(400, 'the body must be {"event": "terminate"}')
         session = self.sessions.get(request.match_info["session_id"])
         if session is None or session.status not in REMOTE_LIVE:
             return _error(404, "session not found or already ended")
+        if event != "terminate":  # accepted; only the idle clock's reset changes what we model
+            if event == "reset-idle-timeout":
+                session.last_activity = self.clock.now()
+            return web.json_response({"success": True})
         session.status = "COMPLETED"
         session.ended_at = self.clock.now()
         session.cost = self._bill(session)
