@@ -20,13 +20,13 @@ from pipecat.frames.frames import (
 )
 from pipecat.observers.base_observer import FramePushed
 from pipecat.pipeline.pipeline import Pipeline
-from pipecat.pipeline.runner import PipelineRunner
-from pipecat.pipeline.task import PipelineParams, PipelineTask
+from pipecat.pipeline.worker import PipelineWorker
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 from pipecat.transports.lemonslice.transport import (
     LemonSliceNewSessionRequest,
     LemonSliceTransport,
 )
+from pipecat.workers.runner import WorkerRunner
 
 from sessionmgr import proxy
 from sessionmgr.clock import FakeClock
@@ -186,16 +186,13 @@ async def test_observer_touches_push_the_deadline_with_no_io_on_the_frame_path(
     start = await managed.get(sid)
     observer = SessionActivityObserver(managed, api)
     clock.advance(40)  # 40 s of the 60 s idle window gone
-    task = PipelineTask(
-        Pipeline([Speaker()]),
-        params=PipelineParams(),
-        observers=[observer],
-        enable_rtvi=False,
-    )
+    task = PipelineWorker(Pipeline([Speaker()]), observers=[observer], enable_rtvi=False)
     await task.queue_frames(
         [TextFrame("hello"), UserStartedSpeakingFrame(), BotSpeakingFrame(), EndFrame()]
     )
-    await PipelineRunner(handle_sigint=False).run(task)
+    runner = WorkerRunner(handle_sigint=False)
+    await runner.add_workers(task)
+    await runner.run()
     assert observer.touches == 1  # two speaking frames within TOUCH_EVERY: one touch
     assert (await managed.get(sid)).last_activity_at == start.last_activity_at  # nothing written
     await managed.repository.flush_touches()

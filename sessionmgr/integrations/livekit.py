@@ -23,16 +23,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 from livekit import rtc
 from livekit.agents import (
     NOT_GIVEN,
     AgentSession,
-    APIConnectionError,
     APIConnectOptions,
     APIStatusError,
     NotGivenOr,
 )
-from livekit.plugins.lemonslice import AvatarSession, LemonSliceException
+from livekit.plugins.lemonslice import AvatarSession
 from livekit.plugins.lemonslice.api import DEFAULT_API_URL
 
 from ..client import _control_url
@@ -75,6 +75,7 @@ class ManagedAvatarSession(AvatarSession):
         self.idle_window = idle_window
         self.max_age = max_age
         self.record: SessionRecord | None = None
+        self._own_http = False
 
     async def start(  # type: ignore[override]
         self,
@@ -87,6 +88,7 @@ class ManagedAvatarSession(AvatarSession):
     ) -> str:
         plugin_start = super().start
         api_url = str(self._api_url) if self._api_url else DEFAULT_API_URL
+        sent = self._watch_requests()
 
         async def send() -> dict[str, Any]:
             try:
@@ -97,35 +99,64 @@ class ManagedAvatarSession(AvatarSession):
                     livekit_api_key=livekit_api_key,
                     livekit_api_secret=livekit_api_secret,
                 )
-            except LemonSliceException as exc:  # raised before anything is sent
-                raise ClientRequestError(f"the LemonSlice plugin refused to start: {exc}") from exc
             except APIStatusError as exc:
-                if exc.retryable:  # 5xx, 429 after the plugin's own attempts: a session may exist
+                if exc.retryable:  # 5xx, 429: a session may exist
                     raise CreateOutcomeUnknown(
                         f"LemonSlice answered HTTP {exc.status_code}", status=exc.status_code
                     ) from exc
                 raise ClientRequestError(
                     f"LemonSlice rejected the create: {exc.message}", status=exc.status_code
                 ) from exc
-            except APIConnectionError as exc:
+            except Exception as exc:
+                if not sent:  # LemonSliceException, a bad token, ...: refused before the POST
+                    raise ClientRequestError(
+                        f"the LemonSlice plugin did not start: {type(exc).__name__}: {exc}"
+                    ) from exc
                 raise CreateOutcomeUnknown(f"the create's answer was lost: {exc}") from exc
             return {"session_id": session_id, "control_url": _control_url(api_url, session_id)}
 
         tags: dict[str, Any] = {"via": "livekit", "transport_type": "livekit"}
         if room.name:
             tags["room"] = room.name
-        self.record = await self.manager.create_with(
-            send,
-            agent_id=_given(self._agent_id),
-            agent_image_url=_given(self._agent_image_url),
-            agent_prompt=_given(self._agent_prompt),
-            idle_timeout=_given(self._idle_timeout),
-            idle_window=self.idle_window,
-            max_age=self.max_age,
-            metadata={**tags, **self.metadata},
-        )
+        try:
+            self.record = await self.manager.create_with(
+                send,
+                agent_id=_given(self._agent_id),
+                agent_image_url=_given(self._agent_image_url),
+                agent_prompt=_given(self._agent_prompt),
+                idle_timeout=_given(self._idle_timeout),
+                idle_window=self.idle_window,
+                max_age=self.max_age,
+                metadata={**tags, **self.metadata},
+            )
+        except Exception:  # not on cancellation: the create goes on in the background
+            await self._close_http()
+            raise
         assert self.record.session_id is not None
         return self.record.session_id
+
+    def _watch_requests(self) -> list[bool]:
+        """The plugin's HTTP goes through a session of ours that notes when a request starts,
+        so a failure before the create POST is told apart from one after it."""
+        sent: list[bool] = []
+        if self._http_session is None:
+
+            async def started(*_: Any) -> None:
+                sent.append(True)
+
+            trace = aiohttp.TraceConfig()
+            trace.on_request_start.append(started)
+            self._http_session = aiohttp.ClientSession(trace_configs=[trace])
+            self._own_http = True
+        else:  # a session the caller gave: assume the worst (a failure may follow the POST)
+            sent.append(True)
+        return sent
+
+    async def _close_http(self) -> None:
+        if self._own_http and self._http_session is not None:
+            await self._http_session.close()
+            self._http_session = None
+            self._own_http = False
 
     async def aclose(self) -> None:
         """The plugin's close (leaves any meeting, removes the avatar), then the terminate the
@@ -133,6 +164,7 @@ class ManagedAvatarSession(AvatarSession):
         try:
             await super().aclose()
         finally:
+            await self._close_http()
             record, self.record = self.record, None
             if record is not None:
                 try:
