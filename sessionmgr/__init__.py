@@ -8,6 +8,7 @@ from .client import LemonSliceClient, Timeouts
 from .clock import Clock, FakeClock, SystemClock
 from .config import Settings
 from .errors import (
+    ActivationTimeout,
     AuthError,
     ClientRequestError,
     ConfigurationError,
@@ -19,11 +20,13 @@ from .errors import (
     InvalidArgument,
     InvalidResponseError,
     LemonSliceError,
+    NoCreditsError,
     NotFoundError,
     RateLimitedError,
     ServerError,
     SessionMgrError,
     SessionNotFound,
+    SessionNotLive,
     TransportError,
 )
 from .manager import EndResult, SessionManager
@@ -37,6 +40,7 @@ from .states import EndReason, SessionStatus
 from .web import create_app
 
 __all__ = [
+    "ActivationTimeout",
     "AuthError",
     "ClientRequestError",
     "Clock",
@@ -54,6 +58,7 @@ __all__ = [
     "LemonSliceClient",
     "LemonSliceError",
     "Metrics",
+    "NoCreditsError",
     "NotFoundError",
     "Page",
     "RateLimitedError",
@@ -66,6 +71,7 @@ __all__ = [
     "SessionManager",
     "SessionMgrError",
     "SessionNotFound",
+    "SessionNotLive",
     "SessionRecord",
     "SessionRepository",
     "SessionStatus",

@@ -17,6 +17,7 @@ repr. Redirects are not followed, so the key is never forwarded to another host.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import email.parser
 import email.policy
@@ -29,7 +30,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
@@ -40,6 +41,7 @@ import aiohttp
 from . import config
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
+    ActivationTimeout,
     AuthError,
     ClientRequestError,
     ConfigurationError,
@@ -47,14 +49,17 @@ from .errors import (
     InvalidArgument,
     InvalidResponseError,
     LemonSliceError,
+    NoCreditsError,
     NotFoundError,
     RateLimitedError,
     ServerError,
+    SessionNotLive,
     TransportError,
     excerpt,
 )
 from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, unclean_text
 from .retry import RetryPolicy
+from .states import REMOTE_FINAL
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +72,18 @@ MAX_LIST_PAGES = 100_000  # a server whose pagination never ends is a bug, not a
 MAX_SESSION_ID_CHARS = 128  # a longer session_id in an answer is garbage (LemonSlice's are ~30)
 
 API_KEY_HEADER = "x-api-key"  # pipecat's spelling (header names are case-insensitive)
-TRANSPORT_TYPE = "daily"
+TRANSPORT_TYPE = "daily"  # pipecat's, and the default
+LIVEKIT = "livekit"  # livekit-plugins-lemonslice's self-managed flavour
+TRANSPORT_TYPES = (TRANSPORT_TYPE, LIVEKIT)
+AUDIO_SAMPLE_RATES = (16000, 22050, 24000, 44100, 48000)  # Hz, the documented set
+ASPECT_RATIOS = ("1x1", "2x3", "9x16")
+LIVEKIT_PROPERTIES = ("livekit_url", "livekit_token", "livekit_session_id")  # the plugin's order
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TERMINATE_BODY = json.dumps({"event": "terminate"}).encode()
+MAX_IMAGE_BYTES = 900_000  # decoded bytes of an update-image PNG; LemonSlice's limit is 900 KB
+WAIT_POLL_FIRST = 0.5  # seconds between the first status polls of wait_until_active
+WAIT_POLL_CAP = 5.0  # seconds between polls at most (doubling from WAIT_POLL_FIRST)
+WAIT_TIMEOUT = 180.0  # seconds; a cold start can stay QUEUED ~2.5 minutes
 
 T = TypeVar("T")
 
@@ -124,6 +138,7 @@ class _Op(enum.Enum):
     GET = "get"
     LIST = "list"
     TERMINATE = "terminate"
+    CONTROL = "control"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -173,16 +188,35 @@ def build_create_request(
     agent_image: AgentImage | None = None,
     agent_prompt: str | None = None,
     idle_timeout: int | None = None,
+    audio_sample_rate: int | None = None,
+    model: str | None = None,
     daily_room_url: str | None = None,
     daily_token: str | None = None,
     connection_properties: Mapping[str, Any] | None = None,
     extra_properties: Mapping[str, Any] | None = None,
+    transport_type: str = TRANSPORT_TYPE,
+    livekit_url: str | None = None,
+    livekit_token: str | None = None,
+    livekit_session_id: str | None = None,
+    agent_idle_prompt: str | None = None,
+    response_done_timeout: float | None = None,
+    aspect_ratio: str | None = None,
+    simulcast: bool | None = None,
+    enable_recording: bool | None = None,
+    recordings_bucket: str | None = None,
 ) -> tuple[dict[str, Any], bytes | None]:
-    """The create payload pipecat builds for these arguments, and the PNG bytes of ``agent_image``.
+    """The create payload for these arguments, and the PNG bytes of ``agent_image``.
 
-    Keys are sent only when given; ``properties`` is ``connection_properties`` plus ``daily_url``
-    and ``daily_token`` and is sent only when non-empty; ``extra_properties`` is merged last.
-    Raises ValueError/TypeError for bad arguments, so nothing is sent.
+    ``transport_type="daily"`` (the default) is exactly what pipecat 1.14's ``LemonSliceApi``
+    builds; ``"livekit"`` is exactly what livekit-plugins-lemonslice 1.8.9 builds (``properties``
+    first: ``livekit_url``, ``livekit_token``, ``livekit_session_id``). Keys are sent only when
+    given; ``properties`` is ``connection_properties`` plus the transport's own keys and is sent
+    only when non-empty; ``extra_properties`` is merged last (it wins, as in pipecat).
+
+    First-class because LemonSlice documents them: ``audio_sample_rate``, ``model``,
+    ``agent_idle_prompt``, ``response_done_timeout``, ``aspect_ratio``, ``simulcast`` (livekit
+    only), ``enable_recording`` / ``recordings_bucket``. Anything else goes in
+    ``extra_properties``. Raises ValueError/TypeError for bad arguments, so nothing is sent.
     """
     given = [
         name
@@ -208,22 +242,52 @@ def build_create_request(
             f"idle_timeout must be whole seconds (an int; negative = never), got {idle_timeout!r}"
         )
 
-    payload: dict[str, Any] = {"transport_type": TRANSPORT_TYPE}
-    if agent_id is not None:
-        payload["agent_id"] = agent_id
-    if agent_image_url is not None:
-        payload["agent_image_url"] = agent_image_url
-    if agent_prompt is not None:
-        payload["agent_prompt"] = agent_prompt
-    if idle_timeout is not None:
-        payload["idle_timeout"] = idle_timeout
+    _check_create_options(
+        transport_type=transport_type,
+        audio_sample_rate=audio_sample_rate,
+        model=model,
+        daily=(daily_room_url, daily_token),
+        livekit=(livekit_url, livekit_token, livekit_session_id),
+        agent_idle_prompt=agent_idle_prompt,
+        response_done_timeout=response_done_timeout,
+        aspect_ratio=aspect_ratio,
+        simulcast=simulcast,
+        enable_recording=enable_recording,
+        recordings_bucket=recordings_bucket,
+    )
     properties: dict[str, Any] = dict(connection_properties) if connection_properties else {}
-    if daily_room_url is not None:
-        properties["daily_url"] = daily_room_url
-    if daily_token is not None:
-        properties["daily_token"] = daily_token
-    if properties:
+    payload: dict[str, Any] = {"transport_type": transport_type}
+    if transport_type == LIVEKIT:  # the plugin puts its properties right after transport_type
+        for name, value in zip(
+            LIVEKIT_PROPERTIES, (livekit_url, livekit_token, livekit_session_id), strict=True
+        ):
+            if value is not None:
+                properties[name] = value
         payload["properties"] = properties
+    optional: tuple[tuple[str, Any], ...] = (
+        ("agent_id", agent_id),
+        ("agent_image_url", agent_image_url),
+        ("agent_prompt", agent_prompt),
+        ("agent_idle_prompt", agent_idle_prompt),
+        ("idle_timeout", idle_timeout),
+        ("audio_sample_rate", audio_sample_rate),
+        ("model", model),
+        ("response_done_timeout", response_done_timeout),
+        ("aspect_ratio", aspect_ratio),
+        ("simulcast", simulcast),
+        ("enable_recording", enable_recording),
+        ("recordings_bucket", recordings_bucket),
+    )
+    for name, value in optional:
+        if value is not None:
+            payload[name] = value
+    if transport_type == TRANSPORT_TYPE:
+        if daily_room_url is not None:
+            properties["daily_url"] = daily_room_url
+        if daily_token is not None:
+            properties["daily_token"] = daily_token
+        if properties:
+            payload["properties"] = properties
     if extra_properties:
         payload.update(extra_properties)
     try:
@@ -241,8 +305,9 @@ def build_create_request(
 
 def create_fields(body: bytes, content_type: str) -> dict[str, Any]:
     """What a record keeps of a create body someone else built (JSON, or multipart with a
-    ``payload`` part): ``agent_id``, ``agent_image_url``, ``agent_prompt``, ``idle_timeout`` and
-    ``metadata`` tags (``transport_type``, ``agent_image: upload``). Never a token or property.
+    ``payload`` part): ``agent_id``, ``agent_image_url``, ``agent_prompt``, ``idle_timeout``,
+    ``model``, ``transport_type`` (``daily`` when absent) and ``metadata`` tags (``agent_image:
+    upload``). Never a token or property.
 
     Raises ``InvalidArgument`` when the body is not a create payload at all.
     """
@@ -267,18 +332,139 @@ def create_fields(body: bytes, content_type: str) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InvalidArgument("the create body must be a JSON object (or multipart with 'payload')")
     fields: dict[str, Any] = {}
-    for name in ("agent_id", "agent_image_url", "agent_prompt"):
+    for name in ("agent_id", "agent_image_url", "agent_prompt", "model", "transport_type"):
         if isinstance(payload.get(name), str):
             fields[name] = payload[name]
     if _is_int(payload.get("idle_timeout")):
         fields["idle_timeout"] = payload["idle_timeout"]
     tags: dict[str, Any] = {}
-    if isinstance(payload.get("transport_type"), str):
-        tags["transport_type"] = payload["transport_type"]
     if uploaded:
         tags["agent_image"] = "upload"
     fields["metadata"] = tags
     return fields
+
+
+def _check_create_options(
+    *,
+    transport_type: str,
+    audio_sample_rate: int | None,
+    model: str | None,
+    daily: tuple[str | None, str | None],
+    livekit: tuple[str | None, str | None, str | None],
+    agent_idle_prompt: str | None,
+    response_done_timeout: float | None,
+    aspect_ratio: str | None,
+    simulcast: bool | None,
+    enable_recording: bool | None,
+    recordings_bucket: str | None,
+) -> None:
+    """The documented ranges of the create options, checked before anything is sent."""
+    if transport_type not in TRANSPORT_TYPES:
+        raise ValueError(
+            f"transport_type must be one of {', '.join(TRANSPORT_TYPES)}, got {transport_type!r}"
+        )
+    if audio_sample_rate is not None and (
+        not _is_int(audio_sample_rate) or audio_sample_rate not in AUDIO_SAMPLE_RATES
+    ):
+        rates = ", ".join(str(r) for r in AUDIO_SAMPLE_RATES)
+        raise ValueError(
+            f"audio_sample_rate must be one of {rates} (Hz), got {audio_sample_rate!r}"
+        )
+    for name, text in (
+        ("model", model),
+        ("agent_idle_prompt", agent_idle_prompt),
+        ("recordings_bucket", recordings_bucket),
+    ):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{name} must be a string, got {type(text).__name__}")
+    if model is not None and not model.strip():
+        raise ValueError("model must be a non-empty string (leave it out for the default model)")
+    if response_done_timeout is not None and (
+        isinstance(response_done_timeout, bool)
+        or not isinstance(response_done_timeout, int | float)
+        or not math.isfinite(response_done_timeout)
+        or response_done_timeout <= 0
+    ):
+        raise ValueError(
+            f"response_done_timeout must be a positive number of seconds, "
+            f"got {response_done_timeout!r}"
+        )
+    if aspect_ratio is not None and aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(
+            f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}, got {aspect_ratio!r}"
+        )
+    for name, flag in (("simulcast", simulcast), ("enable_recording", enable_recording)):
+        if flag is not None and not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if recordings_bucket is not None and not enable_recording:
+        raise ValueError("recordings_bucket needs enable_recording=True")
+    livekit_url, livekit_token, _ = livekit
+    if transport_type == LIVEKIT:
+        if any(v is not None for v in daily):
+            raise ValueError(
+                "daily_room_url and daily_token are for transport_type='daily', not 'livekit'"
+            )
+        for name, value in (("livekit_url", livekit_url), ("livekit_token", livekit_token)):
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"transport_type='livekit' needs {name} (a non-empty string)")
+    else:
+        if any(v is not None for v in livekit):
+            raise ValueError(
+                "livekit_url, livekit_token and livekit_session_id need transport_type='livekit'"
+            )
+        if simulcast is not None:
+            raise ValueError("simulcast is only for transport_type='livekit'")
+    for name, value in zip(LIVEKIT_PROPERTIES, livekit, strict=True):
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ValueError(f"{name} must be a non-empty string")
+
+
+RESET_IDLE_EVENT = "reset-idle-timeout"
+# The docs show two shapes for a trigger: {"event": "pose-trigger", "pose_trigger": {"name": N}}
+# and {"event": "action", "action": N}. We send the second: it is flat like every other control
+# event (``update-agent-prompt`` carries ``agent_prompt``, ``update-idle-prompt``
+# ``idle_prompt``), and it names actions, not only poses. Should LemonSlice settle on the other,
+# only these two lines change.
+TRIGGER_EVENT = "action"
+
+
+def trigger_event(name: str) -> dict[str, Any]:
+    """The control body that triggers action ``name`` (see ``TRIGGER_EVENT``)."""
+    return {"event": TRIGGER_EVENT, TRIGGER_EVENT: _text("name", name, allow_empty=False)}
+
+
+def agent_prompt_event(agent_prompt: str) -> dict[str, Any]:
+    return {"event": "update-agent-prompt", "agent_prompt": _text("agent_prompt", agent_prompt)}
+
+
+def idle_prompt_event(idle_prompt: str) -> dict[str, Any]:
+    return {"event": "update-idle-prompt", "idle_prompt": _text("idle_prompt", idle_prompt)}
+
+
+def image_event(*, image_url: str | None = None, image: AgentImage | None = None) -> dict[str, Any]:
+    """The ``update-image`` body: exactly one of ``image_url`` or ``image`` (PNG, base64)."""
+    if (image_url is None) == (image is None):
+        raise ValueError("update_image needs exactly one of image_url or image")
+    if image_url is not None:
+        return {"event": "update-image", "image_url": _text("image_url", image_url, False)}
+    assert image is not None
+    data = _encode_png(image, "image")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(
+            f"the image is {len(data):,} bytes; LemonSlice takes at most {MAX_IMAGE_BYTES:,} "
+            "(900 KB): shrink it or send image_url"
+        )
+    return {"event": "update-image", "image_base64": base64.b64encode(data).decode("ascii")}
+
+
+def _text(name: str, value: object, allow_empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, not {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise ValueError(f"{name} must be a non-empty string")
+    if not is_clean_text(value):
+        raise ValueError(f"{name} is not valid text (a NUL or a lone surrogate)")
+    return value
 
 
 def _usable_id(value: Any) -> TypeGuard[str]:
@@ -299,7 +485,7 @@ def _usable_url(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip()) and is_clean_text(value)
 
 
-def _encode_png(image: AgentImage) -> bytes:
+def _encode_png(image: AgentImage, name: str = "agent_image") -> bytes:
     if isinstance(image, bytes | bytearray | memoryview):
         data = bytes(image)
     elif callable(getattr(image, "save", None)):
@@ -308,11 +494,11 @@ def _encode_png(image: AgentImage) -> bytes:
         data = buffer.getvalue()
     else:
         raise TypeError(
-            f"agent_image must be PNG bytes or an image with .save(fp, format='PNG'), "
+            f"{name} must be PNG bytes or an image with .save(fp, format='PNG'), "
             f"not {type(image).__name__}"
         )
     if not data.startswith(PNG_SIGNATURE):
-        raise ValueError("agent_image bytes are not a PNG image: encode it as PNG first")
+        raise ValueError(f"{name} bytes are not a PNG image: encode it as PNG first")
     return data
 
 
@@ -434,17 +620,32 @@ class LemonSliceClient:
         agent_image: AgentImage | None = None,
         agent_prompt: str | None = None,
         idle_timeout: int | None = None,
+        audio_sample_rate: int | None = None,
+        model: str | None = None,
         daily_room_url: str | None = None,
         daily_token: str | None = None,
         connection_properties: Mapping[str, Any] | None = None,
         extra_properties: Mapping[str, Any] | None = None,
         api_url: str | None = None,
+        transport_type: str = TRANSPORT_TYPE,
+        livekit_url: str | None = None,
+        livekit_token: str | None = None,
+        livekit_session_id: str | None = None,
+        agent_idle_prompt: str | None = None,
+        response_done_timeout: float | None = None,
+        aspect_ratio: str | None = None,
+        simulcast: bool | None = None,
+        enable_recording: bool | None = None,
+        recordings_bucket: str | None = None,
     ) -> dict[str, Any]:
         """Start a session; returns the server's answer with ``session_id``, ``room_url`` (may be
-        None) and ``control_url`` (derived when the server leaves it out).
+        None) and ``control_url`` (derived when the server leaves it out, as the livekit flavour
+        always does).
 
-        Raises ``CreateOutcomeUnknown`` when the request may have started a session but the answer
-        was lost or unusable: do not call again blindly, reconcile instead.
+        The parameters up to ``api_url`` are pipecat 1.14's, in its order; the rest are
+        LemonSlice's other documented fields (see ``build_create_request``). Raises
+        ``CreateOutcomeUnknown`` when the request may have started a session but the answer was
+        lost or unusable: do not call again blindly, reconcile instead.
         """
         payload, image = build_create_request(
             agent_image_url=agent_image_url,
@@ -452,10 +653,22 @@ class LemonSliceClient:
             agent_image=agent_image,
             agent_prompt=agent_prompt,
             idle_timeout=idle_timeout,
+            audio_sample_rate=audio_sample_rate,
+            model=model,
             daily_room_url=daily_room_url,
             daily_token=daily_token,
             connection_properties=connection_properties,
             extra_properties=extra_properties,
+            transport_type=transport_type,
+            livekit_url=livekit_url,
+            livekit_token=livekit_token,
+            livekit_session_id=livekit_session_id,
+            agent_idle_prompt=agent_idle_prompt,
+            response_done_timeout=response_done_timeout,
+            aspect_ratio=aspect_ratio,
+            simulcast=simulcast,
+            enable_recording=enable_recording,
+            recordings_bucket=recordings_bucket,
         )
         url = api_url or self._api_url  # as given, like pipecat; derived URLs strip the slash
         text = json.dumps(payload)
@@ -539,7 +752,7 @@ class LemonSliceClient:
     ) -> RawAnswer:
         """One request with the configured key, answered as it came (no retries: the caller
         decides); ``TransportError`` when no answer came."""
-        op = _Op.TERMINATE if method == "POST" else _Op.GET
+        op = _Op.CONTROL if method == "POST" else _Op.GET
         call = _Call(op, method, url)
         return await self._call(
             call,
@@ -548,6 +761,112 @@ class LemonSliceClient:
             content_type=content_type or "application/json",
             retry=False,
         )
+
+    # --- control events ------------------------------------------------------------------------
+    #
+    # Each is idempotent (sending it twice leaves the session as sending it once), so it follows
+    # the read/terminate retry policy. 404/410 raises NotFoundError: the session is gone.
+    # ``control_url`` None: the documented one, derived from the session_id.
+
+    async def update_image(
+        self,
+        session_id: str,
+        control_url: str | None,
+        *,
+        image_url: str | None = None,
+        image: AgentImage | None = None,
+    ) -> None:
+        """Show another image: ``image_url``, or ``image`` (PNG bytes or an object with
+        ``.save(fp, format="PNG")``) sent base64; a PNG over ``MAX_IMAGE_BYTES`` is refused
+        before sending."""
+        await self.send_control_event(
+            session_id, control_url, image_event(image_url=image_url, image=image)
+        )
+
+    async def update_agent_prompt(
+        self, session_id: str, control_url: str | None, agent_prompt: str
+    ) -> None:
+        """Replace the prompt that steers the avatar while it speaks."""
+        await self.send_control_event(session_id, control_url, agent_prompt_event(agent_prompt))
+
+    async def update_idle_prompt(
+        self, session_id: str, control_url: str | None, idle_prompt: str
+    ) -> None:
+        """Replace the prompt that steers the avatar while it listens."""
+        await self.send_control_event(session_id, control_url, idle_prompt_event(idle_prompt))
+
+    async def trigger_action(self, session_id: str, control_url: str | None, name: str) -> None:
+        """Trigger a pose or action by name (the wire shape: ``trigger_event``)."""
+        await self.send_control_event(session_id, control_url, trigger_event(name))
+
+    async def reset_idle_timeout(self, session_id: str, control_url: str | None) -> None:
+        """Restart LemonSlice's idle clock for this session (it otherwise only sees the avatar
+        speak)."""
+        await self.send_control_event(session_id, control_url, {"event": RESET_IDLE_EVENT})
+
+    async def send_control_event(
+        self, session_id: str, control_url: str | None, event: Mapping[str, Any]
+    ) -> None:
+        """POST one control event body (``{"event": NAME, ...}``, as built by the methods above,
+        ``image_event`` or ``trigger_event``) to the session's control URL."""
+        _check_session_id(session_id)
+        url = control_url or self.control_url_for(session_id)
+        call = _Call(_Op.CONTROL, "POST", url)
+        name = event["event"]
+
+        def handle(answer: _Answer) -> None:
+            if not answer.ok:
+                raise self._status_error(call, answer)
+            data = _loads_or_none(answer.body)
+            if isinstance(data, dict) and data.get("success") is False:
+                raise InvalidResponseError(
+                    f"LemonSlice answered {name} with success=false: not applied, retry later",
+                    **self._error_fields(call, answer),
+                )
+            logger.debug(
+                "sent %s to LemonSlice session %s",
+                name,
+                session_id,
+                extra={"session_id": session_id, "event": name},
+            )
+
+        await self._call(call, handle, body=json.dumps(event).encode())
+
+    async def wait_until_active(
+        self,
+        session_id: str,
+        *,
+        timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109 - the documented name; polls, never cut
+        on_status: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Poll ``get_session`` with backoff until the session is ACTIVE; returns that answer.
+
+        A QUEUED session (a cold start, up to ~2.5 minutes) is waited on; a final status raises
+        ``SessionNotLive``; still not ACTIVE after ``timeout`` seconds raises
+        ``ActivationTimeout``. ``on_status`` sees every answer (the manager records it).
+        """
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        start = self.clock.monotonic()
+        delay = WAIT_POLL_FIRST
+        while True:
+            answer = await self.get_session(session_id)
+            if on_status is not None:
+                await on_status(answer)
+            status = answer["session_status"]
+            if status == "ACTIVE":
+                return answer
+            if status in REMOTE_FINAL:
+                raise SessionNotLive(f"LemonSlice session {session_id} ended ({status})")
+            left = timeout - (self.clock.monotonic() - start)
+            if left <= 0:
+                raise ActivationTimeout(
+                    f"LemonSlice session {session_id} is still {status} after {timeout:g} s: "
+                    "wait longer, or end it",
+                    last_status=status,
+                )
+            await self.clock.sleep(min(delay, left))
+            delay = min(delay * 2, WAIT_POLL_CAP)
 
     # --- beyond pipecat -------------------------------------------------------------------------
 
@@ -680,6 +999,11 @@ class LemonSliceClient:
         if status in (404, 410):
             return NotFoundError(
                 "LemonSlice has no such session (ended or never existed)", **fields
+            )
+        if status == 402:
+            return NoCreditsError(
+                "LemonSlice refused: no subscription or not enough credits (top up the account)",
+                **fields,
             )
         if status == 429:
             retry_after = parse_retry_after(answer.retry_after, self.clock.now())

@@ -9,6 +9,7 @@
     │   ├── RateLimitedError            429, with ``retry_after`` seconds when the server said
     │   ├── ServerError                 5xx
     │   ├── ClientRequestError          any other 4xx: the request itself was rejected
+    │   │   └── NoCreditsError          402: no subscription or not enough credits
     │   ├── TransportError              connect failure, timeout, dropped connection
     │   │   └── CreateOutcomeUnknown    a create was sent and its answer was lost
     │   └── InvalidResponseError        non-JSON, an HTML page, or JSON missing required fields
@@ -19,7 +20,10 @@
     ├── DatabaseError                   the database cannot be used as it is
     │   ├── DatabaseNotMigrated         behind the migrations: run ``sessionmgr db upgrade``
     │   └── DatabaseLocked              another process held the write lock past the busy timeout
-    └── SessionNotFound                 no record with that id or session_id
+    ├── SessionNotFound                 no record with that id or session_id
+    ├── SessionNotLive                  a control event or a wait on a session that is over
+    │                                   (refused before any request), or ended while waited on
+    └── ActivationTimeout               ``wait_until_active`` ran out of time (still QUEUED)
 
 Messages are one line and say what to do; none carries the API key or a token.
 """
@@ -86,6 +90,11 @@ class ClientRequestError(LemonSliceError):
     """Another 4xx: the request was rejected and retrying will not help."""
 
 
+class NoCreditsError(ClientRequestError):
+    """402: the account has no subscription or not enough credits. Never retried: a retry
+    cannot help until someone tops up."""
+
+
 class TransportError(LemonSliceError):
     """No usable answer: connection refused or dropped, or a timeout."""
 
@@ -131,6 +140,20 @@ class DatabaseLocked(DatabaseError):
 
 class SessionNotFound(SessionMgrError):
     """No session record with that id or session_id."""
+
+
+class SessionNotLive(SessionMgrError):
+    """The session is not live (pending, ending, ended, failed, or finished at LemonSlice), so a
+    control event for it is refused before anything is sent."""
+
+
+class ActivationTimeout(SessionMgrError):
+    """A session did not become ACTIVE within the time given; ``last_status`` is what
+    LemonSlice said last (usually QUEUED: a cold start)."""
+
+    def __init__(self, message: str, *, last_status: str | None = None) -> None:
+        self.last_status = last_status
+        super().__init__(message)
 
 
 def excerpt(text: str, limit: int = BODY_EXCERPT_CHARS) -> str:

@@ -17,28 +17,46 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from . import config
-from .client import LemonSliceClient, RawAnswer, build_create_request, create_fields
+from .client import (
+    RESET_IDLE_EVENT,
+    TRANSPORT_TYPE,
+    WAIT_TIMEOUT,
+    AgentImage,
+    LemonSliceClient,
+    RawAnswer,
+    agent_prompt_event,
+    build_create_request,
+    create_fields,
+    idle_prompt_event,
+    image_event,
+    trigger_event,
+)
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import (
     ConfigurationError,
     CreateOutcomeUnknown,
     LemonSliceError,
+    NotFoundError,
     SessionMgrError,
+    SessionNotLive,
 )
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
 from .repository import SessionRepository, check_session_id, check_windows
-from .states import EndReason, SessionStatus
+from .states import REMOTE_FINAL, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
 
 SessionHook = Callable[[SessionRecord], Awaitable[None]]
 CreateSend = Callable[[], Awaitable[dict[str, Any]]]  # POSTs one create, returns the answer
 ReconciledHook = Callable[[ReconcileReport], None]
+ActiveHook = Callable[[SessionRecord, float], None]  # the record, seconds from intent to ACTIVE
+KeepaliveHook = Callable[[str, bool], None]  # session_id, whether reset-idle-timeout went through
 OnExit = Literal["leave", "end"]
 
 BACKGROUND_GRACE = 30.0  # seconds close() waits for creates whose callers were cancelled
+KEEPALIVE_CONCURRENCY = 10  # reset-idle-timeout requests in flight at once
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,9 +100,20 @@ class SessionManager:
         auto_upgrade: bool = False,
         clock: Clock | None = None,
         owner: str | None = None,
+        server_keepalive: float | None = None,
+        on_active: ActiveHook | None = None,
+        on_keepalive: KeepaliveHook | None = None,
     ) -> None:
         if on_exit not in ("leave", "end"):
             raise ConfigurationError(f"on_exit must be 'leave' or 'end', not {on_exit!r}")
+        if server_keepalive is not None and (
+            isinstance(server_keepalive, bool)
+            or not isinstance(server_keepalive, int | float)
+            or not 0 < server_keepalive < float("inf")
+        ):
+            raise ConfigurationError(
+                f"server_keepalive must be a positive number of seconds, not {server_keepalive!r}"
+            )
         try:
             check_windows(idle_window, max_age)
         except (TypeError, ValueError) as exc:
@@ -118,6 +147,15 @@ class SessionManager:
         self._background: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._opened = False
+        # keep-alive: session_ids touched since their last reset-idle-timeout (an ordered set),
+        # and when each was last reset (monotonic seconds)
+        self.server_keepalive = server_keepalive
+        self.on_active = on_active
+        self.on_keepalive = on_keepalive
+        self._keepalive_due: dict[str, None] = {}
+        self._keepalive_last: dict[str, float] = {}
+        self.keepalive_sent = 0
+        self.keepalive_failures = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -169,6 +207,8 @@ class SessionManager:
             self._loops.append(asyncio.create_task(self._flush_loop()))
         if self._reconcile_interval:
             self._loops.append(asyncio.create_task(self._reconcile_loop(self._reconcile_interval)))
+        if self.server_keepalive is not None:
+            self._loops.append(asyncio.create_task(self._keepalive_loop()))
 
     async def close(self, grace: float = BACKGROUND_GRACE) -> None:
         if not self._opened:
@@ -273,16 +313,31 @@ class SessionManager:
         agent_image: Any = None,
         agent_prompt: str | None = None,
         idle_timeout: int | None = None,
+        audio_sample_rate: int | None = None,
+        model: str | None = None,
         daily_room_url: str | None = None,
         daily_token: str | None = None,
         connection_properties: dict[str, Any] | None = None,
         extra_properties: dict[str, Any] | None = None,
         api_url: str | None = None,
+        transport_type: str = TRANSPORT_TYPE,
+        livekit_url: str | None = None,
+        livekit_token: str | None = None,
+        livekit_session_id: str | None = None,
+        agent_idle_prompt: str | None = None,
+        response_done_timeout: float | None = None,
+        aspect_ratio: str | None = None,
+        simulcast: bool | None = None,
+        enable_recording: bool | None = None,
+        recordings_bucket: str | None = None,
         idle_window: float | None = None,
         max_age: float | None = None,
         metadata: Mapping[str, Any] | None = None,
     ) -> SessionRecord:
-        """Record the intent, POST, record the answer; the same arguments as the client's.
+        """Record the intent, POST, record the answer; the same arguments as the client's
+        (pipecat 1.14's first, in its order), then what the reaper enforces and the tags.
+
+        The record keeps ``model`` and ``transport_type``, never a daily or livekit token.
 
         A 4xx marks the intent failed and re-raises. An unknown outcome (timeout after sending,
         a 5xx other than 503, a garbled answer) leaves it ``pending`` for reconcile and re-raises.
@@ -295,11 +350,23 @@ class SessionManager:
             "agent_image": agent_image,
             "agent_prompt": agent_prompt,
             "idle_timeout": idle_timeout,
+            "audio_sample_rate": audio_sample_rate,
+            "model": model,
             "daily_room_url": daily_room_url,
             "daily_token": daily_token,
             "connection_properties": connection_properties,
             "extra_properties": extra_properties,
             "api_url": api_url,
+            "transport_type": transport_type,
+            "livekit_url": livekit_url,
+            "livekit_token": livekit_token,
+            "livekit_session_id": livekit_session_id,
+            "agent_idle_prompt": agent_idle_prompt,
+            "response_done_timeout": response_done_timeout,
+            "aspect_ratio": aspect_ratio,
+            "simulcast": simulcast,
+            "enable_recording": enable_recording,
+            "recordings_bucket": recordings_bucket,
         }
         build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
         intent = await self.repository.record_intent(
@@ -310,6 +377,8 @@ class SessionManager:
             idle_window=self.idle_window if idle_window is None else idle_window,
             max_age=max_age if max_age is not None else self.max_age,
             metadata=metadata,
+            model=model,
+            transport_type=transport_type,
         )
         return await self._run_create(intent, lambda: self.client.create_session(**create_args))
 
@@ -321,6 +390,8 @@ class SessionManager:
         agent_image_url: str | None = None,
         agent_prompt: str | None = None,
         idle_timeout: int | None = None,
+        model: str | None = None,
+        transport_type: str = TRANSPORT_TYPE,
         idle_window: float | None = None,
         max_age: float | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -341,6 +412,8 @@ class SessionManager:
             idle_window=self.idle_window if idle_window is None else idle_window,
             max_age=max_age if max_age is not None else self.max_age,
             metadata=metadata,
+            model=model,
+            transport_type=transport_type,
         )
         return await self._run_create(intent, send)
 
@@ -355,7 +428,8 @@ class SessionManager:
     ) -> tuple[SessionRecord | None, RawAnswer]:
         """A create body sent byte-for-byte (the recording proxy), through ``create_with``.
 
-        The body is parsed only to fill the record (agent, prompt, idle timeout; never a token).
+        The body is parsed only to fill the record (agent, prompt, idle timeout, model, transport;
+        never a token).
         Returns the record (None when LemonSlice refused) and LemonSlice's answer as it came;
         raises ``CreateOutcomeUnknown`` when no answer came (the intent stays pending) and
         ``InvalidArgument`` for a body that is not a create, before anything is written.
@@ -472,6 +546,8 @@ class SessionManager:
         ``InvalidArgument`` here, so it can never fail a later flush.
         """
         self.repository.touch(session_id, self.clock.now())
+        if self.server_keepalive is not None:
+            self._keepalive_due[session_id] = None
 
     async def end_session(
         self,
@@ -524,8 +600,11 @@ class SessionManager:
         max_age: float | None = None,
         agent_id: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        transport_type: str | None = None,
     ) -> SessionRecord:
-        """Guard a session created elsewhere (e.g. by pipecat's own transport)."""
+        """Guard a session created elsewhere (e.g. by pipecat's own transport, or LiveKit's
+        plugin: ``transport_type="livekit"``)."""
         check_session_id(session_id)
         record, created = await self.repository.adopt(
             session_id=session_id,
@@ -535,6 +614,8 @@ class SessionManager:
             max_age=max_age if max_age is not None else self.max_age,
             agent_id=agent_id,
             metadata=metadata,
+            model=model,
+            transport_type=transport_type,
         )
         if created and self.on_created is not None:
             await self._call_hook(self.on_created, record)
@@ -559,6 +640,177 @@ class SessionManager:
             except Exception:  # the report is what the caller asked for
                 logger.exception("on_reconciled hook failed")
         return report
+
+    # --- control events ------------------------------------------------------------------
+
+    async def update_image(
+        self, key: str | int, *, image_url: str | None = None, image: AgentImage | None = None
+    ) -> SessionRecord:
+        """Show another image (``image_url``, or ``image``: PNG bytes or an object with
+        ``.save(fp, format="PNG")``, at most 900 KB) on an active session."""
+        body = image_event(image_url=image_url, image=image)
+        if image_url is not None:
+            detail = f"update-image {image_url}"
+        else:
+            b64 = body["image_base64"]
+            detail = f"update-image (PNG, {len(b64) * 3 // 4 - b64[-2:].count('='):,} bytes)"
+        return await self._control(key, body, detail)
+
+    async def update_agent_prompt(self, key: str | int, agent_prompt: str) -> SessionRecord:
+        body = agent_prompt_event(agent_prompt)
+        return await self._control(key, body, f"update-agent-prompt ({len(agent_prompt)} chars)")
+
+    async def update_idle_prompt(self, key: str | int, idle_prompt: str) -> SessionRecord:
+        body = idle_prompt_event(idle_prompt)
+        return await self._control(key, body, f"update-idle-prompt ({len(idle_prompt)} chars)")
+
+    async def trigger_action(self, key: str | int, name: str) -> SessionRecord:
+        return await self._control(key, trigger_event(name), f"trigger {name}")
+
+    async def reset_idle_timeout(self, key: str | int) -> SessionRecord:
+        return await self._control(key, {"event": RESET_IDLE_EVENT}, RESET_IDLE_EVENT)
+
+    async def _control(self, key: str | int, body: Mapping[str, Any], detail: str) -> SessionRecord:
+        """Send one control event to the session ``key`` names (local id or session_id) and
+        append a ``control`` event row. Only an active session takes one: anything else is
+        refused with ``SessionNotLive`` before a request. 404/410 means LemonSlice no longer has
+        it: it is ended (``gone``, through a terminate, as the reaper would) and
+        ``SessionNotLive`` raised. A control counts as activity (a touch)."""
+        record = await self.repository.get(key)
+        if record.status is not SessionStatus.ACTIVE or record.session_id is None:
+            raise SessionNotLive(
+                f"session {record.id} is {record.status}: control events go to active sessions only"
+            )
+        try:
+            await self.client.send_control_event(record.session_id, record.control_url, body)
+        except NotFoundError:
+            logger.info(
+                "session %s was gone at LemonSlice when sent %s", record.session_id, body["event"]
+            )
+            with contextlib.suppress(SessionMgrError):
+                await self.end_session(record.id, reason=EndReason.GONE)
+            raise SessionNotLive(
+                f"session {record.id} ({record.session_id}) is gone at LemonSlice; recorded as "
+                "ended"
+            ) from None
+        self.touch(record.session_id)
+        return await self.repository.record_control(record.id, detail=detail) or (
+            await self.repository.get(record.id)
+        )
+
+    async def wait_until_active(
+        self,
+        key: str | int,
+        *,
+        timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109 - the documented name; polls, never cut
+    ) -> SessionRecord:
+        """Wait while LemonSlice keeps the session QUEUED (a cold start); the record once ACTIVE.
+
+        Every status seen is recorded in ``remote_status``; a final one ends the row (as
+        reconcile would) and raises ``SessionNotLive``; ``ActivationTimeout`` after ``timeout``
+        seconds leaves it active and QUEUED. ``on_active`` gets the seconds from intent to ACTIVE.
+        """
+        record = await self.repository.get(key)
+        if record.status is not SessionStatus.ACTIVE or record.session_id is None:
+            raise SessionNotLive(
+                f"session {record.id} is {record.status}: only an active session can be waited on"
+            )
+        seen = [record.remote_status]
+
+        async def on_status(answer: dict[str, Any]) -> None:
+            status = answer["session_status"]
+            if status == seen[0]:
+                return
+            seen[0] = status
+            if status in REMOTE_FINAL:
+                cost = answer.get("cost")
+                await self.repository.mark_ended_remote(
+                    record.id,
+                    reason=REMOTE_FINAL[status],
+                    remote_status=status,
+                    cost=cost if isinstance(cost, int | float) else None,
+                )
+            else:
+                await self.repository.record_remote(record.id, remote_status=status, cost=None)
+
+        await self.client.wait_until_active(record.session_id, timeout=timeout, on_status=on_status)
+        seconds = (self.clock.now() - record.created_at).total_seconds()
+        if self.on_active is not None:
+            try:
+                self.on_active(record, seconds)
+            except Exception:
+                logger.exception("on_active hook failed")
+        return await self.repository.get(record.id)
+
+    # --- keep-alive ------------------------------------------------------------------------
+
+    async def _keepalive_loop(self) -> None:
+        while True:
+            await self.clock.sleep(self._touch_flush_interval)
+            try:
+                await self.send_keepalives()
+            except Exception:
+                logger.exception("keep-alive round failed; retrying next interval")
+
+    async def send_keepalives(self) -> int:
+        """``reset-idle-timeout`` for each session touched since its last one and not reset
+        within ``server_keepalive`` seconds; returns how many went through.
+
+        LemonSlice's idle clock only sees the avatar speak, so a long user turn could time a
+        session out there; with this, its own ``idle_timeout`` can be short (a tight backstop if
+        this process dies) while conversations stay up. Runs every touch-flush interval in its own
+        task, never on the touch path; at most ``KEEPALIVE_CONCURRENCY`` requests in flight;
+        failures are logged and counted (``keepalive_failures``), never raised. Touches inside the
+        interval wait for the next round, so the last one is always passed on.
+        """
+        interval = self.server_keepalive
+        if interval is None or not self._keepalive_due:
+            return 0
+        now = self.clock.monotonic()
+        # forget resets older than the interval (ended sessions), so the map stays bounded
+        self._keepalive_last = {
+            sid: at for sid, at in self._keepalive_last.items() if now - at < interval
+        }
+        due = [sid for sid in self._keepalive_due if sid not in self._keepalive_last]
+        if not due:
+            return 0
+        for sid in due:
+            del self._keepalive_due[sid]
+        try:
+            urls = await self.repository.active_control_urls(due)
+        except SessionMgrError as exc:
+            logger.warning("keep-alive: could not read control URLs (%s); next round", exc)
+            self.keepalive_failures += len(due)
+            self._keepalive_due.update(dict.fromkeys(due))
+            return 0
+        gate = asyncio.Semaphore(KEEPALIVE_CONCURRENCY)
+
+        async def reset(session_id: str, control_url: str) -> bool:
+            async with gate:
+                try:
+                    await self.client.reset_idle_timeout(session_id, control_url)
+                except LemonSliceError as exc:
+                    ok = False
+                    self.keepalive_failures += 1
+                    logger.warning(
+                        "keep-alive for session %s failed: %s",
+                        session_id,
+                        exc,
+                        extra={"session_id": session_id},
+                    )
+                else:
+                    ok = True
+                    self.keepalive_sent += 1
+                    self._keepalive_last[session_id] = self.clock.monotonic()
+            if self.on_keepalive is not None:
+                try:
+                    self.on_keepalive(session_id, ok)
+                except Exception:
+                    logger.exception("on_keepalive hook failed")
+            return ok
+
+        results = await asyncio.gather(*(reset(sid, url) for sid, url in urls.items()))
+        return sum(results)
 
     @staticmethod
     async def _call_hook(hook: SessionHook, record: SessionRecord) -> None:

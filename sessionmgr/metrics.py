@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"  # Prometheus text exposition format
 API_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)  # seconds
 TICK_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)  # seconds
+# seconds; a warm start is ~1 s, a cold one (QUEUED) up to ~150 s
+ACTIVE_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 90.0, 120.0, 150.0, 180.0, 300.0)
 
 
 class _LiveSessions(Collector):
@@ -112,6 +114,19 @@ class Metrics:
             "them",
             registry=r,
         )
+        self.time_to_active = Histogram(
+            "sessionmgr_session_time_to_active_seconds",
+            "Seconds from a session's intent to LemonSlice reporting it ACTIVE (seen by "
+            "wait_until_active; QUEUED cold starts make the long tail)",
+            buckets=ACTIVE_BUCKETS,
+            registry=r,
+        )
+        self.keepalives = Counter(
+            "sessionmgr_keepalives",
+            "reset-idle-timeout requests the keep-alive sent, by outcome (ok, failed)",
+            ["outcome"],
+            registry=r,
+        )
         self._live = _LiveSessions()
         r.register(self._live)
         self._attached: list[SessionManager] = []
@@ -154,6 +169,20 @@ class Metrics:
             if user_reconciled is not None:
                 user_reconciled(report)
 
+        user_active, user_keepalive = manager.on_active, manager.on_keepalive
+
+        def on_active(record: SessionRecord, seconds: float) -> None:
+            self.time_to_active.observe(max(seconds, 0.0))
+            if user_active is not None:
+                user_active(record, seconds)
+
+        def on_keepalive(session_id: str, ok: bool) -> None:
+            self.keepalives.labels("ok" if ok else "failed").inc()
+            if user_keepalive is not None:
+                user_keepalive(session_id, ok)
+
+        manager.on_active = on_active
+        manager.on_keepalive = on_keepalive
         manager.on_created = on_created
         manager.on_ended = on_ended
         manager.on_reconciled = on_reconciled

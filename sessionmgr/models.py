@@ -45,6 +45,7 @@ NAMING_CONVENTION = {
 SESSION_ID_LENGTH = 128  # characters; LemonSlice ids are far shorter
 NAME_LENGTH = 255  # characters, agent ids and lease owners
 CODE_LENGTH = 32  # characters, statuses, end reasons, remote statuses
+DEFAULT_TRANSPORT = "daily"  # what every session before revision 0002 used
 
 FINAL = (SessionStatus.ENDED.value, SessionStatus.FAILED.value)
 UNSTARTED = (SessionStatus.PENDING.value, SessionStatus.ACTIVE.value)
@@ -175,6 +176,11 @@ class SessionRow(Base):
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # ``metadata`` is reserved on declarative classes; the column and the record field keep it.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType, default=dict)
+    # revision 0002: the LemonSlice model asked for (None: the server's default) and the transport
+    model: Mapped[str | None] = mapped_column(String(NAME_LENGTH))
+    transport_type: Mapped[str] = mapped_column(
+        String(CODE_LENGTH), default=DEFAULT_TRANSPORT, server_default=DEFAULT_TRANSPORT
+    )
 
     __table_args__ = (
         CheckConstraint(f"status IN {_in([s.value for s in SessionStatus])}", name="status"),

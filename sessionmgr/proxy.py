@@ -10,8 +10,10 @@ The routes are LemonSlice's own, at the same paths:
   and is recorded. An answer that never came is a 504 and leaves the intent ``pending`` for
   recovery; a 4xx/5xx is passed back with its status and body.
 - ``POST /api/liveai/sessions/{id}/control``: ``terminate`` ends the session through the manager
-  (reason ``manual``, event detail ``client terminate via proxy``); other events are forwarded and
-  recorded as events; ``reset-idle-timeout`` also counts as activity (a touch).
+  (reason ``manual``, event detail ``client terminate via proxy``); other events are forwarded
+  byte-for-byte and, once LemonSlice accepted them, recorded as ``control`` events and counted as
+  activity (a touch), as ``SessionManager``'s own control events are; a 404 ends the record
+  (``gone``).
 - ``GET /api/liveai/sessions[/{id}]``: passed through.
 
 Auth is the caller's ``x-api-key``, compared in constant time with the configured key: a caller
@@ -50,7 +52,6 @@ MAX_BODY = 8 * 1024 * 1024  # bytes of a request body (an uploaded agent image f
 READ_CHUNK = 64 * 1024  # bytes read at a time while enforcing MAX_BODY
 TERMINATE_DETAIL = "client terminate via proxy"
 PROXY_TAGS = {"via": "proxy"}  # metadata of every session created through the proxy
-ACTIVITY_EVENTS = frozenset({"reset-idle-timeout"})  # control events that are activity
 
 MANAGER: web.AppKey[SessionManager] = web.AppKey("proxy_manager", SessionManager)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -197,10 +198,13 @@ async def control(request: web.Request) -> web.StreamResponse:
         body=body,
         content_type=request.headers.get("Content-Type", "application/json"),
     )
-    if record is not None and 200 <= answer.status < 300 and isinstance(event, str):
-        await manager.repository.record_event(record.id, reason="control", detail=event[:64])
-        if event in ACTIVITY_EVENTS and record.status is SessionStatus.ACTIVE:
+    if record is not None and record.status is SessionStatus.ACTIVE:
+        if 200 <= answer.status < 300:  # as SessionManager's control events: activity, an event
             manager.touch(session_id)
+            detail = event if isinstance(event, str) else "control"
+            await manager.repository.record_control(record.id, detail=f"{detail[:64]} via proxy")
+        elif answer.status in (404, 410):  # LemonSlice no longer has it: ended, as the reaper would
+            await manager.end_session(record.id, reason=EndReason.GONE)
     return _passed_back(answer)
 
 

@@ -44,6 +44,8 @@ class SessionRecord:
     lease_owner: str | None
     lease_until: datetime | None
     metadata: dict[str, Any]
+    model: str | None = None  # the LemonSlice model asked for; None: the server's default
+    transport_type: str = "daily"  # "daily" (pipecat) or "livekit"
 
     @property
     def live(self) -> bool:

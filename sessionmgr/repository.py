@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import db
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import InvalidArgument, SessionNotFound
-from .models import NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
+from .models import DEFAULT_TRANSPORT, NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
 from .records import (
     DayStats,
     Page,
@@ -69,6 +69,7 @@ MAX_SECONDS = 100 * 365.25 * 86400  # the longest window or age accepted: 100 ye
 MAX_DAYS = 36_525  # days of stats history at most: 100 years
 INT32 = 2**31  # idle_timeout is stored as a 32-bit integer
 BIGINT = 2**63  # local ids are 64-bit integers
+TRANSPORT_TYPES = (DEFAULT_TRANSPORT, "livekit")  # what a session may have been created on
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -199,7 +200,17 @@ def _record(row: Mapping[str, Any]) -> SessionRecord:
     values["status"] = SessionStatus(row["status"])
     values["end_reason"] = EndReason(row["end_reason"]) if row["end_reason"] else None
     values["metadata"] = dict(row["metadata"] or {})
+    # a row inserted without it took the column's server default, which the snapshot lacks
+    values["transport_type"] = row["transport_type"] or DEFAULT_TRANSPORT
     return SessionRecord(**values)
+
+
+def _check_create_fields(model: object, transport_type: object) -> None:
+    _optional_text("model", model, max_chars=NAME_LENGTH)
+    if transport_type not in TRANSPORT_TYPES:
+        raise InvalidArgument(
+            f"transport_type must be one of {', '.join(TRANSPORT_TYPES)}, not {transport_type!r}"
+        )
 
 
 def _event(row: Mapping[str, Any]) -> SessionEvent:
@@ -330,10 +341,13 @@ class SessionRepository:
         idle_window: float,
         max_age: float | None,
         metadata: Mapping[str, Any] | None = None,
+        model: str | None = None,
+        transport_type: str = DEFAULT_TRANSPORT,
     ) -> SessionRecord:
         """Record a ``pending`` intent, before the create request is sent."""
         check_windows(idle_window, max_age)
         _optional_text("agent_id", agent_id, max_chars=NAME_LENGTH)
+        _check_create_fields(model, transport_type)
         _optional_text("agent_image_url", agent_image_url)
         if agent_prompt is not None:
             check_text("agent_prompt", agent_prompt, allow_empty=True)
@@ -361,6 +375,8 @@ class SessionRepository:
             "expires_at": None if max_age is None else now + timedelta(seconds=max_age),
             "attempts": 0,
             "metadata": _metadata(metadata),
+            "model": model,
+            "transport_type": transport_type,
         }
 
         def apply(uow: UnitOfWork) -> Thunk:
@@ -422,6 +438,8 @@ class SessionRepository:
         metadata: Mapping[str, Any] | None = None,
         created_at: datetime | None = None,
         pending_pk: int | None = None,
+        model: str | None = None,
+        transport_type: str | None = None,
     ) -> tuple[SessionRecord, bool]:
         """Track a session created elsewhere: ``(record, True)`` when it is now recorded as
         active, ``(existing record, False)`` when that session_id was already known.
@@ -432,6 +450,7 @@ class SessionRepository:
         check_windows(idle_window, max_age)
         _check_remote(session_id, control_url, room_url)
         _optional_text("agent_id", agent_id, max_chars=NAME_LENGTH)
+        _check_create_fields(model, transport_type or DEFAULT_TRANSPORT)
         now = self.clock.now()
         created = _aware(created_at, "created_at") if created_at is not None else now
         meta = _metadata(metadata)
@@ -463,6 +482,10 @@ class SessionRepository:
                     changes["agent_id"] = agent_id
                 if meta:
                     changes["metadata"] = {**(intent["metadata"] or {}), **meta}
+                if model is not None and intent["model"] is None:
+                    changes["model"] = model
+                if transport_type is not None:
+                    changes["transport_type"] = transport_type
                 uow.change(intent, changes, at=now, reason="adopted", detail="matched intent")
                 row = intent
             else:
@@ -471,6 +494,8 @@ class SessionRepository:
                     "agent_id": agent_id,
                     "attempts": 0,
                     "metadata": meta,
+                    "model": model,
+                    "transport_type": transport_type or DEFAULT_TRANSPORT,
                 }
                 values.update(activate(values))
                 row = uow.insert(values, at=now, reason="adopted", detail=None)
@@ -650,17 +675,6 @@ class SessionRepository:
 
         return await self._transition(pk, decide) is not None
 
-    async def record_event(self, key: int | str, *, reason: str, detail: str | None) -> bool:
-        """An event of a live session that is no transition (a control event sent through the
-        proxy); False when the session is not live."""
-
-        def decide(row: Row) -> Decision:
-            if row["status"] not in _LIVE:
-                return None
-            return {}, reason, _clip(detail)
-
-        return await self._transition(_key(key), decide) is not None
-
     async def record_remote(self, pk: int, *, remote_status: str, cost: float | None) -> None:
         """Note what LemonSlice reports about a session (no transition)."""
 
@@ -671,6 +685,22 @@ class SessionRepository:
             return changes, None, None
 
         await self._transition(pk, decide, event=False)
+
+    async def record_control(self, pk: int, *, detail: str) -> SessionRecord | None:
+        """Append a ``control`` event (active -> active, no transition) for a control event sent
+        to an active session; None when the session is no longer active."""
+        check_text("detail", detail)
+        now = self.clock.now()
+
+        def apply(uow: UnitOfWork) -> Thunk:
+            row = uow.get(pk)
+            if row is None or row["status"] != _ACTIVE:
+                return lambda: None
+            uow.change(row, {"updated_at": now}, at=now, reason="control", detail=_clip(detail))
+            snap = uow.snapshot(row)
+            return lambda: _record(snap)
+
+        return cast(SessionRecord | None, await self._submit(Op(apply, pks=(pk,))))
 
     # --- claims and leases (single statements, outside the group commit) -----------------------
 
@@ -894,6 +924,24 @@ class SessionRepository:
             stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
             known.update(r["session_id"] for r in await self._fetch(stmt))
         return known
+
+    @_db_errors
+    async def active_control_urls(self, session_ids: Iterable[str]) -> dict[str, str]:
+        """session_id -> control_url of those that are active (one query per chunk: what the
+        keep-alive reads once per round)."""
+        wanted = sorted(set(session_ids))
+        found: dict[str, str] = {}
+        for start in range(0, len(wanted), LOOKUP_CHUNK):
+            chunk = wanted[start : start + LOOKUP_CHUNK]
+            stmt = select(sessions.c.session_id, sessions.c.control_url).where(
+                sessions.c.session_id.in_(chunk), sessions.c.status == _ACTIVE
+            )
+            found.update(
+                (r["session_id"], r["control_url"])
+                for r in await self._fetch(stmt)
+                if r["control_url"]
+            )
+        return found
 
     @_db_errors
     async def ended_before(

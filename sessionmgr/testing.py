@@ -17,6 +17,8 @@ not recorded.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import dataclasses
 import email.parser
@@ -42,6 +44,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
+from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, MAX_IMAGE_BYTES
 from .clock import SYSTEM_CLOCK, Clock
 from .records import is_secret_key
 from .states import REMOTE_LIVE
@@ -50,7 +53,7 @@ logger = logging.getLogger(__name__)
 
 COLLECTION_PATH = "/api/liveai/sessions"
 ADMIN_PATH = "/_fake"
-ENDPOINTS = ("create", "get", "list", "terminate")
+ENDPOINTS = ("create", "get", "list", "terminate", "control")  # control: events but terminate
 SERVER_IDLE_TIMEOUT = 60  # seconds, LemonSlice's default idle_timeout
 CREDITS_PER_MINUTE = 1.0  # what the fake bills a live session
 LIST_DEFAULT_LIMIT = 25  # sessions per page when the client does not say
@@ -62,16 +65,10 @@ PROCESS_START_TIMEOUT = 20.0  # seconds fake_server_process() waits for the proc
 LISTENING_PREFIX = "fake-server listening on "  # the one line `sessionmgr fake-server` prints
 REDACTED = "REDACTED"
 FAKE_ROOM_BASE = "https://fake-lemonslice.daily.co"  # rooms of sessions created without one
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body the fake reads: a 900 KB image, base64, fits
+NO_CREDITS_DETAIL = "No active subscription or insufficient credits"
 
 STATUSES = ("QUEUED", "ACTIVE", "COMPLETED", "TIMED_OUT", "FAILED")
-CONTROL_EVENTS = (  # the documented control events besides terminate
-    "update-image",
-    "update-agent-prompt",
-    "update-idle-prompt",
-    "pose-trigger",
-    "action",
-    "reset-idle-timeout",
-)
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _HTML_502 = (
     "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
@@ -84,6 +81,7 @@ _REQUIRED_FIELDS = {
     "get": ("session_status",),
     "list": ("sessions",),
     "terminate": ("success",),
+    "control": ("success",),
 }
 
 
@@ -231,6 +229,7 @@ class FakeSession:
     control_url: str | None = None
     ended_at: datetime | None = None
     terminate_requests: int = 0
+    controls: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # events, redacted
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -249,7 +248,8 @@ class FakeSession:
 
 
 class FakeLemonSlice:
-    """An in-process LemonSlice: create (JSON and multipart), get, paged list, terminate."""
+    """An in-process LemonSlice: create (JSON and multipart, daily and livekit), get, paged list,
+    terminate and the other control events; ``no_credits = True`` makes creates answer 402."""
 
     def __init__(
         self,
@@ -277,6 +277,7 @@ class FakeLemonSlice:
         self._terminate_requests: dict[str, int] = {}
         # endpoint -> queued [fault, calls left]; ``faults.clear()`` drops every pending fault
         self.faults: dict[str, deque[list[Any]]] = {}
+        self.no_credits = False  # True: creates answer 402, as an account without credits does
         self._in_flight: dict[str, int] = dict.fromkeys(ENDPOINTS, 0)
         self._max_in_flight: dict[str, int] = dict.fromkeys(ENDPOINTS, 0)
         self._runner: web.AppRunner | None = None
@@ -296,18 +297,19 @@ class FakeLemonSlice:
         if self.state_file is not None and self.state_file.exists():
             self._load_state(self.state_file)
         self._stopping.clear()
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
         base = COLLECTION_PATH
         app.router.add_post(base, self._api("create", self._create))
         app.router.add_get(base, self._api("list", self._list))
         app.router.add_get(base + "/{session_id}", self._api("get", self._get))
-        app.router.add_post(base + "/{session_id}/control", self._api("terminate", self._control))
+        app.router.add_post(base + "/{session_id}/control", self._control_route())
         app.router.add_get(ADMIN_PATH + "/state", self._admin_state)
         app.router.add_post(ADMIN_PATH + "/faults", self._admin_faults)
         app.router.add_post(ADMIN_PATH + "/latency", self._admin_latency)
         app.router.add_post(ADMIN_PATH + "/sessions/{session_id}/status", self._admin_status)
         app.router.add_post(ADMIN_PATH + "/expire_idle", self._admin_expire)
         app.router.add_post(ADMIN_PATH + "/reset", self._admin_reset)
+        app.router.add_post(ADMIN_PATH + "/credits", self._admin_credits)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port)
@@ -456,6 +458,7 @@ class FakeLemonSlice:
         self._terminate_requests.clear()
         self._created = 0
         self.faults.clear()
+        self.no_credits = False
         self._max_in_flight = dict.fromkeys(ENDPOINTS, 0)
         self._dirty = True
 
@@ -539,6 +542,8 @@ class FakeLemonSlice:
         return web.json_response(data, status=response.status)
 
     def _create(self, recorded: RecordedRequest, request: web.Request) -> web.Response:
+        if self.no_credits:
+            return web.json_response({"detail": NO_CREDITS_DETAIL}, status=402)
         try:
             payload = recorded.payload
         except (ValueError, UnicodeDecodeError):
@@ -562,6 +567,8 @@ class FakeLemonSlice:
         properties = payload.get("properties")
         if properties is not None and not isinstance(properties, dict):
             return _error(400, "properties must be an object")
+        if (problem := _create_problem(payload, transport)) is not None:
+            return _error(400, problem)
 
         session_id = "sess_" + secrets.token_hex(12)
         now = self.clock.now()
@@ -632,22 +639,68 @@ class FakeLemonSlice:
         )
 
     def _control(self, recorded: RecordedRequest, request: web.Request) -> web.Response:
-        event = recorded.json.get("event") if isinstance(recorded.json, dict) else None
-        if event != "terminate" and event not in CONTROL_EVENTS:
+        if not isinstance(recorded.json, dict) or recorded.json.get("event") != "terminate":
             return _error(400, 'the body must be {"event": "terminate"}')
         session = self.sessions.get(request.match_info["session_id"])
         if session is None or session.status not in REMOTE_LIVE:
             return _error(404, "session not found or already ended")
-        if event != "terminate":  # accepted; only the idle clock's reset changes what we model
-            if event == "reset-idle-timeout":
-                session.last_activity = self.clock.now()
-            return web.json_response({"success": True})
         session.status = "COMPLETED"
         session.ended_at = self.clock.now()
         session.cost = self._bill(session)
         session.terminate_count += 1
         self._dirty = True
         return web.json_response({"success": True})
+
+    # --- control events (everything but terminate on the control URL) -------------------------
+
+    def _control_route(self) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        """One URL, two endpoints: ``terminate`` for ``{"event": "terminate"}`` (and anything
+        unreadable, which it refuses), ``control`` for every other event, so faults and counts of
+        terminates stay apart from the rest."""
+        terminate = self._api("terminate", self._control)
+        control = self._api("control", self._control_event)
+
+        async def route(request: web.Request) -> web.StreamResponse:
+            try:
+                event = json.loads(await request.read()).get("event")
+            except (ValueError, AttributeError):
+                event = None
+            if isinstance(event, str) and event != "terminate":
+                return await control(request)
+            return await terminate(request)
+
+        return route
+
+    def control_events(self, session_id: str | None = None) -> list[dict[str, Any]]:
+        """The control events sessions accepted (all, or one session's), oldest first; an
+        update-image sent as base64 is recorded as its decoded size, not its bytes."""
+        sessions = [self._session(session_id)] if session_id else self.sessions.values()
+        return [dict(c) for s in sessions for c in s.controls]
+
+    def _control_event(self, recorded: RecordedRequest, request: web.Request) -> web.Response:
+        body = recorded.json
+        assert isinstance(body, dict)  # the route sent only JSON objects with an event here
+        session = self.sessions.get(request.match_info["session_id"])
+        if session is None or session.status not in REMOTE_LIVE:
+            return _error(404, "session not found or already ended")
+        event = body["event"]
+        checked = _check_control(event, body)
+        if isinstance(checked, web.Response):
+            return checked
+        if event == "reset-idle-timeout":
+            session.last_activity = self.clock.now()
+        elif event == "update-agent-prompt":
+            session.payload["agent_prompt"] = checked["agent_prompt"]
+        elif event == "update-idle-prompt":
+            session.payload["agent_idle_prompt"] = checked["idle_prompt"]
+        session.controls.append(_redact(checked))
+        self._dirty = True
+        return web.json_response({"success": True})
+
+    async def _admin_credits(self, request: web.Request) -> web.Response:
+        data = await _admin_json(request)
+        self.no_credits = bool(data.get("no_credits", True))
+        return web.json_response({"ok": True, "no_credits": self.no_credits})
 
     # --- admin routes ---------------------------------------------------------------------------
 
@@ -899,6 +952,68 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, FormField]:
             content_type=part.get_content_type(),
         )
     return fields
+
+
+def _create_problem(payload: Mapping[str, Any], transport: str) -> str | None:
+    """What LemonSlice would refuse (400) in a create beyond the agent source, or None."""
+    properties = payload.get("properties") or {}
+    if transport == "livekit":
+        for name in ("livekit_url", "livekit_token"):
+            if not isinstance(properties.get(name), str) or not properties[name]:
+                return f"a livekit session needs properties.{name}"
+        if "daily_url" in properties or "daily_token" in properties:
+            return "daily_url and daily_token are for daily sessions"
+    elif any(str(k).startswith("livekit_") for k in properties):
+        return "livekit properties are for livekit sessions"
+    rate = payload.get("audio_sample_rate")
+    if rate is not None and (isinstance(rate, bool) or rate not in AUDIO_SAMPLE_RATES):
+        return f"audio_sample_rate must be one of {', '.join(map(str, AUDIO_SAMPLE_RATES))}"
+    if payload.get("model") is not None and not isinstance(payload["model"], str):
+        return "model must be a string"
+    if payload.get("aspect_ratio") not in (None, *ASPECT_RATIOS):
+        return f"aspect_ratio must be one of {', '.join(ASPECT_RATIOS)}"
+    return None
+
+
+_CONTROL_TEXT = {"update-agent-prompt": "agent_prompt", "update-idle-prompt": "idle_prompt"}
+
+
+def _check_control(event: str, body: Mapping[str, Any]) -> dict[str, Any] | web.Response:
+    """A control event as recorded, or the 400/413 LemonSlice answers to it. Both documented
+    trigger shapes are accepted (the docs disagree), recorded as ``{"event": "action", ...}``."""
+    if event in _CONTROL_TEXT:
+        field = _CONTROL_TEXT[event]
+        if not isinstance(body.get(field), str):
+            return _error(400, f"{event} needs a string {field}")
+        return {"event": event, field: body[field]}
+    if event == "reset-idle-timeout":
+        return {"event": event}
+    if event == "action" or event == "pose-trigger":
+        raw = body.get("action") if event == "action" else (body.get("pose_trigger") or {})
+        name = raw.get("name") if isinstance(raw, dict) else raw
+        if not isinstance(name, str) or not name:
+            return _error(400, f"{event} needs a name")
+        return {"event": "action", "action": name, "shape": event}
+    if event == "update-image":
+        url, b64 = body.get("image_url"), body.get("image_base64")
+        if (url is None) == (b64 is None):
+            return _error(400, "update-image needs exactly one of image_url or image_base64")
+        if url is not None:
+            if not isinstance(url, str) or not url:
+                return _error(400, "image_url must be a non-empty string")
+            return {"event": event, "image_url": url}
+        try:
+            data = base64.b64decode(b64, validate=True) if isinstance(b64, str) else None
+        except (binascii.Error, ValueError):
+            data = None
+        if data is None:
+            return _error(400, "image_base64 must be base64 text")
+        if len(data) > MAX_IMAGE_BYTES:
+            return _error(413, f"image is {len(data)} bytes; at most {MAX_IMAGE_BYTES}")
+        if not data.startswith(_PNG_SIGNATURE):
+            return _error(400, "image must be a PNG")
+        return {"event": event, "image_bytes": len(data)}
+    return _error(400, f"unknown control event {event!r}")
 
 
 def _redact(value: Any) -> Any:

@@ -401,7 +401,10 @@ async def test_livekit_answer_without_urls_gets_a_derived_control_url(
     fake: FakeLemonSlice, client: LemonSliceClient
 ):
     created = await client.create_session(
-        agent_id=AGENT_ID, extra_properties={"transport_type": "livekit"}
+        agent_id=AGENT_ID,
+        transport_type="livekit",
+        livekit_url="wss://x.livekit.cloud",
+        livekit_token="lk-token",
     )
     sid = created["session_id"]
     assert created == {

@@ -84,19 +84,22 @@ def avatar(manager: SessionManager, lemon: FakeLemonSlice, **kw: Any) -> Managed
 async def test_start_records_the_session_and_aclose_terminates_it(
     managed: SessionManager, lemon: FakeLemonSlice, job: FakeJobContext
 ) -> None:
-    av = avatar(managed, lemon, agent_prompt="Smile.", idle_timeout=30, metadata={"bot": "lk"})
+    av = avatar(
+        managed,
+        lemon,
+        agent_prompt="Smile.",
+        idle_timeout=30,
+        model="lemon-2",
+        metadata={"bot": "lk"},
+    )
     sid = await av.start(AgentSession(), JoinedRoom(), **LIVEKIT)
     assert sid == av.session_id  # the plugin's own attribute
     record = await managed.get(sid)
     assert record.status is SessionStatus.ACTIVE
     assert (record.agent_id, record.agent_prompt, record.idle_timeout) == ("agent_lk", "Smile.", 30)
     assert record.control_url == f"{lemon.url}/{sid}/control"  # derived: LiveKit's answer has none
-    assert record.metadata == {
-        "via": "livekit",
-        "transport_type": "livekit",
-        "room": "support",
-        "bot": "lk",
-    }
+    assert record.metadata == {"via": "livekit", "room": "support", "bot": "lk"}
+    assert (record.transport_type, record.model) == ("livekit", "lemon-2")
     payload = lemon.requests[0].json
     assert payload["transport_type"] == "livekit"
     assert payload["properties"]["livekit_session_id"] == ROOM_SID

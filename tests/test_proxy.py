@@ -93,7 +93,8 @@ async def test_pipecat_api_creates_and_ends_through_the_proxy(
         45,
     )
     assert record.control_url == f"{lemon.url}/{sid}/control"  # LemonSlice's own
-    assert record.metadata == {"via": "proxy", "transport_type": "daily"}
+    assert record.metadata == {"via": "proxy"}
+    assert (record.transport_type, record.model) == ("daily", None)
     assert DAILY_TOKEN not in json.dumps(record.to_dict())
 
     await api.end_session(sid, answer["control_url"])  # raise_for_status inside: a 2xx
@@ -127,7 +128,7 @@ async def test_pipecat_image_upload_goes_through_as_multipart(
     assert json.loads(form["payload"].data) == {"transport_type": "daily"}
     record = await manager.get(answer["session_id"])
     assert record.status is SessionStatus.ACTIVE
-    assert record.metadata == {"via": "proxy", "transport_type": "daily", "agent_image": "upload"}
+    assert record.metadata == {"via": "proxy", "agent_image": "upload"}
 
 
 async def test_livekit_api_client_creates_through_the_proxy_and_its_terminate_is_recorded(
@@ -141,12 +142,14 @@ async def test_livekit_api_client_creates_through_the_proxy_and_its_terminate_is
             livekit_session_id="RM_abc",
             agent_id="agent_lk",
             audio_sample_rate=24000,
+            model="lemon-2",
         )
     sent = lemon.requests[0].json
     assert sent["properties"]["livekit_token"] == LIVEKIT_TOKEN  # forwarded unchanged
     record = await manager.get(sid)
     assert record.status is SessionStatus.ACTIVE
-    assert record.metadata == {"via": "proxy", "transport_type": "livekit"}
+    assert record.metadata == {"via": "proxy"}
+    assert (record.transport_type, record.model) == ("livekit", "lemon-2")
     assert record.control_url == f"{lemon.url}/{sid}/control"  # derived: the answer has none
     assert LIVEKIT_TOKEN not in json.dumps(record.to_dict())
     # the plugin never terminates; a client that does uses the documented control URL
@@ -268,7 +271,7 @@ async def test_get_and_list_pass_through(
     assert resp.status == 404
 
 
-async def test_other_control_events_are_forwarded_and_recorded(
+async def test_other_control_events_are_forwarded_recorded_and_count_as_activity(
     proxied: tuple[SessionManager, str],
     lemon: FakeLemonSlice,
     clock: FakeClock,
@@ -279,27 +282,48 @@ async def test_other_control_events_are_forwarded_and_recorded(
     answer = await LemonSliceApi(FAKE_API_KEY, http).create_session(agent_id="a", api_url=url)
     sid, control = answer["session_id"], answer["control_url"]
     before = await manager.get(sid)
-    resp = await http.post(
-        control, json={"event": "update-agent-prompt", "agent_prompt": "calm"}, headers=headers
-    )
-    assert (resp.status, await resp.json()) == (200, {"success": True})
     clock.advance(30)
+    body = b'{"event": "update-agent-prompt",  "agent_prompt": "calm"}'
+    resp = await http.post(control, data=body, headers=headers)
+    assert (resp.status, await resp.json()) == (200, {"success": True})
+    assert lemon.requests[-1].body == body  # byte-for-byte
     resp = await http.post(control, json={"event": "reset-idle-timeout"}, headers=headers)
     assert resp.status == 200
+    assert [c["event"] for c in lemon.control_events(sid)] == [
+        "update-agent-prompt",
+        "reset-idle-timeout",
+    ]
     await manager.repository.flush_touches()
     after = await manager.get(sid)
     assert after.status is SessionStatus.ACTIVE
-    assert after.last_activity_at > before.last_activity_at  # the bot's reset counts as activity
+    assert after.last_activity_at > before.last_activity_at  # a control is activity
     assert after.deadline is not None
     assert before.deadline is not None
     assert after.deadline > before.deadline
     details = [e.detail for e in await manager.repository.events(after.id) if e.reason == "control"]
-    assert details == ["update-agent-prompt", "reset-idle-timeout"]
+    assert details == ["update-agent-prompt via proxy", "reset-idle-timeout via proxy"]
     # an event LemonSlice refuses comes back as it answered, and is not recorded
     resp = await http.post(control, json={"event": "dance"}, headers=headers)
     assert resp.status == 400
     assert len([e for e in await manager.repository.events(after.id) if e.reason == "control"]) == 2
     assert lemon.terminate_counts == {}
+
+
+async def test_a_control_event_for_a_session_lemonslice_lost_ends_the_record_as_gone(
+    proxied: tuple[SessionManager, str], lemon: FakeLemonSlice, http: aiohttp.ClientSession
+) -> None:
+    manager, url = proxied
+    answer = await LemonSliceApi(FAKE_API_KEY, http).create_session(agent_id="a", api_url=url)
+    sid = answer["session_id"]
+    lemon.set_status(sid, "TIMED_OUT")
+    resp = await http.post(
+        answer["control_url"],
+        json={"event": "reset-idle-timeout"},
+        headers={"x-api-key": FAKE_API_KEY},
+    )
+    assert resp.status == 404
+    record = await manager.get(sid)
+    assert (record.status, record.end_reason) == (SessionStatus.ENDED, EndReason.GONE)
 
 
 async def test_a_terminate_after_the_reaper_ended_it_is_404(

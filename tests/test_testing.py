@@ -167,6 +167,10 @@ async def test_get_list_and_terminate(fake: FakeLemonSlice, http: aiohttp.Client
     control = created["control_url"]
     assert await call(http, "POST", control, json={"event": "pause"}) == (
         400,
+        {"error": "unknown control event 'pause'"},
+    )
+    assert await call(http, "POST", control, json=["terminate"]) == (
+        400,
         {"error": 'the body must be {"event": "terminate"}'},
     )
     assert await call(http, "POST", control, json={"event": "terminate"}) == (

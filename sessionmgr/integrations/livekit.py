@@ -115,7 +115,7 @@ class ManagedAvatarSession(AvatarSession):
                 raise CreateOutcomeUnknown(f"the create's answer was lost: {exc}") from exc
             return {"session_id": session_id, "control_url": _control_url(api_url, session_id)}
 
-        tags: dict[str, Any] = {"via": "livekit", "transport_type": "livekit"}
+        tags: dict[str, Any] = {"via": "livekit"}
         if room.name:
             tags["room"] = room.name
         try:
@@ -125,6 +125,8 @@ class ManagedAvatarSession(AvatarSession):
                 agent_image_url=_given(self._agent_image_url),
                 agent_prompt=_given(self._agent_prompt),
                 idle_timeout=_given(self._idle_timeout),
+                model=_given(self._model),
+                transport_type="livekit",
                 idle_window=self.idle_window,
                 max_age=self.max_age,
                 metadata={**tags, **self.metadata},

@@ -100,22 +100,18 @@ class ManagedLemonSliceApi:
         api_url: str | None = None,
     ) -> dict[str, Any]:
         """Create through the manager (intent first); pipecat's answer shape."""
-        extra = dict(extra_properties or {})
-        # pipecat 1.14's two new arguments are top-level payload keys, as extras are
-        if audio_sample_rate is not None:
-            extra.setdefault("audio_sample_rate", audio_sample_rate)
-        if model is not None:
-            extra.setdefault("model", model)
         record = await self.manager.create_session(
             agent_image_url=agent_image_url,
             agent_id=agent_id,
             agent_image=agent_image,
             agent_prompt=agent_prompt,
             idle_timeout=idle_timeout,
+            audio_sample_rate=audio_sample_rate,
+            model=model,
             daily_room_url=daily_room_url,
             daily_token=daily_token,
             connection_properties=connection_properties,
-            extra_properties=extra or None,
+            extra_properties=extra_properties,
             api_url=api_url,
             idle_window=self.idle_window,
             max_age=self.max_age,
