@@ -24,6 +24,7 @@ no such header. Errors are LemonSlice's shape, ``{"detail": ...}``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -38,10 +39,11 @@ from .errors import (
     DatabaseError,
     InvalidArgument,
     LemonSliceError,
+    SessionMgrError,
     TransportError,
 )
 from .manager import SessionManager
-from .records import SessionRecord
+from .records import SessionRecord, is_clean_text
 from .states import EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -201,16 +203,17 @@ async def control(request: web.Request) -> web.StreamResponse:
     if record is not None and record.status is SessionStatus.ACTIVE:
         if 200 <= answer.status < 300:  # as SessionManager's control events: activity, an event
             manager.touch(session_id)
-            detail = event if isinstance(event, str) else "control"
-            await manager.repository.record_control(record.id, detail=f"{detail[:64]} via proxy")
+            name = event[:64] if isinstance(event, str) and is_clean_text(event) else "control"
+            await manager.repository.record_control(record.id, detail=f"{name} via proxy")
         elif answer.status in (404, 410):  # LemonSlice no longer has it: ended, as the reaper would
-            await manager.end_session(record.id, reason=EndReason.GONE)
+            with contextlib.suppress(SessionMgrError):  # the reaper's terminate finds it gone
+                await manager.end_session(record.id, reason=EndReason.GONE)
     return _passed_back(answer)
 
 
 async def _own_record(manager: SessionManager, session_id: str) -> SessionRecord | None:
     """The record of this LemonSlice session, if sessionmgr holds one (never a local id)."""
-    if not session_id.strip() or len(session_id) > 128:
+    if not session_id.strip():
         return None
     try:
         record = await manager.repository.find(session_id)
