@@ -18,8 +18,8 @@ The routes are LemonSlice's own, at the same paths:
 
 Auth is the caller's ``x-api-key``, compared in constant time with the configured key: a caller
 that holds the key could call LemonSlice itself, so it may call it through here. The admin token
-is not asked for on these paths (``is_proxy_path``): callers are LemonSlice clients, which send
-no such header. Errors are LemonSlice's shape, ``{"detail": ...}``.
+is not asked for on these paths (everything under ``PREFIX``): callers are LemonSlice clients,
+which send no such header. Errors are LemonSlice's shape, ``{"detail": ...}``.
 """
 
 from __future__ import annotations
@@ -66,11 +66,6 @@ class ProxyError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-def is_proxy_path(path: str) -> bool:
-    """Whether ``path`` is a proxy route: the admin token's check must let these through."""
-    return path == COLLECTION or path.startswith(PREFIX)
 
 
 def add_routes(app: web.Application, manager: SessionManager) -> None:
