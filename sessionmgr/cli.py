@@ -71,13 +71,16 @@ from .cli_params import Duration as Duration
 from .cli_params import KeyValue as KeyValue
 from .cli_params import Moment as Moment
 from .cli_params import parse_duration as parse_duration
-from .config import ENV_API_KEY, ENV_API_URL, ENV_DATABASE_URL, Settings
+from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
+from .config import ENV_API_KEY, ENV_API_URL, ENV_DATABASE_URL, ENV_LIVEKIT_TOKEN, Settings
 from .errors import (
+    ActivationTimeout,
     AuthError,
     ConfigurationError,
     CreateOutcomeUnknown,
     DatabaseError,
     InvalidArgument,
+    NoCreditsError,
     SessionMgrError,
     SessionNotFound,
     TransportError,
@@ -134,6 +137,8 @@ def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
 def describe(exc: SessionMgrError) -> str:
     """The error's own message, plus what to do about it when the message does not say."""
     text = str(exc)
+    if isinstance(exc, NoCreditsError):  # the body and URL add nothing a person can act on
+        return f"{exc.args[0]} [HTTP 402]"
     if isinstance(exc, AuthError) and ENV_API_KEY not in text:
         return f"{text}: check --api-key / {ENV_API_KEY}"
     if isinstance(exc, CreateOutcomeUnknown):
@@ -436,8 +441,35 @@ def report_end_outcomes(outcomes: Sequence[EndOutcome], *, as_json: bool, extra:
     type=int,
     help="Seconds LemonSlice itself waits before ending an idle session (negative: never).",
 )
+@click.option(
+    "--audio-sample-rate",
+    type=click.Choice([str(r) for r in AUDIO_SAMPLE_RATES]),
+    help="Hz the avatar takes and plays audio at [default: LemonSlice's].",
+)
+@click.option("--model", help="LemonSlice model to run the avatar on [default: LemonSlice's].")
+@click.option(
+    "--transport-type",
+    type=click.Choice(TRANSPORT_TYPES),
+    help="daily (pipecat) or livekit [default: livekit with --livekit-url, else daily].",
+)
 @click.option("--daily-room-url", help="Daily room to join.")
 @click.option("--daily-token", help="Daily meeting token (never stored or printed).")
+@click.option("--livekit-url", help="LiveKit server URL (a livekit session).")
+@click.option(
+    "--livekit-token",
+    envvar=ENV_LIVEKIT_TOKEN,
+    show_envvar=True,
+    help="LiveKit token for the avatar (never stored or printed; prefer the environment).",
+)
+@click.option("--livekit-session-id", help="LiveKit room session id (room SID).")
+@click.option("--agent-idle-prompt", help="Prompt for the agent while it listens.")
+@click.option("--aspect-ratio", type=click.Choice(ASPECT_RATIOS), help="Video aspect ratio.")
+@click.option(
+    "--response-done-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds."
+)
+@click.option("--simulcast/--no-simulcast", default=None, help="Simulcast video (livekit only).")
+@click.option("--enable-recording", is_flag=True, default=None, help="Record the session.")
+@click.option("--recordings-bucket", help="Where recordings go (with --enable-recording).")
 @click.option(
     "--property",
     "properties",
@@ -456,6 +488,11 @@ def report_end_outcomes(outcomes: Sequence[EndOutcome], *, as_json: bool, extra:
 )
 @click.option("--max-age", type=POSITIVE_DURATION, help="Longest life before the reaper ends it.")
 @click.option("--meta", type=KEY_VALUE, multiple=True, help="Tag KEY=VALUE stored with it.")
+@click.option(
+    "--wait-active",
+    type=POSITIVE_DURATION,
+    help="Then wait up to this long while LemonSlice keeps it QUEUED (e.g. 3m).",
+)
 @json_option
 @click.option("--wide", is_flag=True, help="Show long URLs in full.")
 @click.pass_obj
@@ -466,22 +503,42 @@ def create(
     agent_image: Path | None,
     agent_prompt: str | None,
     idle_timeout: int | None,
+    audio_sample_rate: str | None,
+    model: str | None,
+    transport_type: str | None,
     daily_room_url: str | None,
     daily_token: str | None,
+    livekit_url: str | None,
+    livekit_token: str | None,
+    livekit_session_id: str | None,
+    agent_idle_prompt: str | None,
+    aspect_ratio: str | None,
+    response_done_timeout: float | None,
+    simulcast: bool | None,
+    enable_recording: bool | None,
+    recordings_bucket: str | None,
     properties: tuple[tuple[str, Any], ...],
     extra: tuple[tuple[str, Any], ...],
     idle_window: float | None,
     max_age: float | None,
     meta: tuple[tuple[str, str], ...],
+    wait_active: float | None,
     as_json: bool,
     wide: bool,
 ) -> None:
-    """Start a session and record it; prints the record."""
+    """Start a session and record it; prints the record.
+
+    A Daily session (pipecat's payload) by default; --livekit-url, --livekit-token (or
+    $SESSIONMGR_LIVEKIT_TOKEN) and --livekit-session-id make a LiveKit one.
+    """
     sources = [s for s in (agent_id, agent_image_url, agent_image) if s is not None]
     if len(sources) != 1:
         raise click.UsageError("give exactly one of --agent-id, --agent-image-url, --agent-image")
-    if daily_token:
-        _SECRETS.add(daily_token)
+    for token in (daily_token, livekit_token):
+        if token:
+            _SECRETS.add(token)
+    if transport_type is None:
+        transport_type = "livekit" if livekit_url or livekit_token else "daily"
     for key, value in properties:
         if isinstance(value, str) and SECRET_HINT.search(key) and value:
             _SECRETS.add(value)
@@ -490,22 +547,44 @@ def create(
     async def go() -> SessionRecord:
         async with open_manager(obj.settings) as manager:
             try:
-                return await manager.create_session(
+                record = await manager.create_session(
                     agent_id=agent_id,
                     agent_image_url=agent_image_url,
                     agent_image=image,
                     agent_prompt=agent_prompt,
                     idle_timeout=idle_timeout,
+                    audio_sample_rate=int(audio_sample_rate) if audio_sample_rate else None,
+                    model=model,
                     daily_room_url=daily_room_url,
                     daily_token=daily_token,
                     connection_properties=dict(properties) or None,
                     extra_properties=dict(extra) or None,
+                    transport_type=transport_type,
+                    livekit_url=livekit_url,
+                    livekit_token=livekit_token,
+                    livekit_session_id=livekit_session_id,
+                    agent_idle_prompt=agent_idle_prompt,
+                    response_done_timeout=response_done_timeout,
+                    aspect_ratio=aspect_ratio,
+                    simulcast=simulcast,
+                    enable_recording=enable_recording,
+                    recordings_bucket=recordings_bucket,
                     idle_window=idle_window,
                     max_age=max_age,
                     metadata=dict(meta) or None,
                 )
             except ValueError as exc:  # the client's own argument checks (e.g. not a PNG)
                 raise click.UsageError(str(exc)) from None
+            if wait_active is not None:
+                try:
+                    record = await manager.wait_until_active(record.id, timeout=wait_active)
+                except ActivationTimeout as exc:
+                    raise ActivationTimeout(
+                        f"#{record.id} {record.session_id}: {exc}; it stays recorded and "
+                        "guarded (`sessionmgr show` shows remote_status)",
+                        last_status=exc.last_status,
+                    ) from None
+            return record
 
     record = run(go())
     print_record(record, as_json=as_json, wide=wide, now=datetime.now(UTC))
@@ -610,6 +689,73 @@ def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
             f"error: no session with id or session_id {key!r}: see `sessionmgr list`", err=True
         )
     sys.exit(EXIT_NOT_FOUND if unknown else EXIT_OK)
+
+
+@cli.command()
+@click.argument("session_id")
+@click.option("--agent-prompt", help="Replace the prompt that steers the avatar as it speaks.")
+@click.option("--idle-prompt", help="Replace the prompt that steers the avatar as it listens.")
+@click.option("--image-url", help="Show this image instead.")
+@click.option(
+    "--image",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Show this PNG instead (at most 900 KB).",
+)
+@click.option("--action", "action", metavar="NAME", help="Trigger a pose or action by name.")
+@click.option("--reset-idle-timeout", is_flag=True, help="Restart LemonSlice's idle clock.")
+@json_option
+@click.pass_obj
+def control(
+    obj: CliContext,
+    session_id: str,
+    agent_prompt: str | None,
+    idle_prompt: str | None,
+    image_url: str | None,
+    image: Path | None,
+    action: str | None,
+    reset_idle_timeout: bool,
+    as_json: bool,
+) -> None:
+    """Send one control event to an active session; recorded as a `control` event.
+
+    SESSION_ID is a local id or a LemonSlice session_id. Exit 1 if the session is not active (or
+    LemonSlice no longer has it: then it is recorded as ended), 3 if the id is unknown.
+    """
+    given = {
+        "--agent-prompt": agent_prompt is not None,
+        "--idle-prompt": idle_prompt is not None,
+        "--image-url": image_url is not None,
+        "--image": image is not None,
+        "--action": action is not None,
+        "--reset-idle-timeout": reset_idle_timeout,
+    }
+    if sum(given.values()) != 1:
+        raise click.UsageError(f"give exactly one of {', '.join(given)}")
+    png = image.read_bytes() if image is not None else None
+
+    async def go() -> SessionRecord:
+        async with open_manager(obj.settings) as manager:
+            try:
+                if agent_prompt is not None:
+                    return await manager.update_agent_prompt(session_id, agent_prompt)
+                if idle_prompt is not None:
+                    return await manager.update_idle_prompt(session_id, idle_prompt)
+                if image_url is not None or png is not None:
+                    return await manager.update_image(session_id, image_url=image_url, image=png)
+                if action is not None:
+                    return await manager.trigger_action(session_id, action)
+                return await manager.reset_idle_timeout(session_id)
+            except InvalidArgument:
+                raise
+            except ValueError as exc:  # the client's own checks: not a PNG, over 900 KB
+                raise click.UsageError(str(exc)) from None
+
+    record = run(go())
+    sent = next(flag for flag, on in given.items() if on).lstrip("-")
+    if as_json:
+        echo_json({"sent": sent, "session": record.to_dict()})
+    else:
+        click.echo(f"#{record.id} {record.session_id}: {sent} sent")
 
 
 @cli.command()

@@ -235,6 +235,8 @@ def record_view(record: SessionRecord, now: datetime, *, wide: bool) -> Table:
         ("agent_image_url", url(record.agent_image_url)),
         ("agent_prompt", Text(record.agent_prompt or "-")),
         ("idle_timeout", "-" if record.idle_timeout is None else f"{record.idle_timeout}s"),
+        ("transport_type", record.transport_type),
+        ("model", Text(record.model or "-")),
         ("room_url", url(record.room_url)),
         ("control_url", url(record.control_url)),
         ("idle_window", _seconds_cell(record.idle_window)),

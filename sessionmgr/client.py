@@ -10,6 +10,9 @@ timeouts on every attempt, and retries that never risk a second paid session:
   without a usable ``session_id``) raises ``CreateOutcomeUnknown``: a session may exist, and only
   reconcile may find out.
 - terminate answered 404/410 means "already gone": ``end_session`` returns False, never retries.
+- control events (``update_image``, ``update_agent_prompt``, ``update_idle_prompt``,
+  ``trigger_action``, ``reset_idle_timeout``) are idempotent: retried like reads; 404/410 raises
+  ``NotFoundError``. 402 (no credits) is ``NoCreditsError``, never retried.
 
 The API key travels only in the ``x-api-key`` header: never in a URL, a log record, an error or a
 repr. Redirects are not followed, so the key is never forwarded to another host.
@@ -528,7 +531,7 @@ class LemonSliceClient:
     ``session``: an ``aiohttp.ClientSession`` to borrow (never closed here); without one the client
     creates its own on first use and closes it in ``close()`` / ``async with``. ``trace_configs``
     go to that own session (a borrowed one keeps its own); each request carries
-    ``trace_request_ctx={"endpoint": "create" | "get" | "list" | "terminate"}``.
+    ``trace_request_ctx={"endpoint": "create" | "get" | "list" | "terminate" | "control"}``.
     """
 
     LEMONSLICE_URL: ClassVar[str] = config.DEFAULT_API_URL

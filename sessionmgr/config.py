@@ -17,6 +17,7 @@ ENV_DATABASE_URL = "SESSIONMGR_DATABASE_URL"
 ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"  # enables the HTTP API's changing routes
 ENV_HTTP_HOST = "SESSIONMGR_HTTP_HOST"
 ENV_HTTP_PORT = "SESSIONMGR_HTTP_PORT"
+ENV_LIVEKIT_TOKEN = "SESSIONMGR_LIVEKIT_TOKEN"  # `create --livekit-token` without the command line
 
 # Reaper defaults; each has an environment variable SESSIONMGR_<NAME> (e.g. SESSIONMGR_IDLE_WINDOW).
 IDLE_WINDOW = 300.0  # seconds without a touch before the reaper ends a session

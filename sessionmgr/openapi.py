@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
 from .repository import DEFAULT_PAGE, MAX_PAGE, MAX_SECONDS, SORTS
 from .states import EndReason, SessionStatus
 
 INT32 = 2**31 - 1
+CONTROL_NAMES = (  # web.CONTROL_FIELDS, the body keys of POST /api/sessions/{id}/control
+    "agent_prompt",
+    "idle_prompt",
+    "image_url",
+    "image_base64",
+    "action",
+    "reset_idle_timeout",
+)
 DURATION_PATTERN = r"^\s*(\d+(\.\d+)?|(\d+(\.\d+)?[smhdwSMHDW])+)\s*$"  # cli_params.parse_duration
 
 
@@ -35,8 +44,11 @@ ERRORS = {  # status -> what it means, as components/responses/E<status>
     403: "Changes are off: the server has no SESSIONMGR_ADMIN_TOKEN",
     404: "No session with that id or session_id",
     409: "The session's state does not allow this now",
-    502: "LemonSlice rejected the request or could not be reached",
+    502: "LemonSlice rejected the request or could not be reached (`error` is "
+    "lemonslice_no_credits for its 402: no subscription or not enough credits)",
     503: "The database is unavailable",
+    504: "The session is still QUEUED at LemonSlice after wait_active seconds (it stays "
+    "recorded and guarded)",
 }
 
 
@@ -78,6 +90,8 @@ RECORD_PROPERTIES: dict[str, Any] = {
     "lease_owner": _nullable("string"),
     "lease_until": _nullable("string", format="date-time"),
     "metadata": {"type": "object"},
+    "model": _nullable("string"),
+    "transport_type": {"type": "string", "enum": list(TRANSPORT_TYPES)},
 }
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -176,13 +190,58 @@ SCHEMAS: dict[str, Any] = {
             "agent_image_url": _nullable("string"),
             "agent_prompt": _nullable("string"),
             "idle_timeout": _nullable("integer", minimum=-INT32 - 1, maximum=INT32),
+            "audio_sample_rate": {"enum": [*AUDIO_SAMPLE_RATES, None]},
+            "model": _nullable("string", description="LemonSlice's default when absent"),
             "daily_room_url": _nullable("string"),
             "daily_token": _nullable("string", description="Passed on, never stored"),
             "connection_properties": _nullable("object"),
             "extra_properties": _nullable("object"),
+            "transport_type": {
+                "enum": [*TRANSPORT_TYPES, None],
+                "description": "daily (default; pipecat's payload) or livekit (then "
+                "livekit_url and livekit_token are needed, and daily_* are refused)",
+            },
+            "livekit_url": _nullable("string"),
+            "livekit_token": _nullable("string", description="Passed on, never stored"),
+            "livekit_session_id": _nullable("string"),
+            "agent_idle_prompt": _nullable("string"),
+            "response_done_timeout": _nullable("number", exclusiveMinimum=0),
+            "aspect_ratio": {"enum": [*ASPECT_RATIOS, None]},
+            "simulcast": _nullable("boolean", description="livekit only"),
+            "enable_recording": _nullable("boolean"),
+            "recordings_bucket": _nullable("string", description="needs enable_recording"),
             "idle_window": _nullable("number", exclusiveMinimum=0, maximum=MAX_SECONDS),
             "max_age": _nullable("number", exclusiveMinimum=0, maximum=MAX_SECONDS),
             "metadata": _nullable("object"),
+            "wait_active": _nullable(
+                "number",
+                exclusiveMinimum=0,
+                description="Then wait up to this many seconds while LemonSlice keeps the "
+                "session QUEUED (504 if it still is)",
+            ),
+        },
+    },
+    "ControlRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Exactly one control event, as `sessionmgr control` sends it",
+        "properties": {
+            "agent_prompt": _nullable("string"),
+            "idle_prompt": _nullable("string"),
+            "image_url": _nullable("string"),
+            "image_base64": _nullable(
+                "string", description="A PNG, base64; at most 900,000 bytes decoded"
+            ),
+            "action": _nullable("string", description="A pose or action name"),
+            "reset_idle_timeout": _nullable("boolean"),
+        },
+    },
+    "ControlResult": {
+        "type": "object",
+        "required": ["sent", "record"],
+        "properties": {
+            "sent": {"type": "string", "enum": list(CONTROL_NAMES)},
+            "record": _ref("Session"),
         },
     },
     "EndRequest": {
@@ -325,6 +384,7 @@ def document(version: str) -> dict[str, Any]:
                         403,
                         502,
                         503,
+                        504,
                     ),
                 },
             },
@@ -366,6 +426,29 @@ def document(version: str) -> dict[str, Any]:
                                 _ref("EndResult"), "Terminate failed; the reaper retries it"
                             ),
                         },
+                        400,
+                        401,
+                        403,
+                        404,
+                        409,
+                        502,
+                        503,
+                    ),
+                }
+            },
+            "/api/sessions/{id}/control": {
+                "post": {
+                    "summary": "Send one control event to an active session (recorded as an "
+                    "event); 409 if it is not active",
+                    "operationId": "controlSession",
+                    "security": BEARER,
+                    "parameters": [SESSION_ID_PARAM],
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("ControlRequest")}},
+                    },
+                    "responses": _responses(
+                        {"200": _json(_ref("ControlResult"), "Sent and recorded")},
                         400,
                         401,
                         403,

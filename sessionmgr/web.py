@@ -9,6 +9,8 @@ traceback, never a secret.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import hmac
 import json
@@ -24,11 +26,14 @@ from aiohttp import web
 from . import __version__, openapi
 from .cli_params import KEY_VALUE, MOMENT, parse_duration
 from .errors import (
+    ActivationTimeout,
     CreateOutcomeUnknown,
     DatabaseError,
     LemonSliceError,
+    NoCreditsError,
     SessionMgrError,
     SessionNotFound,
+    SessionNotLive,
 )
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
@@ -54,19 +59,43 @@ CREATE_FIELDS: dict[str, tuple[type, ...]] = {  # JSON body of POST /api/session
     "agent_image_url": (str,),
     "agent_prompt": (str,),
     "idle_timeout": (int,),
+    "audio_sample_rate": (int,),
+    "model": (str,),
     "daily_room_url": (str,),
     "daily_token": (str,),
     "connection_properties": (dict,),
     "extra_properties": (dict,),
+    "transport_type": (str,),
+    "livekit_url": (str,),
+    "livekit_token": (str,),
+    "livekit_session_id": (str,),
+    "agent_idle_prompt": (str,),
+    "response_done_timeout": (int, float),
+    "aspect_ratio": (str,),
+    "simulcast": (bool,),
+    "enable_recording": (bool,),
+    "recordings_bucket": (str,),
     "idle_window": (int, float),
     "max_age": (int, float),
     "metadata": (dict,),
+    "wait_active": (int, float),  # then wait up to this many seconds while it is QUEUED
 }
+# JSON body of POST /api/sessions/{id}/control: exactly one of these
+CONTROL_FIELDS: dict[str, tuple[type, ...]] = {
+    "agent_prompt": (str,),
+    "idle_prompt": (str,),
+    "image_url": (str,),
+    "image_base64": (str,),
+    "action": (str,),
+    "reset_idle_timeout": (bool,),
+}
+MAX_BODY_BYTES = 2 * 1024 * 1024  # a 900 KB image, base64, fits
 
 KIND_NAMES: dict[tuple[type, ...], str] = {
     (str,): "a string",
     (dict,): "an object",
     (int,): "a whole number",
+    (bool,): "true or false",
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -114,7 +143,7 @@ def create_app(
     ``trace_configs=[metrics.trace_config()]``."""
     metrics = metrics or Metrics()
     metrics.attach(manager)
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY_BYTES)
     app[MANAGER] = manager
     app[METRICS] = metrics
     app[TOKEN] = admin_token or ""
@@ -127,6 +156,7 @@ def create_app(
     r.add_get("/api/sessions/{id}", show_session)
     r.add_post("/api/sessions/{id}/touch", touch_session)
     r.add_post("/api/sessions/{id}/end", end_session)
+    r.add_post("/api/sessions/{id}/control", control_session)
     r.add_get("/api/stats", stats)
     r.add_get("/", dashboard)
     r.add_get("/static/{name}", static_file)
@@ -151,6 +181,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except DatabaseError as exc:
         logger.warning("database unavailable for %s %s: %s", request.method, request.path, exc)
         return error_response(503, "database_unavailable", _scrub(request, str(exc)))
+    except SessionNotLive as exc:
+        return error_response(409, "conflict", _scrub(request, str(exc)))
+    except ActivationTimeout as exc:
+        return error_response(504, "activation_timeout", _scrub(request, str(exc)))
+    except NoCreditsError as exc:
+        return error_response(502, "lemonslice_no_credits", _scrub(request, str(exc)))
     except CreateOutcomeUnknown as exc:
         detail = f"{exc}: the session may exist; its record stays pending and reconcile resolves it"
         return error_response(502, "lemonslice_unknown_outcome", _scrub(request, detail))
@@ -380,27 +416,68 @@ def _storable(value: Any) -> bool:
 
 
 def _create_args(body: Mapping[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(body) - set(CREATE_FIELDS))
+    return _fields(body, CREATE_FIELDS)  # ranges are the client's and repository's: a 400
+
+
+def _fields(body: Mapping[str, Any], fields: Mapping[str, tuple[type, ...]]) -> dict[str, Any]:
+    """The given (non-null) fields of ``body``, each of its JSON type."""
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        bad_request(f"unknown field(s) {', '.join(unknown)}: use {', '.join(CREATE_FIELDS)}")
+        bad_request(f"unknown field(s) {', '.join(unknown)}: use {', '.join(fields)}")
     args: dict[str, Any] = {}
     for name, value in body.items():
         if value is None:
             continue
-        kinds = CREATE_FIELDS[name]
-        if isinstance(value, bool) or not isinstance(value, kinds):
+        kinds = fields[name]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             what = KIND_NAMES.get(kinds, "a number")
             bad_request(f"{name} must be {what}")
         args[name] = value
-    return args  # ranges (windows, idle_timeout) are the repository's: InvalidArgument, a 400
+    return args
 
 
 async def create_session(request: web.Request) -> web.Response:
     """Create through the manager (intent first, so a crash mid-create is still found)."""
     _authorize(request)
     args = _create_args(await _json_object(request))
-    record = await _manager(request).create_session(**args)
+    wait_active = args.pop("wait_active", None)
+    manager = _manager(request)
+    record = await manager.create_session(**args)
+    if wait_active is not None:  # an ActivationTimeout is a 504; the session stays guarded
+        record = await manager.wait_until_active(record.id, timeout=wait_active)
     return web.json_response(record.to_dict(), status=201)
+
+
+async def control_session(request: web.Request) -> web.Response:
+    """Send one control event (the body names it: exactly one of ``CONTROL_FIELDS``) to an
+    active session, as ``sessionmgr control`` does. 409 when the session is not active (or
+    LemonSlice no longer has it: it is then recorded as ended), 502 when LemonSlice fails."""
+    _authorize(request)
+    args = _fields(await _json_object(request), CONTROL_FIELDS)
+    if args.get("reset_idle_timeout") is False:
+        del args["reset_idle_timeout"]
+    if len(args) != 1:
+        bad_request(f"give exactly one of {', '.join(CONTROL_FIELDS)}")
+    [(name, value)] = args.items()
+    record = await _record(request)
+    manager = _manager(request)
+    if name == "agent_prompt":
+        record = await manager.update_agent_prompt(record.id, value)
+    elif name == "idle_prompt":
+        record = await manager.update_idle_prompt(record.id, value)
+    elif name == "image_url":
+        record = await manager.update_image(record.id, image_url=value)
+    elif name == "image_base64":
+        try:
+            image = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            bad_request("image_base64 is not base64 text")
+        record = await manager.update_image(record.id, image=image)
+    elif name == "action":
+        record = await manager.trigger_action(record.id, value)
+    else:
+        record = await manager.reset_idle_timeout(record.id)
+    return web.json_response({"sent": name, "record": record.to_dict()})
 
 
 async def touch_session(request: web.Request) -> web.Response:

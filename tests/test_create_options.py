@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,6 +162,17 @@ async def test_manager_records_model_and_transport_never_the_token(
     body = lemon.requests[-1].json
     assert body["audio_sample_rate"] == 48000
     assert body["model"] == "lemon-x"
+
+
+async def test_the_livekit_token_never_reaches_the_database_file(
+    manager: SessionManager, db_url: str
+):
+    await manager.create_session(agent_id="a", **LIVEKIT)
+    await manager.repository.flush_touches()
+    path = Path(db_url.removeprefix("sqlite+aiosqlite:///"))
+    raw = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+    assert b"lk-secret-token-123" not in raw
+    assert b"wss://x.livekit.cloud" not in raw  # the create payload is not stored at all
 
 
 async def test_manager_default_is_daily_without_model(manager: SessionManager):
