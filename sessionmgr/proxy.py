@@ -91,7 +91,8 @@ def _lemonslice_errors(handler: Handler) -> Handler:
         except CreateOutcomeUnknown as exc:
             return detail(504, f"{exc}: sessionmgr keeps the intent and resolves it")
         except TransportError as exc:
-            return detail(504 if "no answer" in str(exc) else 502, str(exc))
+            timed_out = isinstance(exc.__cause__, TimeoutError)
+            return detail(504 if timed_out else 502, str(exc))
         except LemonSliceError as exc:
             return detail(502, str(exc))
         except InvalidArgument as exc:

@@ -376,3 +376,18 @@ async def test_livekit_plugin_retry_on_a_lost_answer_is_refused_upstream_once(
     assert lemon.creates == 2
     assert (await manager.get(sid)).status is SessionStatus.ACTIVE
     assert len(await manager.repository.pending_intents()) == 1  # the lost one, for reconcile
+
+
+async def test_a_pass_through_without_an_answer_is_a_gateway_error(
+    proxied: tuple[SessionManager, str], lemon: FakeLemonSlice, http: aiohttp.ClientSession
+) -> None:
+    _, url = proxied
+    headers = {"x-api-key": FAKE_API_KEY}
+    lemon.inject("get", Fault.hang(5.0))  # past the client's 1 s attempt limit
+    resp = await http.get(f"{url}/sess_x", headers=headers)
+    assert resp.status == 504
+    assert "no answer" in (await resp.json())["detail"]
+    await lemon.stop()  # unreachable: nothing was answered
+    resp = await http.get(f"{url}/sess_x", headers=headers)
+    assert resp.status == 502
+    assert "could not connect" in (await resp.json())["detail"]
