@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import email.parser
+import email.policy
 import email.utils
 import enum
 import functools
+import hmac
 import io
 import json
 import logging
@@ -50,6 +53,7 @@ from .errors import (
     ClientRequestError,
     ConfigurationError,
     CreateOutcomeUnknown,
+    InvalidArgument,
     InvalidResponseError,
     LemonSliceError,
     NoCreditsError,
@@ -162,10 +166,28 @@ class _Answer:
     body: bytes
     retry_after: str | None
     location: str | None
+    content_type: str | None = None
 
     @property
     def ok(self) -> bool:
         return 200 <= self.status < 300
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """An answer as LemonSlice gave it, for passing back unchanged (the recording proxy)."""
+
+    status: int
+    body: bytes
+    content_type: str | None
+    session: dict[str, Any] | None = None  # a usable create answer, parsed
+    unknown: bool = False  # a create answer that leaves its outcome unknown (5xx, garbled 2xx)
+
+    @classmethod
+    def of(
+        cls, answer: _Answer, *, session: dict[str, Any] | None = None, unknown: bool = False
+    ) -> RawAnswer:
+        return cls(answer.status, answer.body, answer.content_type, session, unknown)
 
 
 def build_create_request(
@@ -288,6 +310,47 @@ def build_create_request(
 
     image = _encode_png(agent_image) if agent_image is not None else None
     return payload, image
+
+
+def create_fields(body: bytes, content_type: str) -> dict[str, Any]:
+    """What a record keeps of a create body someone else built (JSON, or multipart with a
+    ``payload`` part): ``agent_id``, ``agent_image_url``, ``agent_prompt``, ``idle_timeout``,
+    ``model``, ``transport_type`` (``daily`` when absent) and ``metadata`` tags (``agent_image:
+    upload``). Never a token or property.
+
+    Raises ``InvalidArgument`` when the body is not a create payload at all.
+    """
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "multipart/form-data":
+        head = f"Content-Type: {content_type}\r\n\r\n".encode()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        parts = {
+            part.get_param("name", header="content-disposition"): part
+            for part in (message.iter_parts() if message.is_multipart() else ())
+        }
+        if "payload" not in parts:
+            raise InvalidArgument("a multipart create needs a 'payload' part (the JSON payload)")
+        raw = parts["payload"].get_payload(decode=True)
+        uploaded = "image" in parts
+    else:
+        raw, uploaded = body, False
+    try:
+        payload = json.loads(raw) if isinstance(raw, bytes) else None
+    except (ValueError, RecursionError):
+        payload = None
+    if not isinstance(payload, dict):
+        raise InvalidArgument("the create body must be a JSON object (or multipart with 'payload')")
+    fields: dict[str, Any] = {}
+    for name in ("agent_id", "agent_image_url", "agent_prompt", "model", "transport_type"):
+        if isinstance(payload.get(name), str):
+            fields[name] = payload[name]
+    if _is_int(payload.get("idle_timeout")):
+        fields["idle_timeout"] = payload["idle_timeout"]
+    tags: dict[str, Any] = {}
+    if uploaded:
+        tags["agent_image"] = "upload"
+    fields["metadata"] = tags
+    return fields
 
 
 def _check_create_options(
@@ -562,6 +625,12 @@ class LemonSliceClient:
         owner = "owned" if self._owns_session else "borrowed"
         return f"LemonSliceClient(api_url={self._api_url!r}, api_key='***', session={owner})"
 
+    def key_matches(self, given: str) -> bool:
+        """Whether ``given`` is this client's API key, compared in constant time."""
+        return hmac.compare_digest(
+            given.encode("utf-8", "surrogateescape"), self._key.reveal().encode()
+        )
+
     def control_url_for(self, session_id: str) -> str:
         """The documented control URL of a session: ``{api_url}/{session_id}/control``."""
         return _control_url(self._api_url, session_id)
@@ -701,6 +770,57 @@ class LemonSliceClient:
             return True
 
         return await self._call(call, handle, body=TERMINATE_BODY)
+
+    # --- raw requests (the recording proxy, sessionmgr/proxy.py) ---------------------------------
+
+    async def create_session_raw(
+        self, body: bytes, content_type: str, *, api_url: str | None = None
+    ) -> RawAnswer:
+        """POST a create body byte-for-byte (JSON or multipart, as the caller built it), under
+        create's retry rules; the answer as it came, with ``session`` set when it is a usable
+        create answer (``control_url`` derived when the server left it out).
+
+        A 4xx or an exhausted 429/503 comes back as the answer (``session`` None): nothing was
+        created. ``CreateOutcomeUnknown`` when the answer was lost (timeout, dropped connection);
+        a 5xx other than 503 or an unusable 2xx comes back with ``unknown`` True.
+        """
+        url = api_url or self._api_url
+        call = _Call(_Op.CREATE, "POST", url)
+        last: list[_Answer] = []
+
+        def handle(answer: _Answer) -> RawAnswer:
+            last[:] = [answer]
+            try:
+                session = self._created(call, answer)
+            except CreateOutcomeUnknown:
+                return RawAnswer.of(answer, unknown=True)
+            except (RateLimitedError, ServerError):
+                raise  # 429 / 503: provably not taken, retried by _call
+            except LemonSliceError:
+                return RawAnswer.of(answer)
+            return RawAnswer.of(answer, session=session)
+
+        try:
+            return await self._call(call, handle, body=body, content_type=content_type)
+        except (RateLimitedError, ServerError):
+            if not last:
+                raise
+            return RawAnswer.of(last[0])
+
+    async def forward(
+        self, method: str, url: str, *, body: bytes | None = None, content_type: str | None = None
+    ) -> RawAnswer:
+        """One request with the configured key, answered as it came (no retries: the caller
+        decides); ``TransportError`` when no answer came."""
+        op = _Op.CONTROL if method == "POST" else _Op.GET
+        call = _Call(op, method, url)
+        return await self._call(
+            call,
+            RawAnswer.of,
+            body=body,
+            content_type=content_type or "application/json",
+            retry=False,
+        )
 
     # --- control events ------------------------------------------------------------------------
     #
@@ -1008,6 +1128,8 @@ class LemonSliceClient:
         *,
         body: bytes | None = None,
         form: Callable[[], aiohttp.FormData] | None = None,
+        content_type: str = "application/json",
+        retry: bool = True,
     ) -> T:
         """One logical call: attempts, each answer through ``handle``, retries per the rules."""
         policy = self.retry
@@ -1019,10 +1141,12 @@ class LemonSliceClient:
             # A create cut short by the deadline would turn a clean answer into an unknown one.
             budget = None if call.op is _Op.CREATE else policy.remaining(elapsed)
             try:
-                answer = await self._send(call, self.timeouts.for_attempt(budget), body, form)
+                answer = await self._send(
+                    call, self.timeouts.for_attempt(budget), body, form, content_type
+                )
                 return handle(answer)
             except LemonSliceError as exc:
-                if not _retryable(call.op, exc):
+                if not retry or not _retryable(call.op, exc):
                     raise
                 elapsed = self.clock.monotonic() - start
                 retry_after = exc.retry_after if isinstance(exc, RateLimitedError) else None
@@ -1054,13 +1178,14 @@ class LemonSliceClient:
         limits: aiohttp.ClientTimeout,
         body: bytes | None,
         form: Callable[[], aiohttp.FormData] | None,
+        content_type: str = "application/json",
     ) -> _Answer:
         headers = {API_KEY_HEADER: self._key.reveal()}
         data: aiohttp.FormData | bytes | None = None
         if form is not None:
             data = form()  # a FormData can be sent once: a fresh one per attempt
         elif body is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
             data = body
         try:
             async with self._http().request(
@@ -1084,7 +1209,11 @@ class LemonSliceClient:
                         url=call.url,
                     )
                 return _Answer(
-                    resp.status, raw, resp.headers.get("Retry-After"), resp.headers.get("Location")
+                    resp.status,
+                    raw,
+                    resp.headers.get("Retry-After"),
+                    resp.headers.get("Location"),
+                    resp.headers.get("Content-Type"),
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             # Nothing was sent: safe to retry even a create.

@@ -14,6 +14,7 @@
     │   │   └── CreateOutcomeUnknown    a create was sent and its answer was lost
     │   └── InvalidResponseError        non-JSON, an HTML page, or JSON missing required fields
     ├── ConfigurationError              a missing API key, a bad URL or setting
+    │   └── IntegrationError            pipecat / LiveKit are missing or not the expected shape
     ├── InvalidArgument                 a bad argument, refused before any I/O (also a
     │   │                               ValueError and a TypeError, as Python code expects)
     │   └── UntrustedURLError           a control_url off LemonSlice's origin (the key would go)
@@ -115,6 +116,11 @@ class InvalidResponseError(LemonSliceError):
 
 class ConfigurationError(SessionMgrError):
     """A setting is missing or malformed."""
+
+
+class IntegrationError(ConfigurationError):
+    """An integration (sessionmgr/integrations/) cannot work with the installed framework: it is
+    missing, or its internals are not what this version of sessionmgr was built against."""
 
 
 class InvalidArgument(SessionMgrError, ValueError, TypeError):

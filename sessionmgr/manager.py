@@ -27,8 +27,10 @@ from .client import (
     WAIT_TIMEOUT,
     AgentImage,
     LemonSliceClient,
+    RawAnswer,
     agent_prompt_event,
     build_create_request,
+    create_fields,
     idle_prompt_event,
     image_event,
     trigger_event,
@@ -393,6 +395,41 @@ class SessionManager:
             "recordings_bucket": recordings_bucket,
         }
         build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
+        return await self.create_with(
+            lambda: self.client.create_session(**create_args),
+            agent_id=agent_id,
+            agent_image_url=agent_image_url,
+            agent_prompt=agent_prompt,
+            idle_timeout=idle_timeout,
+            model=model,
+            transport_type=transport_type,
+            idle_window=idle_window,
+            max_age=max_age,
+            metadata=metadata,
+        )
+
+    async def create_with(
+        self,
+        send: CreateSend,
+        *,
+        agent_id: str | None = None,
+        agent_image_url: str | None = None,
+        agent_prompt: str | None = None,
+        idle_timeout: int | None = None,
+        model: str | None = None,
+        transport_type: str = TRANSPORT_TYPE,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionRecord:
+        """The crash-safe create for a request someone else sends (the recording proxy, the
+        LiveKit plugin): record the intent, ``await send()``, record its answer.
+
+        ``send`` returns LemonSlice's answer (``session_id``, ``control_url``, optional
+        ``room_url``) and raises ``CreateOutcomeUnknown`` when a session may exist, any other
+        ``LemonSliceError`` when the server provably took nothing. The fields are what the
+        record shows; never a token.
+        """
         intent = await self.repository.record_intent(
             owner=self.owner,
             lease=self.intent_lease,
@@ -406,9 +443,55 @@ class SessionManager:
             model=model,
             transport_type=transport_type,
         )
-        task = asyncio.create_task(
-            self._create_remote(intent, lambda: self.client.create_session(**create_args))
-        )
+        return await self._run_create(intent, send)
+
+    async def create_session_raw(
+        self,
+        body: bytes,
+        content_type: str,
+        *,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> tuple[SessionRecord | None, RawAnswer]:
+        """A create body sent byte-for-byte (the recording proxy), through ``create_with``.
+
+        The body is parsed only to fill the record (agent, prompt, idle timeout, model, transport;
+        never a token).
+        Returns the record (None when LemonSlice refused) and LemonSlice's answer as it came;
+        raises ``CreateOutcomeUnknown`` when no answer came (the intent stays pending) and
+        ``InvalidArgument`` for a body that is not a create, before anything is written.
+        """
+        fields = create_fields(body, content_type)
+        answers: list[RawAnswer] = []
+
+        async def send() -> dict[str, Any]:
+            answer = await self.client.create_session_raw(body, content_type)
+            answers.append(answer)
+            if answer.session is not None:
+                return answer.session
+            error = LemonSliceError if not answer.unknown else CreateOutcomeUnknown
+            raise error(
+                f"LemonSlice answered the create with HTTP {answer.status}", status=answer.status
+            )
+
+        try:
+            record = await self.create_with(
+                send,
+                idle_window=idle_window,
+                max_age=max_age,
+                metadata={**fields.pop("metadata"), **(metadata or {})},
+                **fields,
+            )
+        except LemonSliceError:
+            if not answers:
+                raise
+            return None, answers[0]
+        return record, answers[0]
+
+    async def _run_create(self, intent: SessionRecord, send: CreateSend) -> SessionRecord:
+        """``_create_remote`` in a task the caller's cancellation cannot cut short."""
+        task = asyncio.create_task(self._create_remote(intent, send))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         try:
@@ -462,6 +545,8 @@ class SessionManager:
                     max_age=intent.max_age,
                     agent_id=intent.agent_id,
                     metadata=intent.metadata,
+                    model=intent.model,
+                    transport_type=intent.transport_type,
                 )
                 if not created:
                     raise IntentTakenOver(
@@ -513,9 +598,14 @@ class SessionManager:
             self._keepalive_due[session_id] = None
 
     async def end_session(
-        self, session_id: str | int, reason: EndReason | str = EndReason.MANUAL
+        self,
+        session_id: str | int,
+        reason: EndReason | str = EndReason.MANUAL,
+        *,
+        detail: str | None = None,
     ) -> EndResult:
-        """Terminate a session and record its end. Idempotent: ending an ended one says so."""
+        """Terminate a session and record its end. Idempotent: ending an ended one says so.
+        ``detail`` goes on the lifecycle event (who asked, e.g. "client terminate via proxy")."""
         reason = EndReason(reason)
         repo = self.repository
         record = await repo.get(session_id)
@@ -529,7 +619,7 @@ class SessionManager:
                 "`sessionmgr reconcile` if its creator died"
             )
         claimed = await repo.begin_end(
-            record.id, owner=self.owner, lease=self._lease, reason=reason
+            record.id, owner=self.owner, lease=self._lease, reason=reason, detail=detail
         )
         if claimed is None:
             current = await repo.get(record.id)

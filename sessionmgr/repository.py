@@ -619,7 +619,13 @@ class SessionRepository:
         return cast(tuple[set[str], int], await self._submit(Op(apply, sids=tuple(times))))
 
     async def begin_end(
-        self, key: int | str, *, owner: str, lease: float, reason: EndReason
+        self,
+        key: int | str,
+        *,
+        owner: str,
+        lease: float,
+        reason: EndReason,
+        detail: str | None = None,
     ) -> SessionRecord | None:
         """End one session now (manual, shutdown, orphan): an active session, or an ending one
         whose lease ran out, becomes ``ending`` leased to ``owner``. None when the session is not
@@ -636,7 +642,8 @@ class SessionRepository:
             }
             if row["status"] == _ACTIVE:
                 changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
-                return changes, reason.value, f"lease {owner}"
+                why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
+                return changes, reason.value, _clip(why)
             if row["status"] == _ENDING and _lease_free(row, at):
                 return lease_changes, row["end_reason"], f"lease taken over by {owner}"
             return None

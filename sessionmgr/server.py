@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import config
+from . import config, proxy
 from .client import LemonSliceClient
 from .errors import ConfigurationError
 from .manager import SessionManager
@@ -74,6 +74,7 @@ async def serve(
                 metrics=metrics,
                 allowed_hosts=(settings.http_host, *settings.allowed_hosts),
             )
+            proxy.add_routes(app, manager)  # LemonSlice's API, recorded (own auth: x-api-key)
             runner = await _start_http(app, settings.http_host, settings.http_port)
             try:
                 logger.info(
