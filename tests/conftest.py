@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -43,6 +44,18 @@ async def client(fake: FakeLemonSlice) -> AsyncIterator[LemonSliceClient]:
 # --- storage: ``repo_url`` on SQLite and PostgreSQL, ``repo`` on a FakeClock -----------
 
 T = TypeVar("T")
+
+
+@pytest.fixture(autouse=True)
+def _sessionmgr_logger_restored() -> Iterator[None]:
+    """A test that runs the CLI or ``serve`` in process calls ``configure_logging``, which stops
+    the ``sessionmgr`` logger from propagating; later tests' ``caplog`` would then see nothing."""
+    logger = logging.getLogger("sessionmgr")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
 PG_URL_ENV = "SESSIONMGR_TEST_POSTGRES_URL"  # e.g. postgresql+asyncpg://postgres@127.0.0.1/test
 PG_REQUIRED_ENV = "SESSIONMGR_REQUIRE_POSTGRES"  # "1": a missing server fails, never skips
 

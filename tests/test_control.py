@@ -322,17 +322,28 @@ async def test_manager_wait_until_active_records_queued_then_active(
     metrics = Metrics()
     async with make_manager(lemon, clock, db_url) as mgr:
         metrics.attach(mgr)
-        mgr.client.clock = clock
+        # The wait polls on a clock of its own, so "parked" means the wait and nothing else.
+        polls = FakeClock(clock.now())
+        mgr.client.clock = polls
         record = await mgr.create_session(agent_id="a")
         assert record.session_id is not None
         lemon.set_status(record.session_id, "QUEUED")
+
+        def polled(times: int) -> bool:  # the wait asked that often and sleeps again
+            gets = sum(1 for r in lemon.requests if r.endpoint == "get")
+            return gets >= times and polls.sleepers == 1
+
+        def advance(seconds: float) -> None:
+            clock.advance(seconds)
+            polls.advance(seconds)
+
         task = asyncio.create_task(mgr.wait_until_active(record.session_id, timeout=120))
-        await wait_for(lambda: clock.sleepers >= 2)  # the flush loop and the wait, parked
+        await wait_for(lambda: polled(1))
         assert (await mgr.get(record.id)).remote_status == "QUEUED"
-        clock.advance(20)  # polled again: still QUEUED
-        await wait_for(lambda: clock.sleepers >= 2)
+        advance(20)  # polled again: still QUEUED
+        await wait_for(lambda: polled(2))
         lemon.set_status(record.session_id, "ACTIVE")
-        clock.advance(20)  # seen ACTIVE 40 s after the intent
+        advance(20)  # seen ACTIVE 40 s after the intent
         active = await task
         assert (active.status, active.remote_status) == (SessionStatus.ACTIVE, "ACTIVE")
         text = metrics.render().decode()
