@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pytest
 
@@ -212,21 +211,36 @@ async def test_reconcile_reads_the_list_only_back_to_what_can_matter(
 
 
 async def test_a_list_that_is_not_newest_first_is_read_whole(
-    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock, caplog: Any
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
 ):
+    import logging
+
     import sessionmgr.reconcile as reconcile_module
 
-    lemon.seed_history(250, before=clock.now() - timedelta(hours=2))
-    lemon.list_newest_first = False  # not as documented: the live session comes last
-    reconcile_module._unordered_logged = False
-    await manager.create_session(agent_id="agent_1")
-    for _ in range(2):
-        before = len(lemon.requests)
-        report = await manager.reconcile()
-        sent = lemon.requests[before:]
-        assert [r.endpoint for r in sent] == ["list"] * 3  # all 251 sessions
-        assert report.checked == 1
-    assert caplog.text.count("not newest-first") == 1  # logged once
+    logged: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            logged.append(record)
+
+    handler = Keep(logging.WARNING)
+    reconcile_logger = logging.getLogger(reconcile_module.__name__)
+    reconcile_logger.addHandler(handler)
+    try:
+        lemon.seed_history(250, before=clock.now() - timedelta(hours=2))
+        lemon.list_newest_first = False  # not as documented: the live session comes last
+        reconcile_module._unordered_logged = False
+        await manager.create_session(agent_id="agent_1")
+        for _ in range(2):
+            before = len(lemon.requests)
+            report = await manager.reconcile()
+            sent = lemon.requests[before:]
+            assert [r.endpoint for r in sent] == ["list"] * 3  # all 251 sessions
+            assert report.checked == 1
+    finally:
+        reconcile_logger.removeHandler(handler)
+    unordered = [r for r in logged if "not newest-first" in r.getMessage()]
+    assert len(unordered) == 1  # logged once
 
 
 async def test_a_queued_cold_start_whose_answer_was_lost_is_recovered(
