@@ -423,7 +423,9 @@ async def fetch_costs(repo: SessionRepository, client: LemonSliceClient, reaper:
         ended_at = record.ended_at or now
         give_up = (now - ended_at).total_seconds() >= COST_HORIZON
         later = None if give_up else now + timedelta(seconds=COST_DELAY * 2)
-        if record.session_id is None:
+        if record.session_id is None or give_up:
+            # nothing to ask about, or ended too long ago (e.g. a retry time left on a row ended
+            # before costs were fetched): stop asking without a request
             await repo.record_cost(record.id, cost=None, remote_status=None, retry_at=None)
             return
         async with gate:

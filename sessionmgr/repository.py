@@ -1005,7 +1005,12 @@ class SessionRepository:
         c = sessions.c
         stmt = (
             select(sessions)
-            .where(c.status == _ENDED, c.lease_until.is_(None), c.next_attempt_at <= now)
+            .where(
+                c.status == _ENDED,
+                c.lease_until.is_(None),
+                c.next_attempt_at <= now,
+                c.cost.is_(None),
+            )
             .order_by(c.next_attempt_at, c.id)
             .limit(limit)
         )

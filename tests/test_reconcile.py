@@ -225,6 +225,10 @@ async def test_a_list_that_is_not_newest_first_is_read_whole(
 
     handler = Keep(logging.WARNING)
     reconcile_logger = logging.getLogger(reconcile_module.__name__)
+    # a CLI test earlier in the run may have configured logging (disabling existing loggers)
+    was = reconcile_logger.disabled, reconcile_logger.level
+    reconcile_logger.disabled = False
+    reconcile_logger.setLevel(logging.WARNING)  # setLevel: it also clears the level cache
     reconcile_logger.addHandler(handler)
     try:
         lemon.seed_history(250, before=clock.now() - timedelta(hours=2))
@@ -239,6 +243,8 @@ async def test_a_list_that_is_not_newest_first_is_read_whole(
             assert report.checked == 1
     finally:
         reconcile_logger.removeHandler(handler)
+        reconcile_logger.disabled = was[0]
+        reconcile_logger.setLevel(was[1])
     unordered = [r for r in logged if "not newest-first" in r.getMessage()]
     assert len(unordered) == 1  # logged once
 

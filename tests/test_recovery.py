@@ -14,7 +14,7 @@ import pytest
 from sessionmgr import CreateOutcomeUnknown, EndReason, IntentTakenOver, SessionStatus
 from sessionmgr.clock import FakeClock
 from sessionmgr.reconcile import PENDING_GRACE
-from sessionmgr.repository import COST_DELAY
+from sessionmgr.repository import COST_DELAY, COST_HORIZON
 from sessionmgr.testing import FakeLemonSlice, Fault
 
 from .helpers import make_manager, wait_for
@@ -303,3 +303,21 @@ async def test_stats_show_credits_known_and_sessions_still_without_a_cost(
         stats = await mgr.repository.stats(days=1)
         assert (stats.credits_known, stats.cost_unknown) == (4.0, 0)
         assert stats.to_dict()["credits_known"] == 4.0
+
+
+async def test_a_cost_no_longer_worth_asking_for_is_dropped_without_a_request(
+    lemon: FakeLemonSlice, clock: FakeClock, migrated_url: str
+) -> None:
+    async with make_manager(lemon, clock, migrated_url) as mgr:
+        record = await mgr.create_session(agent_id="agent_1")
+        lemon.inject("get", Fault.status(500), times=1000)  # LemonSlice cannot say for an hour
+        await mgr.end_session(record.id)
+        for _ in range(4):
+            clock.advance(COST_HORIZON / 3)
+            await mgr.reaper.run_once()
+        row = await mgr.get(record.id)
+        assert (row.cost, row.next_attempt_at) == (None, None)  # given up, not asked forever
+        gets = sum(r.endpoint == "get" for r in lemon.requests)
+        clock.advance(COST_HORIZON)
+        await mgr.reaper.run_once()
+        assert sum(r.endpoint == "get" for r in lemon.requests) == gets
