@@ -29,6 +29,7 @@ from rich.text import Text
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import __version__, config, db
+from .checks import MAX_PAGE, MAX_STATS_DAYS
 from .cli_output import COLUMN_GAP as COLUMN_GAP
 from .cli_output import CSV_FIELDS as CSV_FIELDS
 from .cli_output import SHRINK_ORDER as SHRINK_ORDER
@@ -91,7 +92,7 @@ from .manager import SessionManager
 from .reaper import Outcome, TickResult
 from .reconcile import ReconcileReport
 from .records import MIN_SECRET_CHARS, Page, SessionEvent, SessionFilter, SessionRecord, Stats
-from .repository import MAX_PAGE, SORTS, SessionRepository
+from .repository import SORTS, SessionRepository
 from .server import RECONCILE_INTERVAL, SHUTDOWN_GRACE
 from .states import FINAL_STATUSES, EndReason, SessionStatus
 
@@ -965,7 +966,7 @@ def show(obj: CliContext, session_id: str, as_json: bool, wide: bool) -> None:
 @cli.command()
 @click.option(
     "--days",
-    type=click.IntRange(1, 3660),
+    type=click.IntRange(1, MAX_STATS_DAYS),
     default=STATS_DAYS,
     show_default=True,
     help="Days of per-day history (UTC).",

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from .repository import MAX_SECONDS
+from .checks import MAX_SECONDS
 
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}  # seconds
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .checks import check_count, check_seconds
 from .errors import ConfigurationError
 
 DEFAULT_API_URL = "https://lemonslice.com/api/liveai/sessions"
@@ -65,9 +65,9 @@ class Settings:
         for name in ("idle_window", "max_age", "reaper_interval", "lease"):
             value = getattr(self, name)
             if value is not None:
-                check_seconds(setting_label(name), value)
+                check_seconds(setting_label(name), value, error=ConfigurationError)
         for name in ("reaper_concurrency", "reaper_batch"):
-            check_count(setting_label(name), getattr(self, name))
+            check_count(setting_label(name), getattr(self, name), error=ConfigurationError)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -132,7 +132,7 @@ def _optional_seconds(raw: str) -> float | None:
     return float(raw)
 
 
-# --- checks shared by Settings, the CLI, SessionManager and Reaper ------------------------------
+# --- how errors name settings (the checks themselves are in checks.py) ---------------------
 
 FLAGS = {  # setting -> the `sessionmgr serve` flag that sets it
     "idle_window": "--idle-window",
@@ -147,25 +147,6 @@ def setting_label(name: str) -> str:
     """How an error names a setting: its environment variable, and its flag when it has one."""
     flag = FLAGS.get(name)
     return f"SESSIONMGR_{name.upper()}" + (f" / {flag}" if flag else "")
-
-
-def check_seconds(label: str, value: object) -> float:
-    """A duration that must be a finite number of seconds above 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{label} must be a number of seconds above 0, not {value!r}")
-    return float(value)
-
-
-def check_count(label: str, value: object) -> int:
-    """A count (concurrency, batch size) that must be a whole number of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{label} must be a whole number of at least 1, not {value!r}")
-    return value
 
 
 def read_secret_file(path: str | Path, source: str) -> str:

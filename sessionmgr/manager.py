@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from . import config
+from .checks import check_count, check_seconds, check_session_id, check_windows
 from .client import (
     RESET_IDLE_EVENT,
     TRANSPORT_TYPE,
@@ -49,7 +50,7 @@ from .leases import LeaseKeeper
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
-from .repository import SessionRepository, check_session_id, check_windows
+from .repository import SessionRepository
 from .states import REMOTE_FINAL, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -121,20 +122,17 @@ class SessionManager:
             raise ConfigurationError(
                 f"server_keepalive must be a positive number of seconds, not {server_keepalive!r}"
             )
-        try:
-            check_windows(idle_window, max_age)
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(str(exc)) from None
+        check_windows(idle_window, max_age, error=ConfigurationError)
         for label, seconds in (
             ("reaper_interval", reaper_interval),
             ("lease", lease),
             ("touch_flush_interval", touch_flush_interval),
         ):
-            config.check_seconds(label, seconds)
+            check_seconds(label, seconds, error=ConfigurationError)
         if reconcile_interval is not None:
-            config.check_seconds("reconcile_interval", reconcile_interval)
-        config.check_count("reaper_concurrency", reaper_concurrency)
-        config.check_count("reaper_batch", reaper_batch)
+            check_seconds("reconcile_interval", reconcile_interval, error=ConfigurationError)
+        check_count("reaper_concurrency", reaper_concurrency, error=ConfigurationError)
+        check_count("reaper_batch", reaper_batch, error=ConfigurationError)
         self._database_url = database_url
         self._repository = repository
         self._client = client

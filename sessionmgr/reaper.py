@@ -28,9 +28,16 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from . import config
+from .checks import check_count, check_seconds
 from .client import LemonSliceClient
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AuthError, LemonSliceError, NotFoundError, RateLimitedError
+from .errors import (
+    AuthError,
+    ConfigurationError,
+    LemonSliceError,
+    NotFoundError,
+    RateLimitedError,
+)
 from .leases import LeaseKeeper
 from .reconcile import credits, fetch_costs, recover
 from .records import SessionFilter, SessionRecord
@@ -129,10 +136,10 @@ class Reaper:
     ) -> None:
         """``on_tick`` is called after every tick that claimed (not dry runs), e.g. for metrics.
         ``recover``: each tick also resolves expired intents and fetches costs after ends."""
-        config.check_seconds("Reaper interval", interval)
-        config.check_seconds("Reaper lease", lease)
-        config.check_count("Reaper concurrency", concurrency)
-        config.check_count("Reaper batch", batch)
+        check_seconds("Reaper interval", interval, error=ConfigurationError)
+        check_seconds("Reaper lease", lease, error=ConfigurationError)
+        check_count("Reaper concurrency", concurrency, error=ConfigurationError)
+        check_count("Reaper batch", batch, error=ConfigurationError)
         self.repository = repository
         self.client = client
         self.owner = owner or new_owner()

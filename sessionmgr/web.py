@@ -27,6 +27,7 @@ import click
 from aiohttp import web
 
 from . import __version__, openapi
+from .checks import DEFAULT_PAGE, MAX_PAGE, MAX_STATS_DAYS
 from .cli_params import KEY_VALUE, MOMENT, parse_duration
 from .config import ENV_ALLOWED_HOSTS
 from .errors import (
@@ -43,7 +44,7 @@ from .errors import (
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
 from .records import SessionFilter, SessionRecord, iso_utc, unclean_text
-from .repository import DEFAULT_PAGE, MAX_PAGE, SORTS
+from .repository import SORTS
 from .states import EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"
 STALE_TICKS = 3  # reaper intervals without a tick before /healthz says 503
 HEALTH_DB_TIMEOUT = 2.0  # seconds /healthz waits for the database
 STATS_DAYS = 7  # default ?days= of /api/stats
-MAX_STATS_DAYS = 3660
 END_REASONS = (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)  # what a caller may give
 STATIC_FILES = {  # name -> content type; nothing else under /static is served
     "dashboard.html": "text/html",
