@@ -63,16 +63,12 @@ from .cli_params import (
     KEY_VALUE,
     MOMENT,
     POSITIVE_DURATION,
-    SECRET_HINT,
     json_option,
-    latency_option,
     off_to_none,
 )
-from .cli_params import DURATION_UNITS as DURATION_UNITS
 from .cli_params import Duration as Duration
 from .cli_params import KeyValue as KeyValue
 from .cli_params import Moment as Moment
-from .cli_params import parse_duration as parse_duration
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
 from .config import ENV_API_KEY, ENV_API_URL, ENV_DATABASE_URL, ENV_LIVEKIT_TOKEN, Settings
 from .errors import (
@@ -89,6 +85,9 @@ from .errors import (
 )
 from .logs import configure_logging
 from .manager import SessionManager
+from .parsing import DURATION_UNITS as DURATION_UNITS
+from .parsing import SECRET_HINT
+from .parsing import parse_duration as parse_duration
 from .reaper import Outcome, TickResult
 from .reconcile import ReconcileReport
 from .records import MIN_SECRET_CHARS, Page, SessionEvent, SessionFilter, SessionRecord, Stats
@@ -203,6 +202,28 @@ class SessionMgrGroup(click.Group):
                 raise
             fail(*expected)
         sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else EXIT_OK)
+
+
+def latency_option(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, float]:
+    from .testing import ENDPOINTS
+
+    out: dict[str, float] = {}
+    for value in values:
+        endpoint, sep, seconds = value.partition("=")
+        try:
+            if not sep or endpoint not in ENDPOINTS:
+                raise ValueError
+            out[endpoint] = float(seconds)
+            if not out[endpoint] >= 0:
+                raise ValueError
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is not ENDPOINT=SECONDS with ENDPOINT one of {', '.join(ENDPOINTS)} "
+                f"and SECONDS >= 0 (e.g. terminate=0.02)"
+            ) from None
+    return out
 
 
 @click.group(

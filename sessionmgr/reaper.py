@@ -249,8 +249,7 @@ class Reaper:
             reason or record.end_reason,
             extra={"session_id": record.session_id, "reason": str(reason or record.end_reason)},
         )
-        if self.on_ended is not None:
-            await self._call_hook(self.on_ended, ended)
+        await self.notify_ended(ended)
         return outcome
 
     async def _ended_remotely(self, record: SessionRecord) -> Outcome | None:
@@ -288,8 +287,7 @@ class Reaper:
             record.session_id,
             extra={"session_id": record.session_id},
         )
-        if self.on_ended is not None:
-            await self._call_hook(self.on_ended, ended)
+        await self.notify_ended(ended)
         return outcome
 
     def _progress(self, *, claimed: int = 0, ended: int = 0) -> None:
@@ -303,11 +301,14 @@ class Reaper:
         delay = self.retry.delay(max(record.attempts, 1), retry_after)
         return self.clock.now() + timedelta(seconds=delay)
 
-    @staticmethod
-    async def _call_hook(hook: EndedHook, record: SessionRecord) -> None:
+    async def notify_ended(self, record: SessionRecord) -> None:
+        """Run ``on_ended`` for a session this process ended (here or in reconcile); a failing
+        hook is logged, never raised: a user's hook must not break the reaper."""
+        if self.on_ended is None:
+            return
         try:
-            await hook(record)
-        except Exception:  # a user's hook must not break the reaper
+            await self.on_ended(record)
+        except Exception:
             logger.exception("on_ended hook failed for session %s", record.session_id)
 
     # --- one tick --------------------------------------------------------------------------

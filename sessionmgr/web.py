@@ -23,12 +23,10 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, NoReturn
 
-import click
 from aiohttp import web
 
 from . import __version__, openapi
 from .checks import DEFAULT_PAGE, MAX_PAGE, MAX_STATS_DAYS
-from .cli_params import KEY_VALUE, MOMENT, parse_duration
 from .config import ENV_ALLOWED_HOSTS
 from .errors import (
     ActivationTimeout,
@@ -43,6 +41,7 @@ from .errors import (
 )
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
+from .parsing import parse_duration, parse_key_value, parse_moment
 from .records import SessionFilter, SessionRecord, iso_utc, unclean_text
 from .repository import SORTS
 from .states import EndReason, SessionStatus
@@ -353,12 +352,12 @@ def _one(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _click_value(convert: Callable[[], Any], name: str) -> Any:
-    """A value parsed by the CLI's own parameter types, their complaint as a 400."""
+def _parsed(convert: Callable[[], Any], name: str) -> Any:
+    """A value parsed as the CLI parses it (parsing.py), its complaint as a 400."""
     try:
         return convert()
-    except click.BadParameter as exc:
-        bad_request(f"{name}: {exc.message}")
+    except ValueError as exc:
+        bad_request(f"{name}: {exc}")
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -389,14 +388,11 @@ def _filter(request: web.Request) -> SessionFilter:
     since, until, idle = (_one(request, n) for n in ("since", "until", "idle_for"))
     meta: dict[str, str] = {}
     for raw in request.query.getall("meta", []):
-        key, value = _click_value(functools.partial(KEY_VALUE.convert, raw, None, None), "meta")
+        key, value = _parsed(functools.partial(parse_key_value, raw), "meta")
         meta[key] = value
-    idle_for = None
-    if idle is not None:
-        try:
-            idle_for = parse_duration(idle)
-        except ValueError as exc:
-            bad_request(f"idle_for: {exc}")
+    idle_for = (
+        None if idle is None else _parsed(functools.partial(parse_duration, idle), "idle_for")
+    )
     return SessionFilter(
         statuses=statuses or None,
         agent_id=_one(request, "agent_id"),
@@ -410,7 +406,7 @@ def _filter(request: web.Request) -> SessionFilter:
 def _moment(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
-    return _click_value(lambda: MOMENT.convert(raw, None, None), name)  # type: ignore[no-any-return]
+    return _parsed(functools.partial(parse_moment, raw), name)  # type: ignore[no-any-return]
 
 
 async def list_sessions(request: web.Request) -> web.Response:
