@@ -86,14 +86,21 @@ from .errors import (
 from .logs import configure_logging
 from .manager import SessionManager
 from .parsing import DURATION_UNITS as DURATION_UNITS
-from .parsing import SECRET_HINT
 from .parsing import parse_duration as parse_duration
 from .reaper import Outcome, TickResult
 from .reconcile import ReconcileReport
-from .records import MIN_SECRET_CHARS, Page, SessionEvent, SessionFilter, SessionRecord, Stats
+from .records import (
+    Page,
+    SessionEvent,
+    SessionFilter,
+    SessionRecord,
+    Stats,
+    is_secret_key,
+    scrub,
+)
 from .repository import SORTS, SessionRepository
 from .server import RECONCILE_INTERVAL, SHUTDOWN_GRACE
-from .states import FINAL_STATUSES, EndReason, SessionStatus
+from .states import FINAL_STATUSES, MANUAL_REASONS, EndReason, SessionStatus
 
 # Names imported `as` themselves are re-exported: callers and tests import them from here.
 
@@ -123,10 +130,7 @@ class CliContext:
 
 def _scrub(text: str) -> str:
     """One line, without any secret this invocation knows of."""
-    for secret in _SECRETS:
-        if len(secret) >= MIN_SECRET_CHARS:
-            text = text.replace(secret, "***")
-    return " ".join(text.splitlines())
+    return scrub(text, _SECRETS, one_line=True)
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
@@ -320,7 +324,6 @@ END_CONCURRENCY = config.REAPER_CONCURRENCY  # terminate requests in flight in e
 PRUNE_BATCH = 1000  # rows deleted per transaction by `prune`
 STATS_DAYS = 7  # days of history in `stats`
 MAX_ERRORS_SHOWN = 5  # error lines a batch command prints before summarising the rest
-MANUAL_REASONS = (EndReason.MANUAL.value, EndReason.SHUTDOWN.value, EndReason.ORPHAN.value)
 DRY_RUN_API_KEY = "dry-run-no-key"  # dry runs never call the API, but the client wants a key
 
 
@@ -601,7 +604,7 @@ def create(
     if transport_type is None:
         transport_type = "livekit" if livekit_url or livekit_token else "daily"
     for key, value in properties:
-        if isinstance(value, str) and SECRET_HINT.search(key) and value:
+        if isinstance(value, str) and is_secret_key(key) and value:
             _SECRETS.add(value)
     image = agent_image.read_bytes() if agent_image is not None else None
 
@@ -662,7 +665,7 @@ def end_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
     return click.option(
         "--reason",
-        type=click.Choice(MANUAL_REASONS),
+        type=click.Choice([r.value for r in MANUAL_REASONS]),
         default=EndReason.MANUAL.value,
         show_default=True,
         help="End reason recorded.",
@@ -1342,32 +1345,32 @@ def prune(
 @click.option(
     "--idle-window",
     type=POSITIVE_DURATION,
-    help=f"Idle time before a session ends [default: SESSIONMGR_IDLE_WINDOW, else "
+    help=f"Idle time before a session ends [default: {config.env_var('idle_window')}, else "
     f"{human_seconds(config.IDLE_WINDOW)}].",
 )
 @click.option(
     "--max-age",
     type=DURATION_OR_OFF,
-    help=f"Longest life of a session, 'off' for none [default: SESSIONMGR_MAX_AGE, else "
+    help=f"Longest life of a session, 'off' for none [default: {config.env_var('max_age')}, else "
     f"{human_seconds(config.MAX_AGE)}].",
 )
 @click.option(
     "--interval",
     type=POSITIVE_DURATION,
-    help=f"Time between reaper ticks [default: SESSIONMGR_REAPER_INTERVAL, else "
+    help=f"Time between reaper ticks [default: {config.env_var('reaper_interval')}, else "
     f"{human_seconds(config.REAPER_INTERVAL)}].",
 )
 @click.option(
     "--concurrency",
     type=click.IntRange(min=1),
-    help=f"Terminates in flight at once [default: SESSIONMGR_REAPER_CONCURRENCY, else "
+    help=f"Terminates in flight at once [default: {config.env_var('reaper_concurrency')}, else "
     f"{config.REAPER_CONCURRENCY}].",
 )
 @click.option(
     "--lease",
     type=POSITIVE_DURATION,
     help=f"How long a claim is held before another process may take it over [default: "
-    f"SESSIONMGR_LEASE, else {human_seconds(config.LEASE)}].",
+    f"{config.env_var('lease')}, else {human_seconds(config.LEASE)}].",
 )
 @click.option(
     "--reconcile-every",

@@ -26,7 +26,7 @@ ENV_ADMIN_TOKEN_FILE = "SESSIONMGR_ADMIN_TOKEN_FILE"
 ENV_ALLOWED_HOSTS = "SESSIONMGR_ALLOWED_HOSTS"  # comma-separated Host names `serve` answers to
 ENV_CONTROL_ORIGINS = "LEMONSLICE_CONTROL_ORIGINS"  # comma-separated extra origins for control_url
 
-# Reaper defaults; each has an environment variable SESSIONMGR_<NAME> (e.g. SESSIONMGR_IDLE_WINDOW).
+# Reaper defaults; each has an environment variable env_var(setting) (e.g. SESSIONMGR_IDLE_WINDOW).
 IDLE_WINDOW = 300.0  # seconds without a touch before the reaper ends a session
 MAX_AGE = 3600.0  # seconds a session may live at most, touched or not
 REAPER_INTERVAL = 5.0  # seconds between reaper ticks
@@ -107,14 +107,14 @@ class Settings:
             ("lease", float),
             ("http_port", int),
         ):
-            raw = env.get(f"SESSIONMGR_{name.upper()}")
+            raw = env.get(env_var(name))
             if raw:
                 try:
                     values[name] = conv(raw)
                 except ValueError:
                     what = "a whole number" if conv is int else "a number"
                     raise ConfigurationError(
-                        f"SESSIONMGR_{name.upper()}={raw!r} is not {what}; fix or unset it"
+                        f"{env_var(name)}={raw!r} is not {what}; fix or unset it"
                     ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         port = values.get("http_port", HTTP_PORT)
@@ -146,7 +146,12 @@ FLAGS = {  # setting -> the `sessionmgr serve` flag that sets it
 def setting_label(name: str) -> str:
     """How an error names a setting: its environment variable, and its flag when it has one."""
     flag = FLAGS.get(name)
-    return f"SESSIONMGR_{name.upper()}" + (f" / {flag}" if flag else "")
+    return env_var(name) + (f" / {flag}" if flag else "")
+
+
+def env_var(setting: str) -> str:
+    """The environment variable of a numeric setting: ``lease`` -> ``SESSIONMGR_LEASE``."""
+    return f"SESSIONMGR_{setting.upper()}"
 
 
 def read_secret_file(path: str | Path, source: str) -> str:

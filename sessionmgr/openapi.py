@@ -13,7 +13,7 @@ from typing import Any
 from .checks import DEFAULT_PAGE, INT32, MAX_PAGE, MAX_SECONDS, MAX_STATS_DAYS
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
 from .repository import SORTS
-from .states import EndReason, SessionStatus
+from .states import MANUAL_REASONS, EndReason, SessionStatus
 
 CONTROL_NAMES = (  # web.CONTROL_FIELDS, the body keys of POST /api/sessions/{id}/control
     "agent_prompt",
@@ -256,7 +256,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "reason": {
                 "type": "string",
-                "enum": [r.value for r in (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)],
+                "enum": [r.value for r in MANUAL_REASONS],
                 "default": EndReason.MANUAL.value,
             }
         },

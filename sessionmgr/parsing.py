@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .checks import MAX_SECONDS
+from .records import is_secret_key
 
 DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}  # seconds
 
@@ -19,7 +20,6 @@ _DURATION_PLAIN = re.compile(r"\d+(?:\.\d+)?")
 _DURATION_COMPOUND = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 OFF_WORDS = frozenset({"none", "off", "never"})
-SECRET_HINT = re.compile(r"token|secret|key", re.IGNORECASE)
 
 
 def parse_duration(text: str) -> float:
@@ -68,7 +68,7 @@ def parse_key_value(value: object, *, json_values: bool = False) -> tuple[str, A
     key, sep, raw = str(value).partition("=")
     key = key.strip()
     if not sep or not key:
-        what = "<redacted>" if SECRET_HINT.search(str(value)) else repr(value)
+        what = "<redacted>" if is_secret_key(value) else repr(value)
         raise ValueError(f"{what} is not KEY=VALUE (e.g. user=alice)")
     parsed: Any = raw
     if json_values:

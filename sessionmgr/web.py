@@ -27,7 +27,7 @@ from aiohttp import web
 
 from . import __version__, openapi
 from .checks import DEFAULT_PAGE, MAX_PAGE, MAX_STATS_DAYS
-from .config import ENV_ALLOWED_HOSTS
+from .config import ENV_ADMIN_TOKEN, ENV_ALLOWED_HOSTS
 from .errors import (
     ActivationTimeout,
     CreateOutcomeUnknown,
@@ -42,17 +42,15 @@ from .errors import (
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
 from .parsing import parse_duration, parse_key_value, parse_moment
-from .records import SessionFilter, SessionRecord, iso_utc, unclean_text
+from .records import SessionFilter, SessionRecord, iso_utc, scrub, unclean_text
 from .repository import SORTS
-from .states import EndReason, SessionStatus
+from .states import MANUAL_REASONS, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
 
-ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"
 STALE_TICKS = 3  # reaper intervals without a tick before /healthz says 503
 HEALTH_DB_TIMEOUT = 2.0  # seconds /healthz waits for the database
 STATS_DAYS = 7  # default ?days= of /api/stats
-END_REASONS = (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)  # what a caller may give
 STATIC_FILES = {  # name -> content type; nothing else under /static is served
     "dashboard.html": "text/html",
     "dashboard.css": "text/css",
@@ -283,10 +281,7 @@ def _host_name(host: str) -> str:
 
 def _scrub(request: web.Request, text: str) -> str:
     """One line without the admin token (errors never carry the API key: the client sees to it)."""
-    token = request.app[TOKEN]
-    if token:
-        text = text.replace(token, "***")
-    return " ".join(text.split())
+    return scrub(text, (request.app[TOKEN],), one_line=True)
 
 
 def _manager(request: web.Request) -> SessionManager:
@@ -582,8 +577,8 @@ async def end_session(request: web.Request) -> web.Response:
     if unknown:
         bad_request(f"unknown field(s) {', '.join(unknown)}: only reason")
     reason = body.get("reason", EndReason.MANUAL.value)
-    if reason not in [r.value for r in END_REASONS]:
-        bad_request(f"reason must be one of {', '.join(r.value for r in END_REASONS)}")
+    if reason not in MANUAL_REASONS:
+        bad_request(f"reason must be one of {', '.join(MANUAL_REASONS)}")
     record = await _record(request)
     if record.status is SessionStatus.PENDING:
         raise ApiError(
