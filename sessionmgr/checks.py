@@ -20,6 +20,7 @@ from .records import is_clean_text, redact, unclean_text
 
 MAX_SECONDS = 100 * 365.25 * 86400  # the longest window or age accepted: 100 years
 MAX_STATS_DAYS = 3660  # days of stats history at most: ten years, what any dashboard charts
+DEFAULT_STATS_DAYS = 7  # days of history in `stats` and /api/stats unless asked
 MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
 MAX_PAGE = 1000  # rows per page of list()
 DEFAULT_PAGE = 50  # rows per page of list()

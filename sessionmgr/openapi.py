@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checks import DEFAULT_PAGE, INT32, MAX_PAGE, MAX_SECONDS, MAX_STATS_DAYS
+from .checks import DEFAULT_PAGE, DEFAULT_STATS_DAYS, INT32, MAX_PAGE, MAX_SECONDS, MAX_STATS_DAYS
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
 from .repository import SORTS
 from .states import MANUAL_REASONS, EndReason, SessionStatus
@@ -491,7 +491,12 @@ def _document(version: str) -> dict[str, Any]:
                         {
                             "name": "days",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_STATS_DAYS},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_STATS_DAYS,
+                                "default": DEFAULT_STATS_DAYS,
+                            },
                         }
                     ],
                     "responses": _responses({"200": _json(_ref("Stats"), "Stats")}, 400, 503),

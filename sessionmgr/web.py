@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 from aiohttp import web
 
 from . import __version__, openapi
-from .checks import DEFAULT_PAGE, MAX_PAGE, MAX_STATS_DAYS
+from .checks import DEFAULT_PAGE, DEFAULT_STATS_DAYS, MAX_PAGE, MAX_STATS_DAYS
 from .config import ENV_ADMIN_TOKEN, ENV_ALLOWED_HOSTS
 from .errors import (
     ActivationTimeout,
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 
 STALE_TICKS = 3  # reaper intervals without a tick before /healthz says 503
 HEALTH_DB_TIMEOUT = 2.0  # seconds /healthz waits for the database
-STATS_DAYS = 7  # default ?days= of /api/stats
 STATIC_FILES = {  # name -> content type; nothing else under /static is served
     "dashboard.html": "text/html",
     "dashboard.css": "text/css",
@@ -438,7 +437,7 @@ async def show_session(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    days = _int_param(request, "days", STATS_DAYS, 1, MAX_STATS_DAYS)
+    days = _int_param(request, "days", DEFAULT_STATS_DAYS, 1, MAX_STATS_DAYS)
     manager = _manager(request)
     result = await manager.repository.stats(days=days)
     return web.json_response({**result.to_dict(), "now": iso_utc(manager.clock.now())})
