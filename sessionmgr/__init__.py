@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 from .client import LemonSliceClient, Timeouts
 from .clock import Clock, FakeClock, SystemClock
-from .config import Settings
+from .config import ReaperConfig, Settings, Windows
 from .errors import (
     ActivationTimeout,
     AuthError,
@@ -84,6 +84,7 @@ __all__ = [
     "Page",
     "RateLimitedError",
     "Reaper",
+    "ReaperConfig",
     "ReconcileReport",
     "RetryPolicy",
     "ServerError",
@@ -101,6 +102,7 @@ __all__ = [
     "SystemClock",
     "Timeouts",
     "TransportError",
+    "Windows",
     "__version__",
     "create_app",
 ]

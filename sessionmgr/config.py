@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .checks import check_count, check_seconds
+from .checks import check_count, check_seconds, check_windows
 from .errors import ConfigurationError
 
 DEFAULT_API_URL = "https://lemonslice.com/api/liveai/sessions"
@@ -174,3 +174,48 @@ def read_secret_file(path: str | Path, source: str) -> str:
 def split_list(raw: str) -> tuple[str, ...]:
     """``a, b,,c`` -> ``("a", "b", "c")``: the form of the list-valued environment variables."""
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+# --- SessionManager's grouped settings (as httpx groups Timeout and Limits) ----------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Windows:
+    """How long a session may live: ``idle`` seconds without a touch, ``max_age`` seconds in all
+    (None: no limit). The reaper ends it at whichever comes first. Validated on construction."""
+
+    idle: float = IDLE_WINDOW
+    max_age: float | None = MAX_AGE
+
+    def __post_init__(self) -> None:
+        check_windows(self.idle, self.max_age, error=ConfigurationError)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReaperConfig:
+    """How a manager's reaper runs: seconds between ticks, terminates in flight, rows claimed per
+    statement, how long a claim is held, how often buffered touches are written, and how often a
+    full reconcile runs (None: never). Validated on construction; an error names the setting as
+    ``Settings`` and SessionManager's keywords do (``reaper_interval``, ``lease``)."""
+
+    interval: float = REAPER_INTERVAL
+    concurrency: int = REAPER_CONCURRENCY
+    batch: int = REAPER_BATCH
+    lease: float = LEASE
+    touch_flush_interval: float = TOUCH_FLUSH_INTERVAL
+    reconcile_interval: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "lease", "touch_flush_interval", "reconcile_interval"):
+            value = getattr(self, name)
+            if value is not None or name != "reconcile_interval":
+                check_seconds(_KEYWORDS.get(name, name), value, error=ConfigurationError)
+        for name in ("concurrency", "batch"):
+            check_count(_KEYWORDS[name], getattr(self, name), error=ConfigurationError)
+
+
+_KEYWORDS = {
+    "interval": "reaper_interval",
+    "concurrency": "reaper_concurrency",
+    "batch": "reaper_batch",
+}

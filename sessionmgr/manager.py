@@ -17,11 +17,11 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Any, Literal, Self
+from types import EllipsisType, TracebackType
+from typing import Any, Literal, Self, TypeVar
 
 from . import config
-from .checks import check_count, check_seconds, check_session_id, check_windows
+from .checks import check_session_id
 from .client import (
     RESET_IDLE_EVENT,
     TRANSPORT_TYPE,
@@ -37,6 +37,7 @@ from .client import (
     trigger_event,
 )
 from .clock import SYSTEM_CLOCK, Clock
+from .config import ReaperConfig, Windows
 from .errors import (
     ConfigurationError,
     CreateOutcomeUnknown,
@@ -75,12 +76,28 @@ class EndResult:
     message: str
 
 
+_Config = TypeVar("_Config", Windows, ReaperConfig)
+
+
+def _with(settings: _Config, **given: Any) -> _Config:
+    """``settings`` with the fields given (not None) replaced, validated again by the class."""
+    changes = {name: value for name, value in given.items() if value is not None}
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
 class SessionManager:
     """Sessions as durable records that are guaranteed to end.
 
     ``on_exit="leave"`` (the default) leaves live sessions to the reaper of whichever process runs
     next, which suits redeploys; ``"end"`` ends the sessions this process created, reason
     ``shutdown``.
+
+    Settings come grouped, as httpx groups ``Timeout`` and ``Limits``: ``windows=Windows(idle=60)``
+    (how long sessions live) and ``reaper=ReaperConfig(interval=1)`` (how the reaper runs;
+    ``reaper=False`` runs none), each validated when built. The older flat keywords
+    (``idle_window=``, ``max_age=``, ``reaper_interval=``, ``reaper_concurrency=``,
+    ``reaper_batch=``, ``lease=``, ``touch_flush_interval=``, ``reconcile_interval=``) still
+    work and override the matching field.
     """
 
     def __init__(
@@ -91,16 +108,9 @@ class SessionManager:
         client: LemonSliceClient | None = None,
         api_key: str | None = None,
         api_url: str | None = None,
-        idle_window: float = config.IDLE_WINDOW,
-        max_age: float | None = config.MAX_AGE,
-        reaper: bool = True,
-        reaper_interval: float = config.REAPER_INTERVAL,
-        reaper_concurrency: int = config.REAPER_CONCURRENCY,
-        reaper_batch: int = config.REAPER_BATCH,
-        lease: float = config.LEASE,
-        touch_flush_interval: float = config.TOUCH_FLUSH_INTERVAL,
+        windows: Windows | None = None,
+        reaper: bool | ReaperConfig = True,
         intent_lease: float = config.INTENT_LEASE,
-        reconcile_interval: float | None = None,
         on_exit: OnExit = "leave",
         on_created: SessionHook | None = None,
         on_ended: SessionHook | None = None,
@@ -111,7 +121,28 @@ class SessionManager:
         server_keepalive: float | None = None,
         on_active: ActiveHook | None = None,
         on_keepalive: KeepaliveHook | None = None,
+        # the flat keywords of earlier versions, each overriding its field of windows / reaper:
+        idle_window: float | None = None,
+        max_age: float | EllipsisType | None = ...,  # None: no limit; ...: not given
+        reaper_interval: float | None = None,
+        reaper_concurrency: int | None = None,
+        reaper_batch: int | None = None,
+        lease: float | None = None,
+        touch_flush_interval: float | None = None,
+        reconcile_interval: float | None = None,
     ) -> None:
+        windows = _with(windows or Windows(), idle=idle_window)
+        if max_age is not ...:
+            windows = dataclasses.replace(windows, max_age=max_age)
+        reaping = _with(
+            reaper if isinstance(reaper, ReaperConfig) else ReaperConfig(),
+            interval=reaper_interval,
+            concurrency=reaper_concurrency,
+            batch=reaper_batch,
+            lease=lease,
+            touch_flush_interval=touch_flush_interval,
+            reconcile_interval=reconcile_interval,
+        )
         if on_exit not in ("leave", "end"):
             raise ConfigurationError(f"on_exit must be 'leave' or 'end', not {on_exit!r}")
         if server_keepalive is not None and (
@@ -122,34 +153,25 @@ class SessionManager:
             raise ConfigurationError(
                 f"server_keepalive must be a positive number of seconds, not {server_keepalive!r}"
             )
-        check_windows(idle_window, max_age, error=ConfigurationError)
-        for label, seconds in (
-            ("reaper_interval", reaper_interval),
-            ("lease", lease),
-            ("touch_flush_interval", touch_flush_interval),
-        ):
-            check_seconds(label, seconds, error=ConfigurationError)
-        if reconcile_interval is not None:
-            check_seconds("reconcile_interval", reconcile_interval, error=ConfigurationError)
-        check_count("reaper_concurrency", reaper_concurrency, error=ConfigurationError)
-        check_count("reaper_batch", reaper_batch, error=ConfigurationError)
         self._database_url = database_url
         self._repository = repository
         self._client = client
         self._owns_client = client is None
         self._api_key = api_key
         self._api_url = api_url
-        self.idle_window = idle_window
-        self.max_age = max_age
-        self._reaper_enabled = reaper
-        self._reaper_interval = reaper_interval
-        self._reaper_concurrency = reaper_concurrency
-        self._reaper_batch = reaper_batch
-        self._lease = lease
-        self._touch_flush_interval = touch_flush_interval
+        self.windows = windows
+        self.reaper_config = reaping
+        self.idle_window = windows.idle
+        self.max_age = windows.max_age
+        self._reaper_enabled = reaper is not False
+        self._reaper_interval = reaping.interval
+        self._reaper_concurrency = reaping.concurrency
+        self._reaper_batch = reaping.batch
+        self._lease = reaping.lease
+        self._touch_flush_interval = reaping.touch_flush_interval
         self.intent_lease = intent_lease
         self._intents: LeaseKeeper | None = None
-        self._reconcile_interval = reconcile_interval
+        self._reconcile_interval = reaping.reconcile_interval
         self.on_exit = on_exit
         self.on_created = on_created
         self._on_ended = on_ended
