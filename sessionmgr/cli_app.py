@@ -306,14 +306,14 @@ async def open_manager(
 class EndOutcome:
     """What ending one session of a batch came to."""
 
-    key: str
+    session_ref: str
     outcome: str  # ended | unchanged | busy | failed | not_found
     message: str
     record: SessionRecord | None
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "key": self.key,
+            "session_ref": self.session_ref,
             "outcome": self.outcome,
             "message": self.message,
             "session": self.record.to_dict() if self.record else None,
@@ -329,7 +329,7 @@ def batch_exit_code(*, done: int, failed: int, not_found: int) -> int:
 
 async def end_many(
     manager: SessionManager,
-    keys: Sequence[str],
+    session_refs: Sequence[str],
     *,
     reason: EndReason,
     concurrency: int,
@@ -337,18 +337,18 @@ async def end_many(
 ) -> list[EndOutcome]:
     gate = asyncio.Semaphore(concurrency)
 
-    async def end_one(key: str) -> EndOutcome:
+    async def end_one(session_ref: str) -> EndOutcome:
         async with gate:
             try:
-                result = await manager.end_session(key, reason=reason)
+                result = await manager.end_session(session_ref, reason=reason)
             except SessionNotFound as exc:
-                return EndOutcome(key, "not_found", str(exc), None)
+                return EndOutcome(session_ref, "not_found", str(exc), None)
             except SessionMgrError as exc:  # terminate failed (rescheduled) or still pending
-                record = await manager.repository.find(key)
+                record = await manager.repository.find(session_ref)
                 message = describe(exc)
                 if record is not None and record.status is SessionStatus.ENDING:
                     message += "; the reaper retries it"
-                return EndOutcome(key, "failed", message, record)
+                return EndOutcome(session_ref, "failed", message, record)
             finally:
                 advance(1)
         if result.changed:
@@ -357,15 +357,15 @@ async def end_many(
             outcome = "unchanged"
         else:
             outcome = "busy"  # another process holds it and is ending it
-        return EndOutcome(key, outcome, result.message, result.record)
+        return EndOutcome(session_ref, outcome, result.message, result.record)
 
-    return list(await asyncio.gather(*(end_one(k) for k in keys)))
+    return list(await asyncio.gather(*(end_one(k) for k in session_refs)))
 
 
 def _label(outcome: EndOutcome) -> str:
     record = outcome.record
     if record is None:
-        return outcome.key
+        return outcome.session_ref
     return f"#{record.id} {record.session_id or '(no session_id)'}"
 
 

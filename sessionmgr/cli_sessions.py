@@ -286,12 +286,12 @@ def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
         async with open_repository(obj.settings) as repo:
             found: dict[str, SessionRecord] = {}
             unknown: list[str] = []
-            for key in dict.fromkeys(session_ids):
-                record = await repo.find(key)
+            for session_ref in dict.fromkeys(session_ids):
+                record = await repo.find(session_ref)
                 if record is None:
-                    unknown.append(key)
+                    unknown.append(session_ref)
                 else:
-                    found[key] = record
+                    found[session_ref] = record
             wanted = [
                 r.session_id
                 for r in found.values()
@@ -317,9 +317,10 @@ def touch(obj: CliContext, session_ids: tuple[str, ...], as_json: bool) -> None:
     for r in not_active:
         label = r.session_id or "(no session_id)"
         click.echo(f"warning: #{r.id} {label} is {r.status}, not touched", err=True)
-    for key in unknown:
+    for session_ref in unknown:
         click.echo(
-            f"error: no session with id or session_id {key!r}: see `sessionmgr list`", err=True
+            f"error: no session with id or session_id {session_ref!r}: see `sessionmgr list`",
+            err=True,
         )
     sys.exit(EXIT_NOT_FOUND if unknown else EXIT_OK)
 

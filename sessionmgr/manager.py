@@ -88,6 +88,9 @@ def _with(settings: _Config, **given: Any) -> _Config:
 class SessionManager:
     """Sessions as durable records that are guaranteed to end.
 
+    A session is named by its local ``id`` (an int) or LemonSlice's ``session_id`` (a string); a
+    parameter called ``session_ref`` takes either: a local id or a LemonSlice session_id.
+
     ``on_exit="leave"`` (the default) leaves live sessions to the reaper of whichever process runs
     next, which suits redeploys; ``"end"`` ends the sessions this process created, reason
     ``shutdown``.
@@ -180,7 +183,7 @@ class SessionManager:
         self.clock = clock or (repository.clock if repository else SYSTEM_CLOCK)
         self.owner = owner or new_owner()
         self._reaper: Reaper | None = None
-        # pks this process created and has not ended itself, kept only for on_exit="end" (a
+        # local ids this process created and has not ended itself, kept only for on_exit="end" (a
         # long-running backend that leaves sessions to the reaper must not grow per create)
         self._created: set[int] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -284,11 +287,11 @@ class SessionManager:
                 await self.client.close()
 
     async def _end_own_sessions(self) -> None:
-        for pk in sorted(self._created):
+        for local_id in sorted(self._created):
             try:
-                await self.end_session(pk, reason=EndReason.SHUTDOWN)
+                await self.end_session(local_id, reason=EndReason.SHUTDOWN)
             except SessionMgrError as exc:  # the reaper of the next process takes it over
-                logger.warning("could not end session %s on exit: %s", pk, exc)
+                logger.warning("could not end session %s on exit: %s", local_id, exc)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -692,8 +695,8 @@ class SessionManager:
             await self._call_hook(self.on_created, record)
         return record
 
-    async def get(self, key: str | int) -> SessionRecord:
-        return await self.repository.get(key)
+    async def get(self, session_ref: str | int) -> SessionRecord:
+        return await self.repository.get(session_ref)
 
     async def reconcile(
         self, *, dry_run: bool = False, end_orphans: bool = False
@@ -715,7 +718,11 @@ class SessionManager:
     # --- control events ------------------------------------------------------------------
 
     async def update_image(
-        self, key: str | int, *, image_url: str | None = None, image: AgentImage | None = None
+        self,
+        session_ref: str | int,
+        *,
+        image_url: str | None = None,
+        image: AgentImage | None = None,
     ) -> SessionRecord:
         """Show another image (``image_url``, or ``image``: PNG bytes or an object with
         ``.save(fp, format="PNG")``, at most 900 KB) on an active session."""
@@ -725,29 +732,35 @@ class SessionManager:
         else:
             b64 = body["image_base64"]
             detail = f"update-image (PNG, {len(b64) * 3 // 4 - b64[-2:].count('='):,} bytes)"
-        return await self._control(key, body, detail)
+        return await self._control(session_ref, body, detail)
 
-    async def update_agent_prompt(self, key: str | int, agent_prompt: str) -> SessionRecord:
+    async def update_agent_prompt(self, session_ref: str | int, agent_prompt: str) -> SessionRecord:
         body = agent_prompt_event(agent_prompt)
-        return await self._control(key, body, f"update-agent-prompt ({len(agent_prompt)} chars)")
+        return await self._control(
+            session_ref, body, f"update-agent-prompt ({len(agent_prompt)} chars)"
+        )
 
-    async def update_idle_prompt(self, key: str | int, idle_prompt: str) -> SessionRecord:
+    async def update_idle_prompt(self, session_ref: str | int, idle_prompt: str) -> SessionRecord:
         body = idle_prompt_event(idle_prompt)
-        return await self._control(key, body, f"update-idle-prompt ({len(idle_prompt)} chars)")
+        return await self._control(
+            session_ref, body, f"update-idle-prompt ({len(idle_prompt)} chars)"
+        )
 
-    async def trigger_action(self, key: str | int, name: str) -> SessionRecord:
-        return await self._control(key, trigger_event(name), f"trigger {name}")
+    async def trigger_action(self, session_ref: str | int, name: str) -> SessionRecord:
+        return await self._control(session_ref, trigger_event(name), f"trigger {name}")
 
-    async def reset_idle_timeout(self, key: str | int) -> SessionRecord:
-        return await self._control(key, {"event": RESET_IDLE_EVENT}, RESET_IDLE_EVENT)
+    async def reset_idle_timeout(self, session_ref: str | int) -> SessionRecord:
+        return await self._control(session_ref, {"event": RESET_IDLE_EVENT}, RESET_IDLE_EVENT)
 
-    async def _control(self, key: str | int, body: Mapping[str, Any], detail: str) -> SessionRecord:
-        """Send one control event to the session ``key`` names (local id or session_id) and
-        append a ``control`` event row. Only an active session takes one: anything else is
-        refused with ``SessionNotLive`` before a request. 404/410 means LemonSlice no longer has
-        it: it is ended (``gone``, through a terminate, as the reaper would) and
-        ``SessionNotLive`` raised. A control counts as activity (a touch)."""
-        record = await self.repository.get(key)
+    async def _control(
+        self, session_ref: str | int, body: Mapping[str, Any], detail: str
+    ) -> SessionRecord:
+        """Send one control event to the session ``session_ref`` names and append a ``control``
+        event row. Only an active session takes one: anything else is refused with
+        ``SessionNotLive`` before a request. 404/410 means LemonSlice no longer has it: it is
+        ended (``gone``, through a terminate, as the reaper would) and ``SessionNotLive`` raised.
+        A control counts as activity (a touch)."""
+        record = await self.repository.get(session_ref)
         if record.status is not SessionStatus.ACTIVE or record.session_id is None:
             raise SessionNotLive(
                 f"session {record.id} is {record.status}: control events go to active sessions only"
@@ -775,7 +788,7 @@ class SessionManager:
 
     async def wait_until_active(
         self,
-        key: str | int,
+        session_ref: str | int,
         *,
         timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109 - the documented name; polls, never cut
     ) -> SessionRecord:
@@ -785,7 +798,7 @@ class SessionManager:
         reconcile would) and raises ``SessionNotLive``; ``ActivationTimeout`` after ``timeout``
         seconds leaves it active and QUEUED. ``on_active`` gets the seconds from intent to ACTIVE.
         """
-        record = await self.repository.get(key)
+        record = await self.repository.get(session_ref)
         if record.status is not SessionStatus.ACTIVE or record.session_id is None:
             raise SessionNotLive(
                 f"session {record.id} is {record.status}: only an active session can be waited on"

@@ -424,10 +424,10 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def _record(request: web.Request) -> SessionRecord:
     """The session named in the path: a local id or a LemonSlice session_id, as the CLI takes."""
-    key = request.match_info["id"]
-    if not _storable(key):
-        raise SessionNotFound(f"no session with id or session_id {key!r}")
-    return await _manager(request).repository.get(key)
+    session_ref = request.match_info["id"]  # a local id or a LemonSlice session_id
+    if not _storable(session_ref):
+        raise SessionNotFound(f"no session with id or session_id {session_ref!r}")
+    return await _manager(request).repository.get(session_ref)
 
 
 async def show_session(request: web.Request) -> web.Response:
