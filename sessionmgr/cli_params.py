@@ -1,35 +1,16 @@
-"""Parsing of command-line values (durations, times, KEY=VALUE), apart from the commands."""
+"""click parameter types and options shared by the commands; the parsing itself is parsing.py."""
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import click
 
-from .repository import MAX_SECONDS
-
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}  # seconds
-
-_DURATION_PLAIN = re.compile(r"\d+(?:\.\d+)?")
-_DURATION_COMPOUND = re.compile(r"(?:\d+(?:\.\d+)?[smhdw])+")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-_OFF_WORDS = frozenset({"none", "off", "never"})
-SECRET_HINT = re.compile(r"token|secret|key", re.IGNORECASE)
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``90``, ``90s``, ``10m``, ``2h``, ``7d``, ``1w`` or ``1h30m``."""
-    raw = text.strip().lower()
-    if _DURATION_PLAIN.fullmatch(raw):
-        return float(raw)
-    if _DURATION_COMPOUND.fullmatch(raw):
-        return sum(float(n) * DURATION_UNITS[u] for n, u in _DURATION_PART.findall(raw))
-    raise ValueError(f"{text!r} is not a duration: use e.g. 90, 90s, 10m, 2h or 7d")
+from .checks import MAX_SECONDS
+from .parsing import OFF_WORDS, parse_duration, parse_key_value, parse_moment, shown
 
 
 class Duration(click.ParamType[float, Any]):
@@ -46,7 +27,7 @@ class Duration(click.ParamType[float, Any]):
     ) -> float:
         if isinstance(value, int | float):
             return float(value)
-        if self.allow_off and str(value).strip().lower() in _OFF_WORDS:
+        if self.allow_off and str(value).strip().lower() in OFF_WORDS:
             return math.inf
         try:
             seconds = parse_duration(str(value))
@@ -54,7 +35,7 @@ class Duration(click.ParamType[float, Any]):
             hint = " (or 'off')" if self.allow_off else ""
             self.fail(f"{exc}{hint}", param, ctx)
         if not seconds <= MAX_SECONDS:  # inf too (a long enough string of digits)
-            self.fail(f"{_shown(value)} is longer than 100 years: use less", param, ctx)
+            self.fail(f"{shown(value)} is longer than 100 years: use less", param, ctx)
         if self.positive and seconds <= 0:
             self.fail(f"{value!r} must be longer than 0 seconds", param, ctx)
         return seconds
@@ -68,33 +49,10 @@ class Moment(click.ParamType[datetime, Any]):
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> datetime:
-        if isinstance(value, datetime):
-            return value
-        text = str(value).strip()
         try:
-            ago = parse_duration(text)
-        except ValueError:
-            pass
-        else:
-            if not ago <= MAX_SECONDS:
-                self.fail(f"{_shown(value)} is more than 100 years ago", param, ctx)
-            return datetime.now(UTC) - timedelta(seconds=ago)
-        try:
-            moment = datetime.fromisoformat(text)
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            return moment.astimezone(UTC)
-        except OverflowError:  # e.g. year 1 with a positive offset: before datetime.min in UTC
-            self.fail(
-                f"{_shown(value)} is out of range: use a time between years 2 and 9998", param, ctx
-            )
-        except ValueError:
-            self.fail(
-                f"{_shown(value)} is neither an ISO 8601 time (e.g. 2026-01-31T12:00:00Z) "
-                "nor a duration ago (e.g. 2h, 7d)",
-                param,
-                ctx,
-            )
+            return parse_moment(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class KeyValue(click.ParamType[tuple[str, Any], Any]):
@@ -108,20 +66,10 @@ class KeyValue(click.ParamType[tuple[str, Any], Any]):
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
     ) -> tuple[str, Any]:
-        if isinstance(value, tuple):
-            return value
-        key, sep, raw = str(value).partition("=")
-        key = key.strip()
-        if not sep or not key:
-            shown = "<redacted>" if SECRET_HINT.search(str(value)) else repr(value)
-            self.fail(f"{shown} is not KEY=VALUE (e.g. user=alice)", param, ctx)
-        parsed: Any = raw
-        if self.json_values:
-            try:
-                parsed = json.loads(raw)
-            except (ValueError, RecursionError):  # not JSON (or nested absurdly deep): text
-                parsed = raw
-        return key, parsed
+        try:
+            return parse_key_value(value, json_values=self.json_values)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 DURATION = Duration()
@@ -132,37 +80,9 @@ KEY_VALUE = KeyValue()
 KEY_JSON = KeyValue(json_values=True)
 
 
-def _shown(value: Any) -> str:
-    """A value for an error line: quoted, and cut short (a 400-digit number is not news)."""
-    text = repr(str(value))
-    return text if len(text) <= 40 else text[:37] + "…'"
-
-
 def off_to_none(seconds: float | None) -> float | None:
     return None if seconds is None or math.isinf(seconds) else seconds
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")(fn)
-
-
-def latency_option(
-    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
-) -> dict[str, float]:
-    from .testing import ENDPOINTS
-
-    out: dict[str, float] = {}
-    for value in values:
-        endpoint, sep, seconds = value.partition("=")
-        try:
-            if not sep or endpoint not in ENDPOINTS:
-                raise ValueError
-            out[endpoint] = float(seconds)
-            if not out[endpoint] >= 0:
-                raise ValueError
-        except ValueError:
-            raise click.BadParameter(
-                f"{value!r} is not ENDPOINT=SECONDS with ENDPOINT one of {', '.join(ENDPOINTS)} "
-                f"and SECONDS >= 0 (e.g. terminate=0.02)"
-            ) from None
-    return out

@@ -65,7 +65,7 @@ from .errors import (
     UntrustedURLError,
     excerpt,
 )
-from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, unclean_text
+from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, scrub, unclean_text
 from .retry import RetryPolicy
 from .states import REMOTE_FINAL
 
@@ -1327,11 +1327,7 @@ def _secrets_of(payload: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _scrub(text: str, secrets: tuple[str, ...]) -> str:
     """The body excerpt an error keeps, with any echoed secret blanked out."""
-    text = excerpt(text, limit=4096)  # bound the work before replacing
-    for secret in secrets:
-        if len(secret) >= MIN_SECRET_CHARS:
-            text = text.replace(secret, "***")
-    return text
+    return scrub(excerpt(text, limit=4096), secrets)  # bound the work before replacing
 
 
 def _loads_or_none(body: bytes) -> Any:

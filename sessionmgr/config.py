@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .checks import check_count, check_seconds, check_windows
 from .errors import ConfigurationError
 
 DEFAULT_API_URL = "https://lemonslice.com/api/liveai/sessions"
@@ -26,7 +26,7 @@ ENV_ADMIN_TOKEN_FILE = "SESSIONMGR_ADMIN_TOKEN_FILE"
 ENV_ALLOWED_HOSTS = "SESSIONMGR_ALLOWED_HOSTS"  # comma-separated Host names `serve` answers to
 ENV_CONTROL_ORIGINS = "LEMONSLICE_CONTROL_ORIGINS"  # comma-separated extra origins for control_url
 
-# Reaper defaults; each has an environment variable SESSIONMGR_<NAME> (e.g. SESSIONMGR_IDLE_WINDOW).
+# Reaper defaults; each has an environment variable env_var(setting) (e.g. SESSIONMGR_IDLE_WINDOW).
 IDLE_WINDOW = 300.0  # seconds without a touch before the reaper ends a session
 MAX_AGE = 3600.0  # seconds a session may live at most, touched or not
 REAPER_INTERVAL = 5.0  # seconds between reaper ticks
@@ -65,9 +65,9 @@ class Settings:
         for name in ("idle_window", "max_age", "reaper_interval", "lease"):
             value = getattr(self, name)
             if value is not None:
-                check_seconds(setting_label(name), value)
+                check_seconds(setting_label(name), value, error=ConfigurationError)
         for name in ("reaper_concurrency", "reaper_batch"):
-            check_count(setting_label(name), getattr(self, name))
+            check_count(setting_label(name), getattr(self, name), error=ConfigurationError)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
@@ -107,14 +107,14 @@ class Settings:
             ("lease", float),
             ("http_port", int),
         ):
-            raw = env.get(f"SESSIONMGR_{name.upper()}")
+            raw = env.get(env_var(name))
             if raw:
                 try:
                     values[name] = conv(raw)
                 except ValueError:
                     what = "a whole number" if conv is int else "a number"
                     raise ConfigurationError(
-                        f"SESSIONMGR_{name.upper()}={raw!r} is not {what}; fix or unset it"
+                        f"{env_var(name)}={raw!r} is not {what}; fix or unset it"
                     ) from None
         values.update({k: v for k, v in overrides.items() if v is not None})
         port = values.get("http_port", HTTP_PORT)
@@ -132,7 +132,7 @@ def _optional_seconds(raw: str) -> float | None:
     return float(raw)
 
 
-# --- checks shared by Settings, the CLI, SessionManager and Reaper ------------------------------
+# --- how errors name settings (the checks themselves are in checks.py) ---------------------
 
 FLAGS = {  # setting -> the `sessionmgr serve` flag that sets it
     "idle_window": "--idle-window",
@@ -146,26 +146,12 @@ FLAGS = {  # setting -> the `sessionmgr serve` flag that sets it
 def setting_label(name: str) -> str:
     """How an error names a setting: its environment variable, and its flag when it has one."""
     flag = FLAGS.get(name)
-    return f"SESSIONMGR_{name.upper()}" + (f" / {flag}" if flag else "")
+    return env_var(name) + (f" / {flag}" if flag else "")
 
 
-def check_seconds(label: str, value: object) -> float:
-    """A duration that must be a finite number of seconds above 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ConfigurationError(f"{label} must be a number of seconds above 0, not {value!r}")
-    return float(value)
-
-
-def check_count(label: str, value: object) -> int:
-    """A count (concurrency, batch size) that must be a whole number of at least 1."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{label} must be a whole number of at least 1, not {value!r}")
-    return value
+def env_var(setting: str) -> str:
+    """The environment variable of a numeric setting: ``lease`` -> ``SESSIONMGR_LEASE``."""
+    return f"SESSIONMGR_{setting.upper()}"
 
 
 def read_secret_file(path: str | Path, source: str) -> str:
@@ -188,3 +174,48 @@ def read_secret_file(path: str | Path, source: str) -> str:
 def split_list(raw: str) -> tuple[str, ...]:
     """``a, b,,c`` -> ``("a", "b", "c")``: the form of the list-valued environment variables."""
     return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+# --- SessionManager's grouped settings (as httpx groups Timeout and Limits) ----------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Windows:
+    """How long a session may live: ``idle`` seconds without a touch, ``max_age`` seconds in all
+    (None: no limit). The reaper ends it at whichever comes first. Validated on construction."""
+
+    idle: float = IDLE_WINDOW
+    max_age: float | None = MAX_AGE
+
+    def __post_init__(self) -> None:
+        check_windows(self.idle, self.max_age, error=ConfigurationError)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReaperConfig:
+    """How a manager's reaper runs: seconds between ticks, terminates in flight, rows claimed per
+    statement, how long a claim is held, how often buffered touches are written, and how often a
+    full reconcile runs (None: never). Validated on construction; an error names the setting as
+    ``Settings`` and SessionManager's keywords do (``reaper_interval``, ``lease``)."""
+
+    interval: float = REAPER_INTERVAL
+    concurrency: int = REAPER_CONCURRENCY
+    batch: int = REAPER_BATCH
+    lease: float = LEASE
+    touch_flush_interval: float = TOUCH_FLUSH_INTERVAL
+    reconcile_interval: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("interval", "lease", "touch_flush_interval", "reconcile_interval"):
+            value = getattr(self, name)
+            if value is not None or name != "reconcile_interval":
+                check_seconds(_KEYWORDS.get(name, name), value, error=ConfigurationError)
+        for name in ("concurrency", "batch"):
+            check_count(_KEYWORDS[name], getattr(self, name), error=ConfigurationError)
+
+
+_KEYWORDS = {
+    "interval": "reaper_interval",
+    "concurrency": "reaper_concurrency",
+    "batch": "reaper_batch",
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import sqlite3
@@ -46,7 +47,6 @@ PG_POOL_SIZE = 10  # connections kept open per process
 PG_MAX_OVERFLOW = 10  # extra connections allowed under bursts
 PG_POOL_RECYCLE = 1800.0  # seconds before a pooled connection is replaced
 PG_MIGRATION_LOCK = 0x5E5510  # advisory lock key: one migrator at a time
-MIGRATIONS = "sessionmgr:migrations"  # alembic script_location, inside the package
 ERROR_EXCERPT = 200  # characters of a driver message kept in an error
 WAL_RETRY_PAUSE = 0.01  # seconds between attempts to switch a new file to WAL
 
@@ -297,10 +297,20 @@ def translating(url: str | URL | None) -> Iterator[None]:
 def alembic_config(connection: Connection | None = None) -> Config:
     """An alembic ``Config`` for the migrations shipped in the package (no alembic.ini needed)."""
     cfg = Config()
-    cfg.set_main_option("script_location", MIGRATIONS)
+    cfg.set_main_option("script_location", migrations_dir())
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
+
+
+@functools.cache
+def migrations_dir() -> str:
+    """Where the ``sessionmgr.migrations`` package is: ``migrations/`` in a checkout (pyproject.toml
+    maps it into the package), ``site-packages/sessionmgr/migrations`` once installed."""
+    spec = importlib.util.find_spec("sessionmgr.migrations")
+    if spec is None or spec.origin is None:  # a broken install: say so, not a KeyError
+        raise DatabaseError("sessionmgr's migrations are missing: reinstall sessionmgr")
+    return str(Path(spec.origin).parent)
 
 
 @functools.cache

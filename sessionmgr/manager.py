@@ -17,10 +17,11 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import TracebackType
-from typing import Any, Literal, Self
+from types import EllipsisType, TracebackType
+from typing import Any, Literal, Self, TypeVar
 
 from . import config
+from .checks import check_session_id
 from .client import (
     RESET_IDLE_EVENT,
     TRANSPORT_TYPE,
@@ -36,6 +37,7 @@ from .client import (
     trigger_event,
 )
 from .clock import SYSTEM_CLOCK, Clock
+from .config import ReaperConfig, Windows
 from .errors import (
     ConfigurationError,
     CreateOutcomeUnknown,
@@ -49,7 +51,7 @@ from .leases import LeaseKeeper
 from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
-from .repository import SessionRepository, check_session_id, check_windows
+from .repository import SessionRepository
 from .states import REMOTE_FINAL, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -74,12 +76,31 @@ class EndResult:
     message: str
 
 
+_Config = TypeVar("_Config", Windows, ReaperConfig)
+
+
+def _with(settings: _Config, **given: Any) -> _Config:
+    """``settings`` with the fields given (not None) replaced, validated again by the class."""
+    changes = {name: value for name, value in given.items() if value is not None}
+    return dataclasses.replace(settings, **changes) if changes else settings
+
+
 class SessionManager:
     """Sessions as durable records that are guaranteed to end.
+
+    A session is named by its local ``id`` (an int) or LemonSlice's ``session_id`` (a string); a
+    parameter called ``session_ref`` takes either: a local id or a LemonSlice session_id.
 
     ``on_exit="leave"`` (the default) leaves live sessions to the reaper of whichever process runs
     next, which suits redeploys; ``"end"`` ends the sessions this process created, reason
     ``shutdown``.
+
+    Settings come grouped, as httpx groups ``Timeout`` and ``Limits``: ``windows=Windows(idle=60)``
+    (how long sessions live) and ``reaper=ReaperConfig(interval=1)`` (how the reaper runs;
+    ``reaper=False`` runs none), each validated when built. The older flat keywords
+    (``idle_window=``, ``max_age=``, ``reaper_interval=``, ``reaper_concurrency=``,
+    ``reaper_batch=``, ``lease=``, ``touch_flush_interval=``, ``reconcile_interval=``) still
+    work and override the matching field.
     """
 
     def __init__(
@@ -90,16 +111,9 @@ class SessionManager:
         client: LemonSliceClient | None = None,
         api_key: str | None = None,
         api_url: str | None = None,
-        idle_window: float = config.IDLE_WINDOW,
-        max_age: float | None = config.MAX_AGE,
-        reaper: bool = True,
-        reaper_interval: float = config.REAPER_INTERVAL,
-        reaper_concurrency: int = config.REAPER_CONCURRENCY,
-        reaper_batch: int = config.REAPER_BATCH,
-        lease: float = config.LEASE,
-        touch_flush_interval: float = config.TOUCH_FLUSH_INTERVAL,
+        windows: Windows | None = None,
+        reaper: bool | ReaperConfig = True,
         intent_lease: float = config.INTENT_LEASE,
-        reconcile_interval: float | None = None,
         on_exit: OnExit = "leave",
         on_created: SessionHook | None = None,
         on_ended: SessionHook | None = None,
@@ -110,7 +124,28 @@ class SessionManager:
         server_keepalive: float | None = None,
         on_active: ActiveHook | None = None,
         on_keepalive: KeepaliveHook | None = None,
+        # the flat keywords of earlier versions, each overriding its field of windows / reaper:
+        idle_window: float | None = None,
+        max_age: float | EllipsisType | None = ...,  # None: no limit; ...: not given
+        reaper_interval: float | None = None,
+        reaper_concurrency: int | None = None,
+        reaper_batch: int | None = None,
+        lease: float | None = None,
+        touch_flush_interval: float | None = None,
+        reconcile_interval: float | None = None,
     ) -> None:
+        windows = _with(windows or Windows(), idle=idle_window)
+        if max_age is not ...:
+            windows = dataclasses.replace(windows, max_age=max_age)
+        reaping = _with(
+            reaper if isinstance(reaper, ReaperConfig) else ReaperConfig(),
+            interval=reaper_interval,
+            concurrency=reaper_concurrency,
+            batch=reaper_batch,
+            lease=lease,
+            touch_flush_interval=touch_flush_interval,
+            reconcile_interval=reconcile_interval,
+        )
         if on_exit not in ("leave", "end"):
             raise ConfigurationError(f"on_exit must be 'leave' or 'end', not {on_exit!r}")
         if server_keepalive is not None and (
@@ -121,37 +156,25 @@ class SessionManager:
             raise ConfigurationError(
                 f"server_keepalive must be a positive number of seconds, not {server_keepalive!r}"
             )
-        try:
-            check_windows(idle_window, max_age)
-        except (TypeError, ValueError) as exc:
-            raise ConfigurationError(str(exc)) from None
-        for label, seconds in (
-            ("reaper_interval", reaper_interval),
-            ("lease", lease),
-            ("touch_flush_interval", touch_flush_interval),
-        ):
-            config.check_seconds(label, seconds)
-        if reconcile_interval is not None:
-            config.check_seconds("reconcile_interval", reconcile_interval)
-        config.check_count("reaper_concurrency", reaper_concurrency)
-        config.check_count("reaper_batch", reaper_batch)
         self._database_url = database_url
         self._repository = repository
         self._client = client
         self._owns_client = client is None
         self._api_key = api_key
         self._api_url = api_url
-        self.idle_window = idle_window
-        self.max_age = max_age
-        self._reaper_enabled = reaper
-        self._reaper_interval = reaper_interval
-        self._reaper_concurrency = reaper_concurrency
-        self._reaper_batch = reaper_batch
-        self._lease = lease
-        self._touch_flush_interval = touch_flush_interval
+        self.windows = windows
+        self.reaper_config = reaping
+        self.idle_window = windows.idle
+        self.max_age = windows.max_age
+        self._reaper_enabled = reaper is not False
+        self._reaper_interval = reaping.interval
+        self._reaper_concurrency = reaping.concurrency
+        self._reaper_batch = reaping.batch
+        self._lease = reaping.lease
+        self._touch_flush_interval = reaping.touch_flush_interval
         self.intent_lease = intent_lease
         self._intents: LeaseKeeper | None = None
-        self._reconcile_interval = reconcile_interval
+        self._reconcile_interval = reaping.reconcile_interval
         self.on_exit = on_exit
         self.on_created = on_created
         self._on_ended = on_ended
@@ -160,7 +183,7 @@ class SessionManager:
         self.clock = clock or (repository.clock if repository else SYSTEM_CLOCK)
         self.owner = owner or new_owner()
         self._reaper: Reaper | None = None
-        # pks this process created and has not ended itself, kept only for on_exit="end" (a
+        # local ids this process created and has not ended itself, kept only for on_exit="end" (a
         # long-running backend that leaves sessions to the reaper must not grow per create)
         self._created: set[int] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -264,11 +287,11 @@ class SessionManager:
                 await self.client.close()
 
     async def _end_own_sessions(self) -> None:
-        for pk in sorted(self._created):
+        for local_id in sorted(self._created):
             try:
-                await self.end_session(pk, reason=EndReason.SHUTDOWN)
+                await self.end_session(local_id, reason=EndReason.SHUTDOWN)
             except SessionMgrError as exc:  # the reaper of the next process takes it over
-                logger.warning("could not end session %s on exit: %s", pk, exc)
+                logger.warning("could not end session %s on exit: %s", local_id, exc)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -672,8 +695,8 @@ class SessionManager:
             await self._call_hook(self.on_created, record)
         return record
 
-    async def get(self, key: str | int) -> SessionRecord:
-        return await self.repository.get(key)
+    async def get(self, session_ref: str | int) -> SessionRecord:
+        return await self.repository.get(session_ref)
 
     async def reconcile(
         self, *, dry_run: bool = False, end_orphans: bool = False
@@ -695,7 +718,11 @@ class SessionManager:
     # --- control events ------------------------------------------------------------------
 
     async def update_image(
-        self, key: str | int, *, image_url: str | None = None, image: AgentImage | None = None
+        self,
+        session_ref: str | int,
+        *,
+        image_url: str | None = None,
+        image: AgentImage | None = None,
     ) -> SessionRecord:
         """Show another image (``image_url``, or ``image``: PNG bytes or an object with
         ``.save(fp, format="PNG")``, at most 900 KB) on an active session."""
@@ -705,29 +732,35 @@ class SessionManager:
         else:
             b64 = body["image_base64"]
             detail = f"update-image (PNG, {len(b64) * 3 // 4 - b64[-2:].count('='):,} bytes)"
-        return await self._control(key, body, detail)
+        return await self._control(session_ref, body, detail)
 
-    async def update_agent_prompt(self, key: str | int, agent_prompt: str) -> SessionRecord:
+    async def update_agent_prompt(self, session_ref: str | int, agent_prompt: str) -> SessionRecord:
         body = agent_prompt_event(agent_prompt)
-        return await self._control(key, body, f"update-agent-prompt ({len(agent_prompt)} chars)")
+        return await self._control(
+            session_ref, body, f"update-agent-prompt ({len(agent_prompt)} chars)"
+        )
 
-    async def update_idle_prompt(self, key: str | int, idle_prompt: str) -> SessionRecord:
+    async def update_idle_prompt(self, session_ref: str | int, idle_prompt: str) -> SessionRecord:
         body = idle_prompt_event(idle_prompt)
-        return await self._control(key, body, f"update-idle-prompt ({len(idle_prompt)} chars)")
+        return await self._control(
+            session_ref, body, f"update-idle-prompt ({len(idle_prompt)} chars)"
+        )
 
-    async def trigger_action(self, key: str | int, name: str) -> SessionRecord:
-        return await self._control(key, trigger_event(name), f"trigger {name}")
+    async def trigger_action(self, session_ref: str | int, name: str) -> SessionRecord:
+        return await self._control(session_ref, trigger_event(name), f"trigger {name}")
 
-    async def reset_idle_timeout(self, key: str | int) -> SessionRecord:
-        return await self._control(key, {"event": RESET_IDLE_EVENT}, RESET_IDLE_EVENT)
+    async def reset_idle_timeout(self, session_ref: str | int) -> SessionRecord:
+        return await self._control(session_ref, {"event": RESET_IDLE_EVENT}, RESET_IDLE_EVENT)
 
-    async def _control(self, key: str | int, body: Mapping[str, Any], detail: str) -> SessionRecord:
-        """Send one control event to the session ``key`` names (local id or session_id) and
-        append a ``control`` event row. Only an active session takes one: anything else is
-        refused with ``SessionNotLive`` before a request. 404/410 means LemonSlice no longer has
-        it: it is ended (``gone``, through a terminate, as the reaper would) and
-        ``SessionNotLive`` raised. A control counts as activity (a touch)."""
-        record = await self.repository.get(key)
+    async def _control(
+        self, session_ref: str | int, body: Mapping[str, Any], detail: str
+    ) -> SessionRecord:
+        """Send one control event to the session ``session_ref`` names and append a ``control``
+        event row. Only an active session takes one: anything else is refused with
+        ``SessionNotLive`` before a request. 404/410 means LemonSlice no longer has it: it is
+        ended (``gone``, through a terminate, as the reaper would) and ``SessionNotLive`` raised.
+        A control counts as activity (a touch)."""
+        record = await self.repository.get(session_ref)
         if record.status is not SessionStatus.ACTIVE or record.session_id is None:
             raise SessionNotLive(
                 f"session {record.id} is {record.status}: control events go to active sessions only"
@@ -755,7 +788,7 @@ class SessionManager:
 
     async def wait_until_active(
         self,
-        key: str | int,
+        session_ref: str | int,
         *,
         timeout: float = WAIT_TIMEOUT,  # noqa: ASYNC109 - the documented name; polls, never cut
     ) -> SessionRecord:
@@ -765,7 +798,7 @@ class SessionManager:
         reconcile would) and raises ``SessionNotLive``; ``ActivationTimeout`` after ``timeout``
         seconds leaves it active and QUEUED. ``on_active`` gets the seconds from intent to ACTIVE.
         """
-        record = await self.repository.get(key)
+        record = await self.repository.get(session_ref)
         if record.status is not SessionStatus.ACTIVE or record.session_id is None:
             raise SessionNotLive(
                 f"session {record.id} is {record.status}: only an active session can be waited on"

@@ -2,7 +2,7 @@
 
 The database enforces what it can (status and end_reason values, unique ``session_id``, the
 bookkeeping invariants of each status) so a bug elsewhere fails loudly instead of storing a state
-the state machine cannot reach. Alembic owns the schema (sessionmgr/migrations); a test proves the
+the state machine cannot reach. Alembic owns the schema (migrations/); a test proves the
 migrations produce exactly these models.
 """
 

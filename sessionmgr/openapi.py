@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checks import DEFAULT_PAGE, DEFAULT_STATS_DAYS, INT32, MAX_PAGE, MAX_SECONDS, MAX_STATS_DAYS
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
-from .repository import DEFAULT_PAGE, MAX_PAGE, MAX_SECONDS, SORTS
-from .states import EndReason, SessionStatus
+from .repository import SORTS
+from .states import MANUAL_REASONS, EndReason, SessionStatus
 
-INT32 = 2**31 - 1
 CONTROL_NAMES = (  # web.CONTROL_FIELDS, the body keys of POST /api/sessions/{id}/control
     "agent_prompt",
     "idle_prompt",
@@ -195,7 +195,7 @@ SCHEMAS: dict[str, Any] = {
             "agent_id": _nullable("string"),
             "agent_image_url": _nullable("string"),
             "agent_prompt": _nullable("string"),
-            "idle_timeout": _nullable("integer", minimum=-INT32 - 1, maximum=INT32),
+            "idle_timeout": _nullable("integer", minimum=-INT32, maximum=INT32 - 1),
             "audio_sample_rate": {"enum": [*AUDIO_SAMPLE_RATES, None]},
             "model": _nullable("string", description="LemonSlice's default when absent"),
             "daily_room_url": _nullable("string"),
@@ -256,7 +256,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "reason": {
                 "type": "string",
-                "enum": [r.value for r in (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)],
+                "enum": [r.value for r in MANUAL_REASONS],
                 "default": EndReason.MANUAL.value,
             }
         },
@@ -491,7 +491,12 @@ def _document(version: str) -> dict[str, Any]:
                         {
                             "name": "days",
                             "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": 3660},
+                            "schema": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": MAX_STATS_DAYS,
+                                "default": DEFAULT_STATS_DAYS,
+                            },
                         }
                     ],
                     "responses": _responses({"200": _json(_ref("Stats"), "Stats")}, 400, 503),

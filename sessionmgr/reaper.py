@@ -28,9 +28,16 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from . import config
+from .checks import check_count, check_seconds
 from .client import LemonSliceClient
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import AuthError, LemonSliceError, NotFoundError, RateLimitedError
+from .errors import (
+    AuthError,
+    ConfigurationError,
+    LemonSliceError,
+    NotFoundError,
+    RateLimitedError,
+)
 from .leases import LeaseKeeper
 from .reconcile import credits, fetch_costs, recover
 from .records import SessionFilter, SessionRecord
@@ -129,10 +136,10 @@ class Reaper:
     ) -> None:
         """``on_tick`` is called after every tick that claimed (not dry runs), e.g. for metrics.
         ``recover``: each tick also resolves expired intents and fetches costs after ends."""
-        config.check_seconds("Reaper interval", interval)
-        config.check_seconds("Reaper lease", lease)
-        config.check_count("Reaper concurrency", concurrency)
-        config.check_count("Reaper batch", batch)
+        check_seconds("Reaper interval", interval, error=ConfigurationError)
+        check_seconds("Reaper lease", lease, error=ConfigurationError)
+        check_count("Reaper concurrency", concurrency, error=ConfigurationError)
+        check_count("Reaper batch", batch, error=ConfigurationError)
         self.repository = repository
         self.client = client
         self.owner = owner or new_owner()
@@ -242,8 +249,7 @@ class Reaper:
             reason or record.end_reason,
             extra={"session_id": record.session_id, "reason": str(reason or record.end_reason)},
         )
-        if self.on_ended is not None:
-            await self._call_hook(self.on_ended, ended)
+        await self.notify_ended(ended)
         return outcome
 
     async def _ended_remotely(self, record: SessionRecord) -> Outcome | None:
@@ -281,8 +287,7 @@ class Reaper:
             record.session_id,
             extra={"session_id": record.session_id},
         )
-        if self.on_ended is not None:
-            await self._call_hook(self.on_ended, ended)
+        await self.notify_ended(ended)
         return outcome
 
     def _progress(self, *, claimed: int = 0, ended: int = 0) -> None:
@@ -296,11 +301,14 @@ class Reaper:
         delay = self.retry.delay(max(record.attempts, 1), retry_after)
         return self.clock.now() + timedelta(seconds=delay)
 
-    @staticmethod
-    async def _call_hook(hook: EndedHook, record: SessionRecord) -> None:
+    async def notify_ended(self, record: SessionRecord) -> None:
+        """Run ``on_ended`` for a session this process ended (here or in reconcile); a failing
+        hook is logged, never raised: a user's hook must not break the reaper."""
+        if self.on_ended is None:
+            return
         try:
-            await hook(record)
-        except Exception:  # a user's hook must not break the reaper
+            await self.on_ended(record)
+        except Exception:
             logger.exception("on_ended hook failed for session %s", record.session_id)
 
     # --- one tick --------------------------------------------------------------------------

@@ -557,8 +557,7 @@ async def _check_live_rows(
         ):
             ended = await repo.get(record.id)
             report.ended_remote.append(ended)
-            if reaper.on_ended is not None:
-                await reaper._call_hook(reaper.on_ended, ended)
+            await reaper.notify_ended(ended)
 
     await asyncio.gather(*(check(r) for r in rows))
 

@@ -87,6 +87,16 @@ REDACTED = "***"
 MIN_SECRET_CHARS = 4  # shorter values are not scrubbed from text: they would blank out words
 
 
+def scrub(text: str, secrets: Iterable[str | None], *, one_line: bool = False) -> str:
+    """``text`` with every known secret blanked out as ``***`` (a value shorter than
+    ``MIN_SECRET_CHARS`` is left: it would blank out words); ``one_line`` also folds it onto one
+    line, for an error line. The one redaction of free text: CLI and API errors, client bodies."""
+    for secret in secrets:
+        if secret and len(secret) >= MIN_SECRET_CHARS:
+            text = text.replace(secret, REDACTED)
+    return " ".join(text.split()) if one_line else text
+
+
 def is_secret_key(key: object) -> bool:
     low = str(key).lower()
     return any(part in low for part in SECRET_KEY_PARTS)

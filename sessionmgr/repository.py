@@ -41,6 +41,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
+from .checks import (
+    BIGINT,
+    DEFAULT_PAGE,
+    INT32,
+    MAX_PAGE,
+    check_days,
+    check_seconds,
+    check_session_id,
+    check_text,
+    check_windows,
+)
+from .checks import aware as _aware
+from .checks import check_remote as _check_remote
+from .checks import metadata_tags as _metadata
+from .checks import optional_text as _optional_text
 from .clock import SYSTEM_CLOCK, Clock, is_simulated
 from .errors import InvalidArgument, SessionNotFound
 from .models import DEFAULT_TRANSPORT, NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
@@ -51,10 +66,7 @@ from .records import (
     SessionFilter,
     SessionRecord,
     Stats,
-    is_clean_text,
     iso_utc,
-    redact,
-    unclean_text,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
 from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
@@ -62,14 +74,8 @@ from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
-MAX_PAGE = 1000  # rows per page of list()
-DEFAULT_PAGE = 50  # rows per page of list()
 CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
-MAX_SECONDS = 100 * 365.25 * 86400  # the longest window or age accepted: 100 years
-MAX_DAYS = 36_525  # days of stats history at most: 100 years
-INT32 = 2**31  # idle_timeout is stored as a 32-bit integer
-BIGINT = 2**63  # local ids are 64-bit integers
 COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
 COST_HORIZON = 3600.0  # seconds after an end past which a missing cost is no longer asked for
 LEGACY_INTENT_SETTLE = 120.0  # seconds: an intent written without a lease counts as held this long
@@ -103,100 +109,9 @@ def _db_errors(
     return wrapper
 
 
-def _aware(value: datetime, name: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise InvalidArgument(
-            f"{name} must be a timezone-aware datetime, not {type(value).__name__}"
-        )
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidArgument(f"{name} must be timezone-aware (UTC), got naive {value.isoformat()}")
-    return value.astimezone(UTC)
-
-
 def _deadline(last_activity: datetime, idle_window: float, expires_at: datetime | None) -> datetime:
     idle_deadline = last_activity + timedelta(seconds=idle_window)
     return idle_deadline if expires_at is None else min(idle_deadline, expires_at)
-
-
-# --- argument checks: bad input fails here, as a one-line InvalidArgument (a ValueError and a
-# TypeError), before any row is written, and the same way on SQLite and PostgreSQL ----------------
-
-
-def check_seconds(name: str, value: object, *, positive: bool = True) -> float:
-    """A finite number of seconds, > 0 (``positive``) or >= 0, and at most ``MAX_SECONDS``:
-    anything longer is a mistake, and would run past the end of datetime's range."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{name} must be a number of seconds, not {type(value).__name__}")
-    low_ok = value > 0 if positive else value >= 0
-    if not (low_ok and value <= MAX_SECONDS):  # NaN fails both
-        raise InvalidArgument(
-            f"{name} must be {'> 0' if positive else '>= 0'} and at most {MAX_SECONDS:.0f} "
-            f"seconds (100 years), got {value!r}"
-        )
-    return float(value)
-
-
-def check_windows(idle_window: object, max_age: object) -> None:
-    """What the reaper enforces: ``idle_window`` > 0 s, ``max_age`` > 0 s or None (no limit)."""
-    check_seconds("idle_window", idle_window)
-    if max_age is not None:
-        try:
-            check_seconds("max_age", max_age)
-        except ValueError as exc:
-            raise InvalidArgument(f"{exc} (None: no limit)") from None
-
-
-def check_text(
-    name: str, value: object, *, max_chars: int | None = None, allow_empty: bool = False
-) -> str:
-    """A non-empty string both databases can store: no NUL, no lone surrogate, not too long."""
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{name} must be a string, not {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise InvalidArgument(f"{name} must be a non-empty string")
-    if max_chars is not None and len(value) > max_chars:
-        raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_chars} fit")
-    if not is_clean_text(value):
-        raise InvalidArgument(
-            f"{name} is not valid text (a NUL character or a lone surrogate): fix its encoding"
-        )
-    return value
-
-
-def _optional_text(name: str, value: object, *, max_chars: int | None = None) -> None:
-    if value is not None:
-        check_text(name, value, max_chars=max_chars)
-
-
-def check_session_id(session_id: object) -> str:
-    return check_text("session_id", session_id, max_chars=SESSION_ID_LENGTH)
-
-
-def _check_remote(session_id: object, control_url: object, room_url: object) -> None:
-    check_session_id(session_id)
-    check_text("control_url", control_url)
-    _optional_text("room_url", room_url)
-
-
-def _metadata(metadata: Mapping[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, Mapping):
-        raise InvalidArgument(
-            f"metadata must be a mapping of tags (e.g. {{'bot': 'support'}}), "
-            f"not {type(metadata).__name__}"
-        )
-    try:
-        clean = redact(metadata)
-        json.dumps(clean, allow_nan=False)  # strict JSON: PostgreSQL's JSONB refuses NaN
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise InvalidArgument(f"metadata must be JSON-serializable tags: {exc}") from None
-    if (bad := unclean_text(clean)) is not None:
-        raise InvalidArgument(
-            f"metadata string {bad[:40]!r} is not valid text (a NUL character or a lone "
-            "surrogate): fix its encoding"
-        )
-    return clean
 
 
 def _record(row: Mapping[str, Any]) -> SessionRecord:
@@ -1237,8 +1152,7 @@ class SessionRepository:
     async def stats(self, *, days: int = 7, now: datetime | None = None) -> Stats:
         """Counts per status, live sessions, per-day activity over the last ``days`` UTC days,
         duration percentiles and end reasons of sessions ended in that window; all in SQL."""
-        if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
-            raise InvalidArgument(f"days must be a whole number from 1 to {MAX_DAYS}, got {days!r}")
+        check_days(days)
         now = _aware(now, "now") if now is not None else self.clock.now()
         first_day = now.date() - timedelta(days=days - 1)
         start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from . import config, proxy
+from .checks import check_seconds
 from .client import LemonSliceClient
 from .errors import ConfigurationError
 from .manager import SessionManager
@@ -40,9 +41,9 @@ async def serve(
 ) -> None:
     """Run until SIGTERM or SIGINT. ``ready`` is called once the manager is up (for tests)."""
     check_http_exposure(settings.http_host, settings.admin_token)
-    config.check_seconds("--grace", grace)
+    check_seconds("--grace", grace, error=ConfigurationError)
     if reconcile_interval is not None:
-        config.check_seconds("--reconcile-every", reconcile_interval)
+        check_seconds("--reconcile-every", reconcile_interval, error=ConfigurationError)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -44,6 +44,10 @@ class EndReason(enum.StrEnum):
     CREATE_UNKNOWN = "create_unknown"  # create outcome never learned; intent expired
 
 
+# What a person or caller may give `end` (the CLI's --reason, the API's "reason"); the rest are
+# the reaper's, reconcile's and LemonSlice's to record.
+MANUAL_REASONS = (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)
+
 # status -> statuses it may move to
 TRANSITIONS: dict[SessionStatus, frozenset[SessionStatus]] = {
     SessionStatus.PENDING: frozenset({SessionStatus.ACTIVE, SessionStatus.FAILED}),

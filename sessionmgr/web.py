@@ -23,12 +23,11 @@ from datetime import datetime
 from importlib import resources
 from typing import Any, NoReturn
 
-import click
 from aiohttp import web
 
 from . import __version__, openapi
-from .cli_params import KEY_VALUE, MOMENT, parse_duration
-from .config import ENV_ALLOWED_HOSTS
+from .checks import DEFAULT_PAGE, DEFAULT_STATS_DAYS, MAX_PAGE, MAX_STATS_DAYS
+from .config import ENV_ADMIN_TOKEN, ENV_ALLOWED_HOSTS
 from .errors import (
     ActivationTimeout,
     CreateOutcomeUnknown,
@@ -42,18 +41,15 @@ from .errors import (
 )
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
-from .records import SessionFilter, SessionRecord, iso_utc, unclean_text
-from .repository import DEFAULT_PAGE, MAX_PAGE, SORTS
-from .states import EndReason, SessionStatus
+from .parsing import parse_duration, parse_key_value, parse_moment
+from .records import SessionFilter, SessionRecord, iso_utc, scrub, unclean_text
+from .repository import SORTS
+from .states import MANUAL_REASONS, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
 
-ENV_ADMIN_TOKEN = "SESSIONMGR_ADMIN_TOKEN"
 STALE_TICKS = 3  # reaper intervals without a tick before /healthz says 503
 HEALTH_DB_TIMEOUT = 2.0  # seconds /healthz waits for the database
-STATS_DAYS = 7  # default ?days= of /api/stats
-MAX_STATS_DAYS = 3660
-END_REASONS = (EndReason.MANUAL, EndReason.SHUTDOWN, EndReason.ORPHAN)  # what a caller may give
 STATIC_FILES = {  # name -> content type; nothing else under /static is served
     "dashboard.html": "text/html",
     "dashboard.css": "text/css",
@@ -284,10 +280,7 @@ def _host_name(host: str) -> str:
 
 def _scrub(request: web.Request, text: str) -> str:
     """One line without the admin token (errors never carry the API key: the client sees to it)."""
-    token = request.app[TOKEN]
-    if token:
-        text = text.replace(token, "***")
-    return " ".join(text.split())
+    return scrub(text, (request.app[TOKEN],), one_line=True)
 
 
 def _manager(request: web.Request) -> SessionManager:
@@ -353,12 +346,12 @@ def _one(request: web.Request, name: str) -> str | None:
     return values[0] if values else None
 
 
-def _click_value(convert: Callable[[], Any], name: str) -> Any:
-    """A value parsed by the CLI's own parameter types, their complaint as a 400."""
+def _parsed(convert: Callable[[], Any], name: str) -> Any:
+    """A value parsed as the CLI parses it (parsing.py), its complaint as a 400."""
     try:
         return convert()
-    except click.BadParameter as exc:
-        bad_request(f"{name}: {exc.message}")
+    except ValueError as exc:
+        bad_request(f"{name}: {exc}")
 
 
 def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -389,14 +382,11 @@ def _filter(request: web.Request) -> SessionFilter:
     since, until, idle = (_one(request, n) for n in ("since", "until", "idle_for"))
     meta: dict[str, str] = {}
     for raw in request.query.getall("meta", []):
-        key, value = _click_value(functools.partial(KEY_VALUE.convert, raw, None, None), "meta")
+        key, value = _parsed(functools.partial(parse_key_value, raw), "meta")
         meta[key] = value
-    idle_for = None
-    if idle is not None:
-        try:
-            idle_for = parse_duration(idle)
-        except ValueError as exc:
-            bad_request(f"idle_for: {exc}")
+    idle_for = (
+        None if idle is None else _parsed(functools.partial(parse_duration, idle), "idle_for")
+    )
     return SessionFilter(
         statuses=statuses or None,
         agent_id=_one(request, "agent_id"),
@@ -410,7 +400,7 @@ def _filter(request: web.Request) -> SessionFilter:
 def _moment(raw: str | None, name: str) -> datetime | None:
     if raw is None:
         return None
-    return _click_value(lambda: MOMENT.convert(raw, None, None), name)  # type: ignore[no-any-return]
+    return _parsed(functools.partial(parse_moment, raw), name)  # type: ignore[no-any-return]
 
 
 async def list_sessions(request: web.Request) -> web.Response:
@@ -434,10 +424,10 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 async def _record(request: web.Request) -> SessionRecord:
     """The session named in the path: a local id or a LemonSlice session_id, as the CLI takes."""
-    key = request.match_info["id"]
-    if not _storable(key):
-        raise SessionNotFound(f"no session with id or session_id {key!r}")
-    return await _manager(request).repository.get(key)
+    session_ref = request.match_info["id"]  # a local id or a LemonSlice session_id
+    if not _storable(session_ref):
+        raise SessionNotFound(f"no session with id or session_id {session_ref!r}")
+    return await _manager(request).repository.get(session_ref)
 
 
 async def show_session(request: web.Request) -> web.Response:
@@ -447,7 +437,7 @@ async def show_session(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    days = _int_param(request, "days", STATS_DAYS, 1, MAX_STATS_DAYS)
+    days = _int_param(request, "days", DEFAULT_STATS_DAYS, 1, MAX_STATS_DAYS)
     manager = _manager(request)
     result = await manager.repository.stats(days=days)
     return web.json_response({**result.to_dict(), "now": iso_utc(manager.clock.now())})
@@ -586,8 +576,8 @@ async def end_session(request: web.Request) -> web.Response:
     if unknown:
         bad_request(f"unknown field(s) {', '.join(unknown)}: only reason")
     reason = body.get("reason", EndReason.MANUAL.value)
-    if reason not in [r.value for r in END_REASONS]:
-        bad_request(f"reason must be one of {', '.join(r.value for r in END_REASONS)}")
+    if reason not in MANUAL_REASONS:
+        bad_request(f"reason must be one of {', '.join(MANUAL_REASONS)}")
     record = await _record(request)
     if record.status is SessionStatus.PENDING:
         raise ApiError(

@@ -23,8 +23,7 @@ from typing import Any, TypeVar
 import pytest
 from click.testing import CliRunner, Result
 
-from sessionmgr import cli as cli_module
-from sessionmgr import cli_output, db
+from sessionmgr import cli_cleanup, cli_output, cli_params, db, parsing
 from sessionmgr import client as client_module
 from sessionmgr.cli import cli
 from sessionmgr.client import LemonSliceClient
@@ -285,17 +284,17 @@ def test_malformed_secret_pair_is_not_echoed(sm: Cli) -> None:
 
 
 def test_durations_and_times() -> None:
-    assert cli_module.parse_duration("90") == 90
-    assert cli_module.parse_duration("90s") == 90
-    assert cli_module.parse_duration("10m") == 600
-    assert cli_module.parse_duration("2h") == 7200
-    assert cli_module.parse_duration("7d") == 7 * 86400
-    assert cli_module.parse_duration("1h30m") == 5400
-    assert cli_module.parse_duration("1.5h") == 5400
+    assert parsing.parse_duration("90") == 90
+    assert parsing.parse_duration("90s") == 90
+    assert parsing.parse_duration("10m") == 600
+    assert parsing.parse_duration("2h") == 7200
+    assert parsing.parse_duration("7d") == 7 * 86400
+    assert parsing.parse_duration("1h30m") == 5400
+    assert parsing.parse_duration("1.5h") == 5400
     for bad in ("", "h", "10x", "-5", "1h 30m", "m10"):
         with pytest.raises(ValueError, match="not a duration"):
-            cli_module.parse_duration(bad)
-    moment = cli_module.Moment()
+            parsing.parse_duration(bad)
+    moment = cli_params.Moment()
     assert moment.convert("2026-01-31T12:00:00Z", None, None) == datetime(
         2026, 1, 31, 12, tzinfo=UTC
     )
@@ -706,7 +705,7 @@ def test_show_record_and_events(sm: Cli, fake: FakeThread) -> None:
     assert "AT (UTC)" in text
     assert "ended" in text
     assert (
-        str(record.control_url) not in text or len(str(record.control_url)) <= cli_module.URL_WIDTH
+        str(record.control_url) not in text or len(str(record.control_url)) <= cli_output.URL_WIDTH
     )
     assert str(record.control_url) in ok(sm("show", str(record.id), "--wide")).stdout
 
@@ -814,7 +813,7 @@ def test_end_all_dry_run_and_filters(sm: Cli, fake: FakeThread) -> None:
 
 def test_end_all_confirmation(sm: Cli, fake: FakeThread, monkeypatch: pytest.MonkeyPatch) -> None:
     records = seed(sm.db_url, fake, 2)
-    monkeypatch.setattr(cli_module, "stdin_is_tty", lambda: True)
+    monkeypatch.setattr(cli_cleanup, "stdin_is_tty", lambda: True)
     declined = sm("end-all", input="n\n")
     assert declined.exit_code == 1
     assert "End 2 live session(s)?" in declined.stderr
@@ -956,7 +955,7 @@ def test_progress_bars_on_a_terminal(
     from rich.console import Console
 
     buffer = io.StringIO()
-    for module in (cli_module, cli_output):  # prune asks cli, progress_bar asks cli_output
+    for module in (cli_cleanup, cli_output):  # prune asks cli_cleanup, progress_bar cli_output
         monkeypatch.setattr(
             module,
             "stderr_console",

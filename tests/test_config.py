@@ -186,3 +186,27 @@ def test_secrets_and_lists_from_the_environment(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigurationError, match="not an http"):
         LemonSliceClient("k", api_url="http://127.0.0.1:9/api", control_origins=["ftp://x"])
+
+
+def test_the_manager_takes_grouped_settings_and_the_old_keywords() -> None:
+    from sessionmgr import ReaperConfig, Windows
+
+    url = "sqlite+aiosqlite:///never-opened.db"
+    grouped = SessionManager(
+        database_url=url, windows=Windows(idle=60, max_age=None), reaper=ReaperConfig(lease=30)
+    )
+    assert (grouped.idle_window, grouped.max_age) == (60, None)
+    assert grouped.reaper_config.lease == 30
+    assert grouped.reaper_config.interval == ReaperConfig().interval
+    flat = SessionManager(database_url=url, idle_window=60, max_age=None, lease=30)
+    assert (flat.windows, flat.reaper_config) == (grouped.windows, grouped.reaper_config)
+    # an old keyword overrides its field of a given object; both are validated the same way
+    mixed = SessionManager(database_url=url, reaper=ReaperConfig(lease=30), reaper_batch=7)
+    assert (mixed.reaper_config.lease, mixed.reaper_config.batch) == (30, 7)
+    assert SessionManager(database_url=url).max_age == Windows().max_age
+    with pytest.raises(ConfigurationError, match="lease must be a number of seconds above 0"):
+        ReaperConfig(lease=0)
+    with pytest.raises(ConfigurationError, match=r"max_age .*\(None: no limit\)"):
+        Windows(max_age=-1)
+    with pytest.raises(ConfigurationError, match="idle_window must be"):
+        SessionManager(database_url=url, windows=Windows(), idle_window=0)

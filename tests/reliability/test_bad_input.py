@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sessionmgr import db
+from sessionmgr.checks import MAX_SECONDS, MAX_STATS_DAYS
 from sessionmgr.cli import cli
 from sessionmgr.cli_params import DURATION, MOMENT, POSITIVE_DURATION
 from sessionmgr.client import LemonSliceClient, Timeouts
@@ -44,7 +45,7 @@ from sessionmgr.errors import (
 from sessionmgr.manager import SessionManager
 from sessionmgr.models import NAME_LENGTH, SESSION_ID_LENGTH
 from sessionmgr.records import SessionFilter, is_clean_text
-from sessionmgr.repository import MAX_SECONDS, SORTS, SessionRepository
+from sessionmgr.repository import SORTS, SessionRepository
 from sessionmgr.retry import RetryPolicy
 from sessionmgr.states import SessionStatus
 from sessionmgr.testing import FakeLemonSlice
@@ -684,7 +685,7 @@ CLI_CASES: dict[str, st.SearchStrategy[list[str]]] = {
             lambda v: ["--older-than", "30d", "--batch-size", v]
         ),
     ),
-    "stats": bad_int.filter(lambda v: not (v.isdigit() and 1 <= int(v) <= 3660)).map(
+    "stats": bad_int.filter(lambda v: not (v.isdigit() and 1 <= int(v) <= MAX_STATS_DAYS)).map(
         lambda v: ["--days", v]
     ),
 }

@@ -1,1 +1,0 @@
-"""Alembic migrations of the sessionmgr schema (script_location ``sessionmgr:migrations``)."""
