@@ -601,11 +601,11 @@ class SessionManager:
         self._background.add(ender)
         ender.add_done_callback(self._background.discard)
 
-    async def _end_quietly(self, pk: int, reason: EndReason) -> None:
+    async def _end_quietly(self, session_ref: int | str, reason: EndReason) -> None:
         try:
-            await self.end_session(pk, reason=reason)
+            await self.end_session(session_ref, reason=reason)
         except Exception as exc:  # the reaper ends it later
-            logger.warning("could not end abandoned session %s: %s", pk, exc)
+            logger.warning("could not end abandoned session %s: %s", session_ref, exc)
 
     # --- touch, end, adopt -----------------------------------------------------------------
 
@@ -622,37 +622,37 @@ class SessionManager:
 
     async def end_session(
         self,
-        session_id: str | int,
+        session_ref: str | int,
         reason: EndReason | str = EndReason.MANUAL,
         *,
         detail: str | None = None,
     ) -> EndResult:
         """Terminate a session and record its end. Idempotent: ending an ended one says so.
-        ``detail`` goes on the lifecycle event (who asked, e.g. "client terminate via proxy")."""
+        ``detail`` goes on the lifecycle event (who asked, e.g. "client terminate via proxy").
+
+        One write transaction claims the row (and says what it found when it could not), the
+        terminate goes out, and one bulk statement records the end: nothing is read around it."""
         reason = EndReason(reason)
-        repo = self.repository
-        record = await repo.get(session_id)
-        if record.status in (SessionStatus.ENDED, SessionStatus.FAILED):
-            return EndResult(
-                record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
-            )
-        if record.status is SessionStatus.PENDING:
-            raise SessionMgrError(
-                f"session {record.id} is still being created (pending): retry shortly, or run "
-                "`sessionmgr reconcile` if its creator died"
-            )
-        claimed = await repo.begin_end(
-            record.id, owner=self.owner, lease=self._lease, reason=reason, detail=detail
+        found = await self.repository.claim_end(
+            session_ref, owner=self.owner, lease=self._lease, reason=reason, detail=detail
         )
-        if claimed is None:
-            current = await repo.get(record.id)
-            if current.status is SessionStatus.ENDED:
-                return EndResult(current, False, f"already ended ({current.end_reason})")
-            return EndResult(current, False, f"being ended by {current.lease_owner}")
-        outcome = await self.reaper.finish(claimed)
+        record = found.record
+        if not found.claimed:
+            if record.status in (SessionStatus.ENDED, SessionStatus.FAILED):
+                return EndResult(
+                    record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
+                )
+            if record.status is SessionStatus.PENDING:
+                raise SessionMgrError(
+                    f"session {record.id} is still being created (pending): retry shortly, or "
+                    "run `sessionmgr reconcile` if its creator died"
+                )
+            return EndResult(record, False, f"being ended by {record.lease_owner}")
+        outcome, final = await self.reaper.end_claimed(record)
         if outcome is not Outcome.RESCHEDULED:
             self._created.discard(record.id)
-        final = await repo.get(record.id)
+        if final is None:  # LOST: another process holds the row now; show it as it is
+            final = await self.repository.get(record.id)
         message = {
             Outcome.ENDED: "ended",
             Outcome.GONE: "ended (LemonSlice no longer knew it)",

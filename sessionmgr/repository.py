@@ -32,11 +32,13 @@ from sqlalchemy import (
     extract,
     func,
     insert,
+    literal,
     or_,
     select,
     tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -149,6 +151,26 @@ def _event(row: Mapping[str, Any]) -> SessionEvent:
 Decision = tuple[Row, str | None, str | None] | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndClaim:
+    """What ``claim_end`` found: the session as it is after the attempt, and whether the claim
+    was taken (else ``record`` says why not: ended, failed, pending, or leased to someone)."""
+
+    record: SessionRecord
+    claimed: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndRequest:
+    """One terminated session's end, for ``end_many``: ``reason=None`` keeps the reason stamped
+    when it was claimed; without a ``cost`` its fetch is scheduled (see ``mark_ended``)."""
+
+    pk: int
+    reason: EndReason | None = None
+    remote_status: str | None = None
+    cost: float | None = None
+
+
 class SessionRepository:
     """Sessions and their lifecycle events in one database (see the module docstring)."""
 
@@ -257,19 +279,8 @@ class SessionRepository:
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = _lookup(uow, key)
-            decision = decide(row, uow.lease_now or now) if row is not None else None
-            if row is None or decision is None:
+            if row is None or not _apply(uow, row, decide, now, event=event):
                 return lambda: None
-            changes, reason, detail = decision
-            _check_transition(row["status"], changes.get("status") or row["status"])
-            uow.change(
-                row,
-                changes | {"updated_at": now},
-                at=now,
-                reason=reason,
-                detail=detail,
-                event=event,
-            )
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
@@ -533,6 +544,34 @@ class SessionRepository:
 
         return cast(tuple[set[str], int], await self._submit(Op(apply, sids=tuple(times))))
 
+    async def claim_end(
+        self,
+        session_ref: int | str,
+        *,
+        owner: str,
+        lease: float,
+        reason: EndReason,
+        detail: str | None = None,
+    ) -> EndClaim:
+        """End one session now (manual, shutdown, orphan): an active session, or an ending one
+        whose lease ran out, becomes ``ending`` leased to ``owner``, in one write transaction
+        that also returns what it found when it did not apply (so callers read nothing before
+        or after). An unknown ``session_ref`` raises ``SessionNotFound``."""
+        key = _key(session_ref)
+        decide = _end_decision(owner, lease, EndReason(reason), detail)
+        now = self.clock.now()
+
+        def apply(uow: UnitOfWork) -> Thunk:
+            row = _lookup(uow, key)
+            if row is None:
+                raise _not_found(key)
+            claimed = _apply(uow, row, decide, now)
+            snap = uow.snapshot(row)
+            return lambda: EndClaim(_record(snap), claimed)
+
+        pks, sids = _key_parts(key)
+        return cast(EndClaim, await self._submit(Op(apply, pks=pks, sids=sids)))
+
     async def begin_end(
         self,
         key: int | str,
@@ -542,31 +581,23 @@ class SessionRepository:
         reason: EndReason,
         detail: str | None = None,
     ) -> SessionRecord | None:
-        """End one session now (manual, shutdown, orphan): an active session, or an ending one
-        whose lease ran out, becomes ``ending`` leased to ``owner``. None when the session is not
-        in such a state (pending: its creator holds it; already ended; another process holds
-        it)."""
+        """``claim_end``'s claimed record, or None when the session is not in a state to claim
+        (pending: its creator holds it; already ended; another process holds it)."""
         reason = EndReason(reason)
-
-        def decide(row: Row, at: datetime) -> Decision:
-            lease_changes = {
-                "lease_owner": owner,
-                "lease_until": at + timedelta(seconds=lease),
-                "attempts": row["attempts"] + 1,
-                "next_attempt_at": None,
-            }
-            if row["status"] == _ACTIVE:
-                changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
-                why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
-                return changes, reason.value, _clip(why)
-            if row["status"] == _ENDING and _lease_free(row, at):
-                return lease_changes, row["end_reason"], f"lease taken over by {owner}"
-            return None
-
+        decide = _end_decision(owner, lease, reason, detail)
         return await self._lease_transition(_key(key), decide)
 
     async def reschedule(self, pk: int, *, owner: str, error: str, retry_at: datetime) -> bool:
         """A terminate failed: release the lease and retry at ``retry_at`` (``owner`` only)."""
+        return (
+            await self.reschedule_record(pk, owner=owner, error=error, retry_at=retry_at)
+            is not None
+        )
+
+    async def reschedule_record(
+        self, pk: int, *, owner: str, error: str, retry_at: datetime
+    ) -> SessionRecord | None:
+        """``reschedule``, returning the rescheduled record (None: not ``owner``'s ending row)."""
         retry_at = _aware(retry_at, "retry_at")
 
         def decide(row: Row) -> Decision:
@@ -580,7 +611,7 @@ class SessionRepository:
             }
             return changes, "retry", _clip(error)
 
-        return await self._transition(pk, decide) is not None
+        return await self._transition(pk, decide)
 
     async def mark_ended(
         self,
@@ -617,6 +648,50 @@ class SessionRepository:
             return changes, changes["end_reason"], remote_status
 
         return await self._lease_transition(pk, decide)
+
+    @_db_errors
+    async def end_many(self, ends: Sequence[EndRequest], *, owner: str) -> dict[int, SessionRecord]:
+        """ending -> ended for terminated sessions ``owner`` holds, in one transaction: one
+        ``UPDATE ... WHERE id IN (...) AND status = 'ending' AND lease_owner = :owner RETURNING``
+        per kind of end plus one executemany of their events. Returns the ended records by id;
+        a row missing from the answer was taken over by another process and is left alone."""
+        if not ends:
+            return {}
+        _check_transition(_ENDING, _ENDED)
+        now = self.clock.now()
+        kinds: dict[tuple[str | None, str | None, float | None], list[int]] = {}
+        for end in ends:
+            reason = EndReason(end.reason).value if end.reason is not None else None
+            cost = float(end.cost) if end.cost is not None else None
+            kinds.setdefault((reason, end.remote_status, cost), []).append(end.pk)
+        statements = [
+            (_end_statement(owner, now, reason, remote, cost, chunk), remote)
+            for (reason, remote, cost), pks in kinds.items()
+            for chunk in _chunks(sorted(set(pks)), LOOKUP_CHUNK)
+        ]
+
+        def run(conn: Connection) -> dict[int, SessionRecord]:
+            ended: dict[int, SessionRecord] = {}
+            events: list[Row] = []
+            for stmt, remote in statements:
+                for mapping in conn.execute(stmt).mappings():
+                    record = _record(cast(Mapping[str, Any], mapping))
+                    ended[record.id] = record
+                    events.append(
+                        {
+                            "session_pk": record.id,
+                            "at": now,
+                            "from_status": _ENDING,
+                            "to_status": _ENDED,
+                            "reason": mapping["end_reason"],
+                            "detail": remote,
+                        }
+                    )
+            if events:
+                conn.execute(insert(session_events), events)
+            return ended
+
+        return await self._write_sync(run)
 
     async def mark_ended_remote(
         self, pk: int, *, reason: EndReason, remote_status: str, cost: float | None
@@ -970,6 +1045,11 @@ class SessionRepository:
             return (await conn.execute(stmt)).rowcount
 
         return await self._write_statement(run)
+
+    async def _write_sync(self, fn: Callable[[Connection], T]) -> T:
+        """Run ``fn`` on a sync connection in one short write transaction (see
+        ``_write_statement``)."""
+        return await self._write_statement(lambda conn: conn.run_sync(fn))
 
     async def _write_statement(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         """One short write transaction, retried if the database stays busy past its timeout."""
@@ -1409,6 +1489,93 @@ def _local_id(key: str) -> int | None:
     if key.isascii() and key.isdigit() and int(key) < BIGINT:
         return int(key)
     return None
+
+
+def _apply(
+    uow: UnitOfWork,
+    row: Row,
+    decide: Callable[[Row, datetime], Decision],
+    now: datetime,
+    *,
+    event: bool = True,
+) -> bool:
+    """Apply ``decide``'s decision on ``row`` to the unit of work; False: it did not apply."""
+    decision = decide(row, uow.lease_now or now)
+    if decision is None:
+        return False
+    changes, reason, detail = decision
+    _check_transition(row["status"], changes.get("status") or row["status"])
+    uow.change(
+        row, changes | {"updated_at": now}, at=now, reason=reason, detail=detail, event=event
+    )
+    return True
+
+
+def _end_decision(
+    owner: str, lease: float, reason: EndReason, detail: str | None
+) -> Callable[[Row, datetime], Decision]:
+    """The claim of a manual/shutdown/orphan end: an active row, or an ending one whose lease
+    ran out, leased to ``owner``."""
+
+    def decide(row: Row, at: datetime) -> Decision:
+        lease_changes = {
+            "lease_owner": owner,
+            "lease_until": at + timedelta(seconds=lease),
+            "attempts": row["attempts"] + 1,
+            "next_attempt_at": None,
+        }
+        if row["status"] == _ACTIVE:
+            changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
+            why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
+            return changes, reason.value, _clip(why)
+        if row["status"] == _ENDING and _lease_free(row, at):
+            return lease_changes, row["end_reason"], f"lease taken over by {owner}"
+        return None
+
+    return decide
+
+
+def _end_statement(
+    owner: str,
+    now: datetime,
+    reason: str | None,
+    remote_status: str | None,
+    cost: float | None,
+    pks: Sequence[int],
+) -> Any:
+    """``end_many``'s UPDATE for one kind of end: the changes ``mark_ended`` makes, in SQL."""
+    c = sessions.c
+    values: dict[str, Any] = {
+        "status": _ENDED,
+        "ended_at": now,
+        "end_reason": reason if reason is not None else c.end_reason,
+        "lease_until": None,
+        "updated_at": now,
+    }
+    if cost is not None:
+        values |= {"cost": cost, "next_attempt_at": None}
+    else:
+        later = now + timedelta(seconds=COST_DELAY)
+        values["next_attempt_at"] = case(
+            (c.cost.is_(None), literal(later, c.next_attempt_at.type)), else_=None
+        )
+    if remote_status is not None:
+        values["remote_status"] = remote_status
+    return (
+        update(sessions)
+        .where(c.id.in_(list(pks)), c.status == _ENDING, c.lease_owner == owner)
+        .values(values)
+        .returning(*sessions.columns)
+    )
+
+
+def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _not_found(key: int | str) -> SessionNotFound:
+    return SessionNotFound(f"no session with id or session_id {str(key)!r}: see `sessionmgr list`")
 
 
 def _lease_free(row: Row, now: datetime) -> bool:
