@@ -27,12 +27,12 @@ from sqlalchemy import (
     Date,
     Select,
     and_,
+    bindparam,
     case,
     delete,
     extract,
     func,
     insert,
-    literal,
     or_,
     select,
     tuple_,
@@ -664,17 +664,24 @@ class SessionRepository:
             reason = EndReason(end.reason).value if end.reason is not None else None
             cost = float(end.cost) if end.cost is not None else None
             kinds.setdefault((reason, end.remote_status, cost), []).append(end.pk)
-        statements = [
-            (_end_statement(owner, now, reason, remote, cost, chunk), remote)
-            for (reason, remote, cost), pks in kinds.items()
-            for chunk in _chunks(sorted(set(pks)), LOOKUP_CHUNK)
-        ]
+        later = now + timedelta(seconds=COST_DELAY)
+        statements: list[tuple[Any, Row, str | None]] = []
+        for (reason, remote, cost), pks in kinds.items():
+            stmt = _end_statement(reason is None, remote is not None, cost is not None)
+            given: Row = {"owner": owner, "now": now}
+            if reason is not None:
+                given["reason"] = reason
+            if remote is not None:
+                given["remote_status"] = remote
+            given |= {"cost": cost} if cost is not None else {"later": later}
+            for chunk in _chunks(sorted(set(pks)), LOOKUP_CHUNK):
+                statements.append((stmt, given | {"pks": list(chunk)}, remote))
 
         def run(conn: Connection) -> dict[int, SessionRecord]:
             ended: dict[int, SessionRecord] = {}
             events: list[Row] = []
-            for stmt, remote in statements:
-                for mapping in conn.execute(stmt).mappings():
+            for stmt, params, remote in statements:
+                for mapping in conn.execute(stmt, params).mappings():
                     record = _record(cast(Mapping[str, Any], mapping))
                     ended[record.id] = record
                     events.append(
@@ -1535,35 +1542,33 @@ def _end_decision(
     return decide
 
 
-def _end_statement(
-    owner: str,
-    now: datetime,
-    reason: str | None,
-    remote_status: str | None,
-    cost: float | None,
-    pks: Sequence[int],
-) -> Any:
-    """``end_many``'s UPDATE for one kind of end: the changes ``mark_ended`` makes, in SQL."""
+@functools.lru_cache(maxsize=8)
+def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any:
+    """``end_many``'s UPDATE for one kind of end: the changes ``mark_ended`` makes, in SQL, built
+    once per kind (bound: ``pks`` expanding, ``owner``, ``now``, ``later``, ``reason``,
+    ``remote_status``, ``cost``)."""
     c = sessions.c
     values: dict[str, Any] = {
         "status": _ENDED,
-        "ended_at": now,
-        "end_reason": reason if reason is not None else c.end_reason,
+        "ended_at": bindparam("now", type_=c.ended_at.type),
+        "end_reason": c.end_reason if keep_reason else bindparam("reason", type_=c.end_reason.type),
         "lease_until": None,
-        "updated_at": now,
+        "updated_at": bindparam("now", type_=c.updated_at.type),
     }
-    if cost is not None:
-        values |= {"cost": cost, "next_attempt_at": None}
+    if with_cost:
+        values |= {"cost": bindparam("cost", type_=c.cost.type), "next_attempt_at": None}
     else:
-        later = now + timedelta(seconds=COST_DELAY)
-        values["next_attempt_at"] = case(
-            (c.cost.is_(None), literal(later, c.next_attempt_at.type)), else_=None
-        )
-    if remote_status is not None:
-        values["remote_status"] = remote_status
+        later = bindparam("later", type_=c.next_attempt_at.type)
+        values["next_attempt_at"] = case((c.cost.is_(None), later), else_=None)
+    if with_remote:
+        values["remote_status"] = bindparam("remote_status", type_=c.remote_status.type)
     return (
         update(sessions)
-        .where(c.id.in_(list(pks)), c.status == _ENDING, c.lease_owner == owner)
+        .where(
+            c.id.in_(bindparam("pks", expanding=True)),
+            c.status == _ENDING,
+            c.lease_owner == bindparam("owner", type_=c.lease_owner.type),
+        )
         .values(values)
         .returning(*sessions.columns)
     )
