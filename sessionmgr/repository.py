@@ -581,11 +581,15 @@ class SessionRepository:
         reason: EndReason,
         detail: str | None = None,
     ) -> SessionRecord | None:
-        """``claim_end``'s claimed record, or None when the session is not in a state to claim
-        (pending: its creator holds it; already ended; another process holds it)."""
-        reason = EndReason(reason)
-        decide = _end_decision(owner, lease, reason, detail)
-        return await self._lease_transition(_key(key), decide)
+        """``claim_end``'s claimed record, or None when the session is unknown or not in a state
+        to claim (pending: its creator holds it; already ended; another process holds it)."""
+        try:
+            found = await self.claim_end(
+                key, owner=owner, lease=lease, reason=reason, detail=detail
+            )
+        except SessionNotFound:
+            return None
+        return found.record if found.claimed else None
 
     async def reschedule(self, pk: int, *, owner: str, error: str, retry_at: datetime) -> bool:
         """A terminate failed: release the lease and retry at ``retry_at`` (``owner`` only)."""
