@@ -519,30 +519,35 @@ class SessionRepository:
         touched, _ = await self._write_touches(dict.fromkeys(wanted, when))
         return touched
 
+    @_db_errors
     async def _write_touches(self, times: Mapping[str, datetime]) -> tuple[set[str], int]:
+        """Write the latest touch per session in one transaction: one lean read of the active
+        sessions' windows (4 columns, ``LOOKUP_CHUNK`` per SELECT; FOR UPDATE on PostgreSQL),
+        then one executemany of a blind conditional UPDATE (``WHERE session_id = ? AND status =
+        'active' AND last_activity_at < ?``). An older touch never moves activity back; a touch
+        of a session that is not active is dropped. Returns (the sessions found active, the
+        rows updated)."""
         if not times:
             return set(), 0
         now = self.clock.now()
+        lock = self.dialect == "postgresql"
 
-        def apply(uow: UnitOfWork) -> Thunk:
-            touched: set[str] = set()
-            updated = 0
-            for sid, at in times.items():
-                row = uow.get(sid)
-                if row is None or row["status"] != _ACTIVE:
-                    continue
-                touched.add(sid)
-                if at > row["last_activity_at"]:
-                    changes = {
-                        "last_activity_at": at,
-                        "deadline": _deadline(at, row["idle_window"], row["expires_at"]),
-                        "updated_at": now,
-                    }
-                    uow.change(row, changes, event=False)
-                    updated += 1
-            return lambda: (touched, updated)
+        def run(conn: Connection) -> tuple[set[str], int]:
+            active: set[str] = set()
+            params: list[Row] = []
+            for chunk in _chunks(sorted(times), LOOKUP_CHUNK):
+                stmt = _touch_read(lock)
+                for sid, window, expires_at, last in conn.execute(stmt, {"sids": list(chunk)}):
+                    active.add(sid)
+                    at = times[sid]
+                    if at > last:
+                        deadline = _deadline(at, window, expires_at)
+                        params.append({"sid": sid, "at": at, "deadline": deadline, "now": now})
+            if params:
+                _execute_touches(conn, params)
+            return active, len(params)
 
-        return cast(tuple[set[str], int], await self._submit(Op(apply, sids=tuple(times))))
+        return await self._write_sync(run)
 
     async def claim_end(
         self,
@@ -1546,6 +1551,55 @@ def _end_decision(
     return decide
 
 
+@functools.lru_cache(maxsize=2)
+def _touch_read(lock: bool) -> Any:
+    """The windows of the active sessions among ``sids`` (what a touch's deadline needs)."""
+    c = sessions.c
+    stmt = select(c.session_id, c.idle_window, c.expires_at, c.last_activity_at).where(
+        c.session_id.in_(bindparam("sids", expanding=True)), c.status == _ACTIVE
+    )
+    return stmt.with_for_update() if lock else stmt
+
+
+# a touch: later activity and its deadline, blind but for the status and the activity it moves on
+_TOUCH_UPDATE = (
+    update(sessions)
+    .where(
+        sessions.c.session_id == bindparam("sid"),
+        sessions.c.status == _ACTIVE,
+        sessions.c.last_activity_at < bindparam("at", type_=sessions.c.last_activity_at.type),
+    )
+    .values(
+        last_activity_at=bindparam("at", type_=sessions.c.last_activity_at.type),
+        deadline=bindparam("deadline", type_=sessions.c.deadline.type),
+        updated_at=bindparam("now", type_=sessions.c.updated_at.type),
+    )
+)
+
+
+_SQLITE_TOUCH = (
+    "UPDATE sessions SET last_activity_at = ?, deadline = ?, updated_at = ?"
+    " WHERE session_id = ? AND status = 'active' AND last_activity_at < ?"
+)
+
+
+def _execute_touches(conn: Connection, params: Sequence[Row]) -> None:
+    """``_TOUCH_UPDATE`` for every row. On SQLite straight to the driver's executemany, the
+    times formatted by the column type's own bind processor (``now`` once): SQLAlchemy's
+    per-row parameter processing would cost more than SQLite's work."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(_TOUCH_UPDATE, list(params))
+        return
+    fmt = sessions.c.last_activity_at.type.bind_processor(conn.dialect)
+    assert fmt is not None
+    now = fmt(params[0]["now"])
+    rows = []
+    for p in params:
+        at = fmt(p["at"])
+        rows.append((at, fmt(p["deadline"]), now, p["sid"], at))
+    conn.exec_driver_sql(_SQLITE_TOUCH, rows)
+
+
 @functools.lru_cache(maxsize=8)
 def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any:
     """``end_many``'s UPDATE for one kind of end: the changes ``mark_ended`` makes, in SQL, built
@@ -1578,7 +1632,7 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any
     )
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

@@ -245,15 +245,15 @@ async def test_failed_flush_keeps_touches_for_the_next_one(
     await started(repo, "a")
     clock_of(repo).advance(7)
     repo.touch("a")
-    real_submit = repo.writer.submit
+    real_write = repo._write_sync
 
-    async def broken(op: Any) -> Any:
+    async def broken(fn: Any) -> Any:
         raise DatabaseError("disk on fire")
 
-    monkeypatch.setattr(repo.writer, "submit", broken)
+    monkeypatch.setattr(repo, "_write_sync", broken)
     with pytest.raises(DatabaseError):
         await repo.flush_touches()
-    monkeypatch.setattr(repo.writer, "submit", real_submit)
+    monkeypatch.setattr(repo, "_write_sync", real_write)
     assert await repo.flush_touches() == 1
     assert (await repo.get("a")).last_activity_at == repo.clock.now()
 
@@ -869,3 +869,27 @@ async def test_end_many_ends_the_slice_but_not_a_row_taken_over(repo: SessionRep
     # ending -> ended only: a second end of the same rows changes nothing
     assert await repo.end_many([_end(a.id), _end(b.id)], owner="me") == {}
     assert await repo.end_many([], owner="me") == {}
+
+
+async def test_a_flushed_touch_moves_the_deadline_but_never_past_max_age(repo: SessionRepository):
+    record = await started(repo, "a", idle=IDLE, max_age=100.0)
+    await started(repo, "b", idle=IDLE, max_age=None)
+    await started(repo, "c")
+    await repo.begin_end("c", owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    clock = clock_of(repo)
+    clock.advance(20)
+    repo.touch("a")
+    repo.touch("b")
+    repo.touch("c")  # ending: dropped
+    assert await repo.flush_touches() == 2
+    assert (await repo.get("a")).deadline == clock.now() + timedelta(seconds=IDLE)
+    assert (await repo.get("b")).deadline == clock.now() + timedelta(seconds=IDLE)
+    clock.advance(50)  # 70 s old: idle deadline 130 s, past its max age of 100 s
+    repo.touch("a")
+    assert await repo.flush_touches() == 1
+    touched = await repo.get("a")
+    assert touched.last_activity_at == clock.now()
+    assert touched.deadline == record.created_at + timedelta(seconds=100)
+    ending = await repo.get("c")
+    assert ending.last_activity_at == record.last_activity_at  # never touched once ending
+    assert await repo.touch_many(["a", "b", "c", "nope"]) == {"a", "b"}
