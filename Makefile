@@ -39,7 +39,7 @@ promtool:
 	@test -x /usr/bin/systemd-analyze || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
-BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory bench_reconcile bench_recovery
+BENCHES := bench_repository bench_create bench_end bench_reaper bench_touch bench_memory bench_reconcile bench_recovery
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
