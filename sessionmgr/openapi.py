@@ -12,7 +12,7 @@ from typing import Any
 
 from .checks import DEFAULT_PAGE, DEFAULT_STATS_DAYS, INT32, MAX_PAGE, MAX_SECONDS, MAX_STATS_DAYS
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
-from .repository import SORTS
+from .queries import SORTS
 from .states import MANUAL_REASONS, EndReason, SessionStatus
 
 CONTROL_NAMES = (  # web.CONTROL_FIELDS, the body keys of POST /api/sessions/{id}/control
