@@ -15,12 +15,14 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Concatenate, ParamSpec, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Date,
     Select,
     and_,
@@ -45,7 +47,14 @@ from .checks import (
 from .checks import aware as _aware
 from .clock import Clock
 from .errors import InvalidArgument, SessionNotFound
-from .models import DEFAULT_TRANSPORT, NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
+from .models import (
+    DEFAULT_TRANSPORT,
+    NAME_LENGTH,
+    SESSION_ID_LENGTH,
+    session_events,
+    sessions,
+)
+from .reader import Reader
 from .records import (
     DayStats,
     Page,
@@ -55,7 +64,7 @@ from .records import (
     Stats,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus
-from .writer import Row, database_now
+from .writer import database_now
 
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
 LEGACY_INTENT_SETTLE = 120.0  # seconds: an intent written without a lease counts as held this long
@@ -97,22 +106,124 @@ def _record(row: Mapping[str, Any]) -> SessionRecord:
     return SessionRecord(**values)
 
 
-def _event(row: Mapping[str, Any]) -> SessionEvent:
-    return SessionEvent(
-        id=row["id"],
-        session_pk=row["session_pk"],
-        at=row["at"],
-        from_status=SessionStatus(row["from_status"]) if row["from_status"] else None,
-        to_status=SessionStatus(row["to_status"]),
-        reason=row["reason"],
-        detail=row["detail"],
+# The record's fields as columns, in the record's order: a row of them is the record's arguments.
+RECORD_COLUMNS = tuple(sessions.c[name] for name in _RECORD_FIELDS)
+_STATUSES = {s.value: s for s in SessionStatus}
+_END_REASONS = {r.value: r for r in EndReason}
+_STATUS, _END_REASON, _METADATA, _TRANSPORT = (
+    _RECORD_FIELDS.index(name) for name in ("status", "end_reason", "metadata", "transport_type")
+)
+_time = datetime.fromisoformat
+_UTC = "+00:00"  # what SQLite's naive UTC text lacks (see models.parse_sqlite_time)
+
+
+def record_from_row(row: Sequence[Any]) -> SessionRecord:
+    """The record of a row of ``RECORD_COLUMNS`` as SQLAlchemy returns it, built once (what
+    ``_record`` gives for the same row as a mapping: a test holds both equal)."""
+    values = list(row)
+    values[_METADATA] = dict(values[_METADATA] or {})
+    return _finish(values)
+
+
+def record_from_sqlite(row: Sequence[Any]) -> SessionRecord:
+    """The record of a raw SQLite row of ``RECORD_COLUMNS`` (times as naive UTC text, metadata
+    as JSON text), converted as ``models.UTCDateTime`` and SQLAlchemy's JSON type do, in one
+    call per row: a listing's time is mostly spent here, so the fields are spelled out (a test
+    holds the result equal to the ORM's for the same rows)."""
+    (
+        id_,
+        session_id,
+        status,
+        agent_id,
+        agent_image_url,
+        agent_prompt,
+        idle_timeout,
+        room_url,
+        control_url,
+        idle_window,
+        max_age,
+        created_at,
+        updated_at,
+        last_activity_at,
+        deadline,
+        ended_at,
+        end_reason,
+        remote_status,
+        cost,
+        attempts,
+        next_attempt_at,
+        last_error,
+        lease_owner,
+        lease_until,
+        metadata,
+        model,
+        transport_type,
+    ) = row
+    created = _time(created_at + _UTC)
+    # the same text is the same (immutable) time: a session never touched has three equal ones
+    updated = created if updated_at == created_at else _time(updated_at + _UTC)
+    last = created if last_activity_at == created_at else _time(last_activity_at + _UTC)
+    return SessionRecord(
+        id_,
+        session_id,
+        _STATUSES[status],
+        agent_id,
+        agent_image_url,
+        agent_prompt,
+        idle_timeout,
+        room_url,
+        control_url,
+        idle_window,
+        max_age,
+        created,
+        updated,
+        last,
+        None if deadline is None else _time(deadline + _UTC),
+        None if ended_at is None else _time(ended_at + _UTC),
+        _END_REASONS[end_reason] if end_reason else None,
+        remote_status,
+        cost,
+        attempts,
+        None if next_attempt_at is None else _time(next_attempt_at + _UTC),
+        last_error,
+        lease_owner,
+        None if lease_until is None else _time(lease_until + _UTC),
+        {} if metadata is None or metadata == "{}" else dict(json.loads(metadata) or {}),
+        model,
+        transport_type or DEFAULT_TRANSPORT,
     )
+
+
+def _finish(values: list[Any]) -> SessionRecord:
+    values[_STATUS] = _STATUSES[values[_STATUS]]
+    values[_END_REASON] = _END_REASONS[values[_END_REASON]] if values[_END_REASON] else None
+    # a row inserted without it took the column's server default, which the snapshot lacks
+    values[_TRANSPORT] = values[_TRANSPORT] or DEFAULT_TRANSPORT
+    return SessionRecord(*values)
+
+
+def _records(stmt: Select[Any]) -> Callable[[Connection], list[SessionRecord]]:
+    """A read of ``stmt`` (selecting ``RECORD_COLUMNS``) returning its records. On SQLite the
+    driver's rows are taken as they are (``CursorResult.cursor``) and converted once, here."""
+
+    def read(conn: Connection) -> list[SessionRecord]:
+        result = conn.execute(stmt)
+        if conn.dialect.name != "sqlite":
+            return [record_from_row(r) for r in result.all()]
+        try:
+            rows = result.cursor.fetchall()
+        finally:
+            result.close()
+        return [record_from_sqlite(r) for r in rows]
+
+    return read
 
 
 class SessionQueries:
     """The reads of ``SessionRepository`` (see the module docstring); it sets these attributes."""
 
     _engine: AsyncEngine
+    _reader: Reader
     clock: Clock
     dialect: str
     database_clock: bool
@@ -145,7 +256,7 @@ class SessionQueries:
         now = self.clock.now()
         c = sessions.c
         stmt = (
-            select(sessions)
+            select(*RECORD_COLUMNS)
             .where(
                 c.status == _ENDED,
                 c.lease_until.is_(None),
@@ -155,15 +266,17 @@ class SessionQueries:
             .order_by(c.next_attempt_at, c.id)
             .limit(limit)
         )
-        return [_record(r) for r in await self._fetch(stmt)]
+        return await self._read(_records(stmt))
 
     # --- admin reads ----------------------------------------------------------------------------
 
-    async def _fetch(self, stmt: Select[Any]) -> list[Row]:
-        async with self._engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+    async def _read(self, read: Callable[[Connection], T]) -> T:
+        """``read`` in one hop (see sessionmgr/reader.py); driver failures as typed errors."""
+        try:
+            return await self._reader.run(read)
+        except (SQLAlchemyError, OSError, sqlite3.Error) as exc:
+            raise db.map_error(exc, self._engine.url) from exc
 
-    @_db_errors
     async def find(self, key: int | str) -> SessionRecord | None:
         """The session with this local id (int or digit string) or session_id, or None."""
         key = _key(key)
@@ -174,11 +287,11 @@ class SessionQueries:
             cond = or_(c.id == local, c.session_id == key)
         else:
             cond = c.session_id == key
-        rows = await self._fetch(select(sessions).where(cond).order_by(sessions.c.id))
-        if not rows:
+        records = await self._read(_records(select(*RECORD_COLUMNS).where(cond).order_by(c.id)))
+        if not records:
             return None
         # a digit string matching both a local id and another row's session_id means the id
-        return _record(next((r for r in rows if str(r["id"]) == str(key)), rows[0]))
+        return next((r for r in records if str(r.id) == str(key)), records[0])
 
     async def get(self, key: int | str) -> SessionRecord:
         """Like ``find``, but a missing session raises ``SessionNotFound``."""
@@ -201,107 +314,103 @@ class SessionQueries:
         last = 0
         while True:
             stmt = (
-                select(sessions)
+                select(*RECORD_COLUMNS)
                 .where(sessions.c.status.in_(wanted), sessions.c.id > last)
                 .order_by(sessions.c.id)
                 .limit(batch)
             )
-            try:
-                rows = await self._fetch(stmt)
-            except (SQLAlchemyError, OSError) as exc:
-                raise db.map_error(exc, self._engine.url) from exc
-            for row in rows:
-                yield _record(row)
-            if len(rows) < batch:
+            records = await self._read(_records(stmt))
+            for record in records:
+                yield record
+            if len(records) < batch:
                 return
-            last = rows[-1]["id"]
+            last = records[-1].id
 
-    @_db_errors
     async def ping(self) -> None:
         """One round trip to the database (health checks)."""
-        async with self._engine.connect() as conn:
-            await conn.execute(select(1))
+        await self._read(lambda conn: conn.execute(select(1)).all())
 
-    @_db_errors
     async def count_live(self) -> dict[SessionStatus, int]:
         """Sessions per live status: one grouped COUNT on the status index, cheap enough for
         every metrics scrape however long the history (``stats`` reads far more)."""
         c = sessions.c
         stmt = select(c.status, func.count()).where(c.status.in_(_LIVE)).group_by(c.status)
-        async with self._engine.connect() as conn:
-            counts: dict[str, int] = {s: n for s, n in (await conn.execute(stmt)).all()}
+        rows = await self._read(lambda conn: conn.execute(stmt).all())
+        counts: dict[str, int] = {s: n for s, n in rows}
         return {s: int(counts.get(s.value, 0)) for s in SessionStatus if s in LIVE_STATUSES}
 
-    @_db_errors
     async def pending_intents(self) -> list[SessionRecord]:
         """Intents whose create outcome is not recorded, oldest first (for reconcile)."""
         stmt = (
-            select(sessions)
+            select(*RECORD_COLUMNS)
             .where(sessions.c.status == _PENDING)
             .order_by(sessions.c.created_at, sessions.c.id)
         )
-        return [_record(r) for r in await self._fetch(stmt)]
+        return await self._read(_records(stmt))
 
-    @_db_errors
+    async def _chunked(
+        self, session_ids: Iterable[str], statement: Callable[[list[str]], Select[Any]]
+    ) -> list[Any]:
+        """The rows of ``statement(chunk)`` for each ``LOOKUP_CHUNK`` of the ids, in one read."""
+        wanted = sorted(set(session_ids))
+
+        def read(conn: Connection) -> list[Any]:
+            rows: list[Any] = []
+            for start in range(0, len(wanted), LOOKUP_CHUNK):
+                rows += conn.execute(statement(wanted[start : start + LOOKUP_CHUNK])).all()
+            return rows
+
+        return await self._read(read) if wanted else []
+
     async def known_session_ids(self, session_ids: Iterable[str]) -> set[str]:
         """Which of these LemonSlice ids have a row (one query per chunk, for reconcile)."""
-        wanted = sorted(set(session_ids))
-        known: set[str] = set()
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
-            known.update(r["session_id"] for r in await self._fetch(stmt))
-        return known
+        c = sessions.c
+        rows = await self._chunked(
+            session_ids, lambda chunk: select(c.session_id).where(c.session_id.in_(chunk))
+        )
+        return {r[0] for r in rows}
 
-    @_db_errors
     async def active_control_urls(self, session_ids: Iterable[str]) -> dict[str, str]:
         """session_id -> control_url of those that are active (one query per chunk: what the
         keep-alive reads once per round)."""
-        wanted = sorted(set(session_ids))
-        found: dict[str, str] = {}
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions.c.session_id, sessions.c.control_url).where(
-                sessions.c.session_id.in_(chunk), sessions.c.status == _ACTIVE
-            )
-            found.update(
-                (r["session_id"], r["control_url"])
-                for r in await self._fetch(stmt)
-                if r["control_url"]
-            )
-        return found
+        c = sessions.c
+        rows = await self._chunked(
+            session_ids,
+            lambda chunk: select(c.session_id, c.control_url).where(
+                c.session_id.in_(chunk), c.status == _ACTIVE
+            ),
+        )
+        return {r[0]: r[1] for r in rows if r[1]}
 
-    @_db_errors
     async def ended_before(
         self, session_ids: Iterable[str], before: datetime
     ) -> list[SessionRecord]:
         """Which of these LemonSlice ids this database ended before ``before`` (for reconcile:
         ended here, yet listed live by LemonSlice)."""
-        wanted = sorted(set(session_ids))
         before = _aware(before, "before")
-        found: list[SessionRecord] = []
         c = sessions.c
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions).where(
-                c.session_id.in_(chunk), c.status == _ENDED, c.ended_at <= before
-            )
-            found += [_record(r) for r in await self._fetch(stmt.order_by(c.id))]
-        return found
+        rows = await self._chunked(
+            session_ids,
+            lambda chunk: (
+                select(*RECORD_COLUMNS)
+                .where(c.session_id.in_(chunk), c.status == _ENDED, c.ended_at <= before)
+                .order_by(c.id)
+            ),
+        )
+        return [record_from_row(r) for r in rows]
 
-    @_db_errors
     async def ended_without_cost(self, session_ids: Iterable[str]) -> list[SessionRecord]:
         """Which of these LemonSlice ids ended here with no cost recorded (for reconcile)."""
-        wanted = sorted(set(session_ids))
-        found: list[SessionRecord] = []
         c = sessions.c
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions).where(
-                c.session_id.in_(chunk), c.status == _ENDED, c.cost.is_(None)
-            )
-            found += [_record(r) for r in await self._fetch(stmt.order_by(c.id))]
-        return found
+        rows = await self._chunked(
+            session_ids,
+            lambda chunk: (
+                select(*RECORD_COLUMNS)
+                .where(c.session_id.in_(chunk), c.status == _ENDED, c.cost.is_(None))
+                .order_by(c.id)
+            ),
+        )
+        return [record_from_row(r) for r in rows]
 
     @_db_errors
     async def lease_now(self) -> datetime:
@@ -311,21 +420,27 @@ class SessionQueries:
         async with self._engine.connect() as conn:
             return await database_now(conn)
 
-    @_db_errors
     async def events(self, key: int | str) -> list[SessionEvent]:
         """The lifecycle of one session, oldest first."""
         record = await self.get(key)
+        e = session_events.c
         stmt = (
-            select(session_events)
-            .where(session_events.c.session_pk == record.id)
-            .order_by(session_events.c.id)
+            select(e.id, e.session_pk, e.at, e.from_status, e.to_status, e.reason, e.detail)
+            .where(e.session_pk == record.id)
+            .order_by(e.id)
         )
-        return [_event(r) for r in await self._fetch(stmt)]
+        rows = await self._read(lambda conn: conn.execute(stmt).all())
+        return [
+            SessionEvent(
+                id, pk, at, SessionStatus(src) if src else None, SessionStatus(dst), reason, detail
+            )
+            for id, pk, at, src, dst, reason, detail in rows
+        ]
 
-    @_db_errors
     async def stats(self, *, days: int = 7, now: datetime | None = None) -> Stats:
         """Counts per status, live sessions, per-day activity over the last ``days`` UTC days,
-        duration percentiles and end reasons of sessions ended in that window; all in SQL."""
+        duration percentiles and end reasons of sessions ended in that window; all in SQL, in
+        one read off the event loop (on SQLite: see sessionmgr/reader.py)."""
         check_days(days)
         now = _aware(now, "now") if now is not None else self.clock.now()
         first_day = now.date() - timedelta(days=days - 1)
@@ -335,23 +450,29 @@ class SessionQueries:
         day_ended = self._day(c.ended_at).label("day")
         duration = self._seconds(c.created_at, c.ended_at).label("duration")
         ended_in_window = and_(c.status == _ENDED, c.ended_at >= start)
-        async with self._engine.connect() as conn:
 
-            async def rows(stmt: Any) -> list[Any]:
-                return list((await conn.execute(stmt)).all())
+        def read(conn: Connection) -> Stats:
+            def rows(stmt: Any) -> list[Any]:
+                return list(conn.execute(stmt).all())
 
             by_status = {s.value: 0 for s in SessionStatus}
-            for status, count in await rows(select(c.status, func.count()).group_by(c.status)):
+            for status, count in rows(select(c.status, func.count()).group_by(c.status)):
                 by_status[status] = count
-            oldest = []  # one index probe per live status: cheap however long the history
+            oldest: list[SessionRecord] = []  # one index probe per live status: cheap always
             for status in _LIVE:
-                oldest += await rows(
-                    select(sessions).where(c.status == status).order_by(c.created_at, c.id).limit(1)
-                )
+                oldest += [
+                    record_from_row(r)
+                    for r in rows(
+                        select(*RECORD_COLUMNS)
+                        .where(c.status == status)
+                        .order_by(c.created_at, c.id)
+                        .limit(1)
+                    )
+                ]
             oldest.sort(key=lambda r: (r.created_at, r.id))
             created = dict(
                 (_as_date(day), n)
-                for day, n in await rows(
+                for day, n in rows(
                     select(day_created, func.count())
                     .where(c.created_at >= start)
                     .group_by(day_created)
@@ -359,7 +480,7 @@ class SessionQueries:
             )
             ended: dict[date, tuple[int, float | None, int]] = {
                 _as_date(day): (n, credits, known)
-                for day, n, credits, known in await rows(
+                for day, n, credits, known in rows(
                     select(day_ended, func.count(), func.sum(c.cost), func.count(c.cost))
                     .where(ended_in_window)
                     .group_by(day_ended)
@@ -367,7 +488,7 @@ class SessionQueries:
             }
             reasons = {
                 reason: n
-                for reason, n in await rows(
+                for reason, n in rows(
                     select(c.end_reason, func.count())
                     .where(c.ended_at >= start, c.end_reason.is_not(None))
                     .group_by(c.end_reason)
@@ -384,34 +505,36 @@ class SessionQueries:
                 )
                 picked = dict(
                     (rn, round(float(d), 3))  # milliseconds: SQLite's julianday precision
-                    for d, rn in await rows(
+                    for d, rn in rows(
                         select(ranked.c.duration, ranked.c.rn).where(ranked.c.rn.in_(sorted(ranks)))
                     )
                 )
                 p50, p95 = picked.get(_rank(0.5, n_ended)), picked.get(_rank(0.95, n_ended))
-        per_day = []
-        for i in range(days):
-            day = first_day + timedelta(days=i)
-            n, credits, known = ended.get(day, (0, None, 0))
-            per_day.append(
-                DayStats(
-                    day=day,
-                    created=int(created.get(day, 0)),
-                    ended=int(n),
-                    credits=float(credits) if known and credits is not None else None,
+            per_day = []
+            for i in range(days):
+                day = first_day + timedelta(days=i)
+                n, credits, known = ended.get(day, (0, None, 0))
+                per_day.append(
+                    DayStats(
+                        day=day,
+                        created=int(created.get(day, 0)),
+                        ended=int(n),
+                        credits=float(credits) if known and credits is not None else None,
+                    )
                 )
+            return Stats(
+                by_status=by_status,
+                live=sum(by_status[s] for s in _LIVE),
+                oldest_live=oldest[0] if oldest else None,
+                per_day=per_day,
+                duration_p50=p50,
+                duration_p95=p95,
+                end_reasons=reasons,
+                credits_known=float(sum(c for _, c, k in ended.values() if k and c is not None)),
+                cost_unknown=int(sum(n - k for n, _, k in ended.values())),
             )
-        return Stats(
-            by_status=by_status,
-            live=sum(by_status[s] for s in _LIVE),
-            oldest_live=_record(oldest[0]._mapping) if oldest else None,
-            per_day=per_day,
-            duration_p50=p50,
-            duration_p95=p95,
-            end_reasons=reasons,
-            credits_known=float(sum(c for _, c, k in ended.values() if k and c is not None)),
-            cost_unknown=int(sum(n - k for n, _, k in ended.values())),
-        )
+
+        return await self._read(read)
 
     def _day(self, col: Any) -> ColumnElement[Any]:
         """The UTC calendar day of a time column (a date on PostgreSQL, 'YYYY-MM-DD' on SQLite)."""
@@ -452,7 +575,6 @@ class SessionQueries:
             conds.append(c.last_activity_at <= idle_since)
         return conds
 
-    @_db_errors
     async def list(
         self,
         flt: SessionFilter | None = None,
@@ -466,18 +588,15 @@ class SessionQueries:
         spec = _sort_spec(sort)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
-        stmt = select(sessions).where(*self._filters(flt or SessionFilter()))
+        stmt = select(*RECORD_COLUMNS).where(*self._filters(flt or SessionFilter()))
         if after is not None:
             stmt = stmt.where(spec.after(*_decode_cursor(after, sort)))
-        rows = await self._fetch(stmt.order_by(*spec.order_by()).limit(limit + 1))
-        more = len(rows) > limit
-        items = [_record(r) for r in rows[:limit]]
-        cursor = (
-            _encode_cursor(sort, spec.value(rows[limit - 1]), rows[limit - 1]["id"])
-            if more
-            else None
-        )
-        return Page(items=items, next_cursor=cursor)
+        records = await self._read(_records(stmt.order_by(*spec.order_by()).limit(limit + 1)))
+        if len(records) <= limit:
+            return Page(items=records, next_cursor=None)
+        last = records[limit - 1]
+        cursor = _encode_cursor(sort, spec.value(last), last.id)
+        return Page(items=records[:limit], next_cursor=cursor)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -521,8 +640,8 @@ class _Sort:
     descending: bool
     nullable: bool
 
-    def value(self, row: Row) -> datetime | None:
-        return None if self.column is None else cast(datetime | None, row[self.column])
+    def value(self, record: SessionRecord) -> datetime | None:
+        return None if self.column is None else cast(datetime | None, getattr(record, self.column))
 
     def order_by(self) -> list[Any]:
         pk = sessions.c.id

@@ -45,6 +45,7 @@ from .clock import SYSTEM_CLOCK, Clock, is_simulated
 from .errors import InvalidArgument
 from .models import DEFAULT_TRANSPORT, NAME_LENGTH, session_events, sessions
 from .queries import _db_errors, _key, _local_id, _record
+from .reader import Reader
 from .records import (
     SessionRecord,
     iso_utc,
@@ -99,6 +100,7 @@ class SessionRepository(SessionCleanup):
         ``clock`` is simulated (a ``FakeClock``, which no server clock can follow); SQLite is
         one host, whose clock all its processes share."""
         self._engine = engine
+        self._reader = Reader(engine)
         self._write = db.write_engine(engine)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.dialect: str = engine.dialect.name
@@ -143,7 +145,10 @@ class SessionRepository(SessionCleanup):
             try:
                 await self._writer.close()
             finally:
-                await self._engine.dispose()
+                try:
+                    await self._reader.close()
+                finally:
+                    await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
         return self
