@@ -14,8 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
-from typing import Any, ParamSpec, Self, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 from sqlalchemy import (
     and_,
@@ -50,6 +49,7 @@ from .records import (
     SessionRecord,
     iso_utc,
 )
+from .resources import AsyncResource
 from .states import EndReason, SessionStatus, can_transition
 from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 
@@ -89,7 +89,7 @@ def _check_create_fields(model: object, transport_type: object) -> None:
 Decision = tuple[Row, str | None, str | None] | None
 
 
-class SessionRepository(SessionCleanup):
+class SessionRepository(SessionCleanup, AsyncResource):
     """Sessions and their lifecycle events in one database (see the module docstring)."""
 
     def __init__(
@@ -149,17 +149,6 @@ class SessionRepository(SessionCleanup):
                     await self._reader.close()
                 finally:
                     await self._engine.dispose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def engine(self) -> AsyncEngine:
