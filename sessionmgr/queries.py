@@ -51,6 +51,7 @@ from .models import (
     DEFAULT_TRANSPORT,
     NAME_LENGTH,
     SESSION_ID_LENGTH,
+    UTCDateTime,
     session_events,
     sessions,
 )
@@ -113,6 +114,12 @@ _END_REASONS = {r.value: r for r in EndReason}
 _STATUS, _END_REASON, _METADATA, _TRANSPORT = (
     _RECORD_FIELDS.index(name) for name in ("status", "end_reason", "metadata", "transport_type")
 )
+_CREATED = _RECORD_FIELDS.index("created_at")
+_LATER_TIMES = tuple(
+    i
+    for i, column in enumerate(RECORD_COLUMNS)
+    if isinstance(column.type, UTCDateTime) and i != _CREATED
+)
 _time = datetime.fromisoformat
 _UTC = "+00:00"  # what SQLite's naive UTC text lacks (see models.parse_sqlite_time)
 
@@ -128,70 +135,18 @@ def record_from_row(row: Sequence[Any]) -> SessionRecord:
 def record_from_sqlite(row: Sequence[Any]) -> SessionRecord:
     """The record of a raw SQLite row of ``RECORD_COLUMNS`` (times as naive UTC text, metadata
     as JSON text), converted as ``models.UTCDateTime`` and SQLAlchemy's JSON type do, in one
-    call per row: a listing's time is mostly spent here, so the fields are spelled out (a test
-    holds the result equal to the ORM's for the same rows)."""
-    (
-        id_,
-        session_id,
-        status,
-        agent_id,
-        agent_image_url,
-        agent_prompt,
-        idle_timeout,
-        room_url,
-        control_url,
-        idle_window,
-        max_age,
-        created_at,
-        updated_at,
-        last_activity_at,
-        deadline,
-        ended_at,
-        end_reason,
-        remote_status,
-        cost,
-        attempts,
-        next_attempt_at,
-        last_error,
-        lease_owner,
-        lease_until,
-        metadata,
-        model,
-        transport_type,
-    ) = row
-    created = _time(created_at + _UTC)
-    # the same text is the same (immutable) time: a session never touched has three equal ones
-    updated = created if updated_at == created_at else _time(updated_at + _UTC)
-    last = created if last_activity_at == created_at else _time(last_activity_at + _UTC)
-    return SessionRecord(
-        id_,
-        session_id,
-        _STATUSES[status],
-        agent_id,
-        agent_image_url,
-        agent_prompt,
-        idle_timeout,
-        room_url,
-        control_url,
-        idle_window,
-        max_age,
-        created,
-        updated,
-        last,
-        None if deadline is None else _time(deadline + _UTC),
-        None if ended_at is None else _time(ended_at + _UTC),
-        _END_REASONS[end_reason] if end_reason else None,
-        remote_status,
-        cost,
-        attempts,
-        None if next_attempt_at is None else _time(next_attempt_at + _UTC),
-        last_error,
-        lease_owner,
-        None if lease_until is None else _time(lease_until + _UTC),
-        {} if metadata is None or metadata == "{}" else dict(json.loads(metadata) or {}),
-        model,
-        transport_type or DEFAULT_TRANSPORT,
-    )
+    call per row (a test holds the result equal to the ORM's for the same rows)."""
+    values = list(row)
+    created_text = values[_CREATED]
+    created = values[_CREATED] = _time(created_text + _UTC)
+    for i in _LATER_TIMES:
+        text = values[i]
+        if text is not None:
+            # the same text is the same (immutable) time: an untouched session has three
+            values[i] = created if text == created_text else _time(text + _UTC)
+    meta = values[_METADATA]
+    values[_METADATA] = {} if meta is None or meta == "{}" else dict(json.loads(meta) or {})
+    return _finish(values)
 
 
 def _finish(values: list[Any]) -> SessionRecord:
