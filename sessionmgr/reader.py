@@ -18,6 +18,7 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event
@@ -88,9 +89,11 @@ class Reader:
 def _sqlite_read_engine(path: str) -> Engine:
     """Read-only connections to the file, shared by the worker threads (one at a time each)."""
     busy_ms = int(db.BUSY_TIMEOUT * 1000)
+    uri = Path(path).resolve().as_uri() + "?mode=rw"
 
     def connect() -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=db.BUSY_TIMEOUT, check_same_thread=False)
+        # mode=rw: a file that has gone away is an error, never a new empty database
+        conn = sqlite3.connect(uri, timeout=db.BUSY_TIMEOUT, check_same_thread=False, uri=True)
         conn.isolation_level = None  # the BEGIN below, not the driver's
         conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
         conn.execute("PRAGMA query_only = ON")
