@@ -38,8 +38,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
+from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -66,6 +65,7 @@ from .errors import (
     excerpt,
 )
 from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, scrub, unclean_text
+from .resources import AsyncResource
 from .retry import RetryPolicy
 from .states import REMOTE_FINAL
 
@@ -531,7 +531,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, seconds)
 
 
-class LemonSliceClient:
+class LemonSliceClient(AsyncResource):
     """Async client for LemonSlice sessions, a drop-in for pipecat's ``LemonSliceApi``.
 
     ``session``: an ``aiohttp.ClientSession`` to borrow (never closed here); without one the client
@@ -602,17 +602,6 @@ class LemonSliceClient:
     def api_url(self) -> str:
         """The sessions collection URL, without a trailing slash."""
         return self._api_url
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the aiohttp session if this client created it; a borrowed one stays open."""

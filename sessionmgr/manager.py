@@ -17,8 +17,8 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import EllipsisType, TracebackType
-from typing import Any, Literal, Self, TypeVar
+from types import EllipsisType
+from typing import Any, Literal, TypeVar
 
 from . import config
 from .checks import check_session_id
@@ -52,6 +52,7 @@ from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
 from .repository import SessionRepository
+from .resources import AsyncResource
 from .states import REMOTE_FINAL, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _with(settings: _Config, **given: Any) -> _Config:
     return dataclasses.replace(settings, **changes) if changes else settings
 
 
-class SessionManager:
+class SessionManager(AsyncResource):
     """Sessions as durable records that are guaranteed to end.
 
     A session is named by its local ``id`` (an int) or LemonSlice's ``session_id`` (a string); a
@@ -201,17 +202,8 @@ class SessionManager:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
+    async def _enter(self) -> None:
         await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         if self._opened:

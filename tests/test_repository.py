@@ -16,8 +16,9 @@ from sqlalchemy import event, func, select
 from sessionmgr.clock import FakeClock
 from sessionmgr.errors import DatabaseError, InvalidArgument, SessionNotFound
 from sessionmgr.models import session_events
+from sessionmgr.queries import SORTS
 from sessionmgr.records import SessionFilter, SessionRecord
-from sessionmgr.repository import SORTS, SessionRepository
+from sessionmgr.repository import SessionRepository
 from sessionmgr.states import EndReason, SessionStatus
 
 ACTIVE, ENDING, ENDED = SessionStatus.ACTIVE, SessionStatus.ENDING, SessionStatus.ENDED
