@@ -24,6 +24,7 @@ from typing import Any, Concatenate, ParamSpec, Self, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Date,
     Select,
     and_,
@@ -38,7 +39,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
 from .checks import (
@@ -74,7 +75,6 @@ from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
-CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
 COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
 COST_HORIZON = 3600.0  # seconds after an end past which a missing cost is no longer asked for
@@ -160,7 +160,6 @@ class SessionRepository:
         ``clock`` is simulated (a ``FakeClock``, which no server clock can follow); SQLite is
         one host, whose clock all its processes share."""
         self._engine = engine
-        self._write = db.write_engine(engine)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.dialect: str = engine.dialect.name
         if database_clock is None:
@@ -698,12 +697,12 @@ class SessionRepository:
         now = _aware(now, "now") if now is not None else self.clock.now()
         check_seconds("grace", grace, positive=False)
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> list[SessionRecord]:
+            at = database_now(conn) if self.database_clock else now
             stmt = self._claim_statement(owner, limit, lease, now, at, grace)
-            return await self._claimed(conn, stmt, owner, now)
+            return self._claimed(conn, stmt, owner, now)
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     def _claim_statement(
         self, owner: str, limit: int, lease: float, now: datetime, at: datetime, grace: float
@@ -750,11 +749,9 @@ class SessionRepository:
         )
 
     @staticmethod
-    async def _claimed(
-        conn: AsyncConnection, stmt: Any, owner: str, now: datetime
-    ) -> list[SessionRecord]:
+    def _claimed(conn: Connection, stmt: Any, owner: str, now: datetime) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
         if not rows:
             return []
         events = [
@@ -769,7 +766,7 @@ class SessionRepository:
             }
             for r in rows
         ]
-        await conn.execute(insert(session_events), events)
+        conn.execute(insert(session_events), events)
         far = datetime.max.replace(tzinfo=UTC)
         rows.sort(key=lambda r: (r["deadline"] or far, r["id"]))
         return [_record(r) for r in rows]
@@ -783,8 +780,8 @@ class SessionRepository:
         now = self.clock.now()
         c = sessions.c
 
-        async def run(conn: AsyncConnection) -> int:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> int:
+            at = database_now(conn) if self.database_clock else now
             stmt = (
                 update(sessions)
                 .where(
@@ -795,9 +792,9 @@ class SessionRepository:
                 )
                 .values(lease_until=at + timedelta(seconds=lease), updated_at=now)
             )
-            return (await conn.execute(stmt)).rowcount
+            return conn.execute(stmt).rowcount
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     # --- intent leases: who may resolve a pending intent ----------------------------------------
 
@@ -818,7 +815,7 @@ class SessionRepository:
         """Whether any pending intent is free to resolve (one indexed read, no write lock)."""
         now = self.clock.now()
         async with self._engine.connect() as conn:
-            at = await database_now(conn) if self.database_clock else now
+            at = await conn.run_sync(database_now) if self.database_clock else now
             stmt = select(sessions.c.id).where(self._intent_due(now, at)).limit(1)
             return (await conn.execute(stmt)).first() is not None
 
@@ -829,8 +826,8 @@ class SessionRepository:
         now = self.clock.now()
         c = sessions.c
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> list[SessionRecord]:
+            at = database_now(conn) if self.database_clock else now
             picked = (
                 select(c.id)
                 .where(self._intent_due(now, at))
@@ -850,11 +847,11 @@ class SessionRepository:
                 )
                 .returning(*sessions.columns)
             )
-            rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+            rows = [dict(r) for r in conn.execute(stmt).mappings()]
             rows.sort(key=lambda r: (r["created_at"], r["id"]))
             return [_record(r) for r in rows]
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     async def release_intent(
         self, pk: int, *, owner: str, retry_at: datetime | None = None
@@ -966,22 +963,10 @@ class SessionRepository:
             .values(lease_owner=None, lease_until=None, updated_at=self.clock.now())
         )
 
-        async def run(conn: AsyncConnection) -> int:
-            return (await conn.execute(stmt)).rowcount
+        def run(conn: Connection) -> int:
+            return conn.execute(stmt).rowcount
 
-        return await self._write_statement(run)
-
-    async def _write_statement(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """One short write transaction, retried if the database stays busy past its timeout."""
-        for attempt in range(CLAIM_LOCK_RETRIES + 1):
-            try:
-                async with self._writer.exclusive(), self._write.begin() as conn:
-                    return await run(conn)
-            except SQLAlchemyError as exc:
-                if not db.is_locked(exc) or attempt == CLAIM_LOCK_RETRIES:
-                    raise
-                logger.warning("database busy, retrying (%d): %s", attempt + 1, exc)
-        raise AssertionError("unreachable")
+        return await self._writer.run(run)
 
     # --- admin reads ----------------------------------------------------------------------------
 
@@ -1135,7 +1120,7 @@ class SessionRepository:
         if not self.database_clock:
             return self.clock.now()
         async with self._engine.connect() as conn:
-            return await database_now(conn)
+            return await conn.run_sync(database_now)
 
     @_db_errors
     async def events(self, key: int | str) -> list[SessionEvent]:
@@ -1334,11 +1319,11 @@ class SessionRepository:
         while True:
             ids = select(c.id).where(old).order_by(c.ended_at).limit(batch_size).scalar_subquery()
 
-            async def run(conn: AsyncConnection, ids: Any = ids) -> int:
+            def run(conn: Connection, ids: Any = ids) -> int:
                 # events go by ON DELETE CASCADE
-                return (await conn.execute(delete(sessions).where(c.id.in_(ids)))).rowcount
+                return conn.execute(delete(sessions).where(c.id.in_(ids))).rowcount
 
-            deleted = await self._write_statement(run)
+            deleted = await self._writer.run(run)
             total += deleted
             if deleted and progress is not None:
                 progress(total)

@@ -440,7 +440,7 @@ async def test_claim_reads_only_index_ranges(tmp_path: Path):
             if statement.startswith("UPDATE"):
                 seen.append((statement, params))
 
-        event.listen(repo.engine.sync_engine, "before_cursor_execute", capture)
+        event.listen(repo.writer.sync_engine, "before_cursor_execute", capture)
         await repo.claim_due(owner="r", limit=10, lease=LEASE)
     with sqlite3.connect(tmp_path / "plan.db") as conn:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + seen[0][0], seen[0][1])]
