@@ -345,34 +345,64 @@ class SessionRepository:
         return cast(SessionRecord, await self._submit(Op(apply)))
 
     async def mark_active(
-        self, pk: int, *, session_id: str, room_url: str | None, control_url: str
+        self,
+        pk: int,
+        *,
+        session_id: str,
+        room_url: str | None,
+        control_url: str,
+        intent: SessionRecord | None = None,
     ) -> SessionRecord | None:
-        """pending -> active once LemonSlice answered; None if the intent was no longer pending."""
+        """pending -> active once LemonSlice answered; None if the intent was no longer pending
+        (or that session is recorded already).
+
+        ``intent``: the record ``record_intent`` returned for ``pk``: the change is then computed
+        from it and written blind (one conditional UPDATE, no load), its result built from it."""
         _check_remote(session_id, control_url, room_url)
         now = self.clock.now()
+        _check_transition(_PENDING, _ACTIVE)
+        changes: Row = {
+            "status": _ACTIVE,
+            "session_id": session_id,
+            "room_url": room_url,
+            "control_url": control_url,
+            "last_activity_at": now,
+            "lease_owner": None,
+            "lease_until": None,
+            "next_attempt_at": None,
+            "updated_at": now,
+        }
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = uow.get(pk)
             if row is None or row["status"] != _PENDING or uow.get(session_id) is not None:
                 return lambda: None  # resolved elsewhere, or that session is recorded already
-            _check_transition(row["status"], _ACTIVE)
-            changes = {
-                "status": _ACTIVE,
-                "session_id": session_id,
-                "room_url": room_url,
-                "control_url": control_url,
-                "last_activity_at": now,
-                "deadline": _deadline(now, row["idle_window"], row["expires_at"]),
-                "lease_owner": None,
-                "lease_until": None,
-                "next_attempt_at": None,
-                "updated_at": now,
-            }
-            uow.change(row, changes, at=now, reason="created", detail=None)
+            deadline = _deadline(now, row["idle_window"], row["expires_at"])
+            uow.change(row, changes | {"deadline": deadline}, at=now, reason="created", detail=None)
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
-        op = Op(apply, pks=(pk,), sids=(session_id,))
+        blind: Callable[[UnitOfWork], Thunk] | None = None
+        if intent is not None and intent.id == pk:
+            known = intent
+            # as record_intent wrote it: created_at + max_age
+            expires = (
+                None
+                if known.max_age is None
+                else known.created_at + timedelta(seconds=known.max_age)
+            )
+            deadline = _deadline(now, known.idle_window, expires)
+
+            def blind(uow: UnitOfWork) -> Thunk:
+                # a row no longer pending, or a session_id recorded already (unique index),
+                # fails the batch, which is then redone op by op through ``apply``
+                full = changes | {"deadline": deadline}
+                uow.blind_change(pk, _PENDING, full, at=now, reason="created", detail=None)
+                return lambda: dataclasses.replace(
+                    known, **(full | {"status": SessionStatus.ACTIVE})
+                )
+
+        op = Op(apply, pks=(pk,), sids=(session_id,), blind=blind)
         return cast(SessionRecord | None, await self._submit(op))
 
     async def mark_failed(self, pk: int, *, reason: EndReason, error: str | None = None) -> bool:
