@@ -54,12 +54,12 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, Update, bindparam, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
@@ -232,7 +232,7 @@ class UnitOfWork:
         self._update_blind(conn)
         if self._events:
             params = [{"session_pk": row["id"], **event} for row, event in self._events]
-            conn.execute(insert(session_events), params)
+            _executemany(conn, _EVENT_INSERT, params, tuple(params[0]))
 
     def _insert_new(self, conn: Connection) -> None:
         """One multi-row INSERT per set of columns given (NULLs need no binding)."""
@@ -242,11 +242,8 @@ class UnitOfWork:
         for given, rows in by_columns.items():
             params = [{k: row[k] for k in given} for row in rows]
             if conn.dialect.name == "sqlite":
-                # SQLAlchemy would fall back to one INSERT per row to keep RETURNING in parameter
-                # order. Not needed: this transaction holds the write lock, and SQLite numbers
-                # new rows max(id) + 1 in insertion order, so ascending ids follow the rows.
-                result = conn.execute(insert(sessions).returning(sessions.c.id), params)
-                ids = sorted(result.scalars().all())
+                # one INSERT per row on the driver (microseconds each), its lastrowid the id
+                ids = _insert_rows(conn, given, params)
             else:
                 stmt = insert(sessions).returning(sessions.c.id, sort_by_parameter_order=True)
                 ids = list(conn.execute(stmt, params).scalars().all())
@@ -267,9 +264,9 @@ class UnitOfWork:
                 | {f"v_{c}": row[c] for c in columns}
                 for row in rows
             ]
-            result = conn.execute(_update_statement(columns), params)
-            if conn.dialect.supports_sane_multi_rowcount and result.rowcount != len(rows):
-                raise _StaleRead(f"updated {result.rowcount} of {len(rows)} rows read")
+            count = _executemany(conn, _update_statement(columns), params)
+            if conn.dialect.supports_sane_multi_rowcount and count != len(rows):
+                raise _StaleRead(f"updated {count} of {len(rows)} rows read")
 
     def _update_blind(self, conn: Connection) -> None:
         """One executemany per set of blind changes; a short rowcount (a row no longer in the
@@ -279,9 +276,90 @@ class UnitOfWork:
                 {"_pk": pk, "_read_status": expect} | {f"v_{c}": changes[c] for c in columns}
                 for pk, expect, changes in items
             ]
-            result = conn.execute(_update_statement(columns), params)
-            if result.rowcount != len(items):
-                raise _StaleRead(f"changed {result.rowcount} of {len(items)} rows blind")
+            count = _executemany(conn, _update_statement(columns), params)
+            if count != len(items):
+                raise _StaleRead(f"changed {count} of {len(items)} rows blind")
+
+
+_EVENT_INSERT = insert(session_events)
+_SESSION_INSERT = insert(sessions)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A statement compiled once for SQLite's driver: its SQL, and how each ``?`` is bound."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+    defaults: dict[str, Any]  # scalar column defaults for columns the parameters leave out
+
+    def bind(self, params: Row) -> tuple[Any, ...]:
+        values = []
+        for name, process in zip(self.names, self.processors, strict=True):
+            value = params[name] if name in params else self.defaults[name]
+            values.append(process(value) if process is not None else value)
+        return tuple(values)
+
+
+@functools.lru_cache(maxsize=512)
+def _compiled(stmt: Any, dialect: Any, keys: tuple[str, ...] | None) -> _Compiled:
+    compiled = stmt.compile(dialect=dialect, column_keys=list(keys) if keys else None)
+    names = tuple(compiled.positiontup or ())
+    processors = compiled._bind_processors
+    defaults: dict[str, Any] = {}
+    for name in names:
+        if keys is not None and name not in keys:
+            default = stmt.table.c[name].default
+            if default is None or not default.is_scalar:
+                raise AssertionError(f"{name} needs a default computed per row")
+            defaults[name] = default.arg
+    return _Compiled(compiled.string, names, tuple(processors.get(n) for n in names), defaults)
+
+
+def _executemany(
+    conn: Connection, stmt: Any, params: list[Row], keys: tuple[str, ...] | None = None
+) -> int:
+    """Run ``stmt`` once per parameter set; returns the rows changed. On SQLite straight on the
+    driver, the statement compiled once (SQLAlchemy's per-execution work costs more than
+    SQLite's own); elsewhere through SQLAlchemy."""
+    if conn.dialect.name != "sqlite":
+        return int(conn.execute(stmt, params).rowcount)
+    compiled = _compiled(stmt, conn.dialect, keys)
+    rows = [compiled.bind(p) for p in params]
+    with _driver_errors(compiled.sql):
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.executemany(compiled.sql, rows)
+            return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+
+def _insert_rows(conn: Connection, given: tuple[str, ...], params: list[Row]) -> list[int]:
+    """SQLite: one INSERT per row on the driver; the new ids in the rows' order."""
+    compiled = _compiled(_SESSION_INSERT, conn.dialect, given)
+    ids: list[int] = []
+    with _driver_errors(compiled.sql):
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            for p in params:
+                cursor.execute(compiled.sql, compiled.bind(p))
+                assert cursor.lastrowid is not None
+                ids.append(cursor.lastrowid)
+        finally:
+            cursor.close()
+    return ids
+
+
+@contextlib.contextmanager
+def _driver_errors(sql: str) -> Iterator[None]:
+    """sqlite3's errors as SQLAlchemy's (IntegrityError, OperationalError, ...), parameters
+    hidden, as if SQLAlchemy had run the statement."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
 
 
 @functools.lru_cache(maxsize=256)
