@@ -72,9 +72,9 @@ logger = logging.getLogger(__name__)
 MAX_BATCH = 500  # ops per transaction
 LOAD_CHUNK = 500  # keys per SELECT ... IN (...)
 LOCK_RETRY_BASE = 0.001  # seconds before retrying a locked batch; doubles each time
-LOCK_RETRY_CAP = 2.0  # seconds, the longest pause between retries
+LOCK_RETRY_CAP = 0.1  # seconds, the longest pause between retries (SQLite's busy handler's)
 LOCK_RETRY_TOTAL = 60.0  # seconds of retrying a locked database before giving up
-LOCK_RETRY_QUIET = 0.1  # seconds of pause below which a retry is logged at debug level only
+LOCK_RETRY_QUIET = 5.0  # seconds of waiting for a lock before it is worth a warning (once)
 CHECKPOINT_COMMITS = 1000  # SQLite commits between two WAL checkpoints (off the loop)
 CHECKPOINT_BYTES = 4 << 20  # a WAL file past this size is checkpointed sooner (and shrinks back)
 INTEGRITY_RETRIES = 1  # a lone op that hit a unique constraint reloads and tries again (races)
@@ -479,7 +479,9 @@ class GroupWriter:
         self, batch: list[Op], retries: int = INTEGRITY_RETRIES, *, blind: bool = True
     ) -> None:
         try:
-            outcomes = await self._retrying(functools.partial(self._transaction, batch, blind), 0)
+            outcomes = await self._retrying(
+                functools.partial(self._transaction, batch, blind), len(batch)
+            )
         except Exception as exc:
             if is_locked(exc):  # retried for LOCK_RETRY_TOTAL already: every op fails alike
                 error = map_error(exc, self._url)
@@ -513,16 +515,24 @@ class GroupWriter:
     async def _retrying(self, fn: Callable[[Connection], T], ops: int) -> T:
         """``fn`` in a write transaction, retried with backoff while the database is locked."""
         delay = LOCK_RETRY_BASE
-        give_up = time.monotonic() + LOCK_RETRY_TOTAL
+        started = time.monotonic()
+        warned = False
         while True:
             try:
                 return await self._attempt(fn)
             except SQLAlchemyError as exc:
-                if not is_locked(exc) or time.monotonic() >= give_up:
+                waited = time.monotonic() - started
+                if not is_locked(exc) or waited >= LOCK_RETRY_TOTAL:
                     raise
-                level = logging.DEBUG if delay < LOCK_RETRY_QUIET else logging.WARNING
-                what = f"{ops} writes" if ops else "a write"
-                logger.log(level, "database busy, retrying %s in %.3fs: %s", what, delay, exc)
+                if waited >= LOCK_RETRY_QUIET and not warned:
+                    warned = True
+                    what = f"{ops} writes" if ops > 1 else "a write"
+                    logger.warning(
+                        "database busy for %.0fs (another process holds a long write"
+                        " transaction); still retrying %s",
+                        waited,
+                        what,
+                    )
                 await asyncio.sleep(delay)  # real time: lock contention is not simulated time
                 delay = min(delay * 2, LOCK_RETRY_CAP)
 
