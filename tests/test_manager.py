@@ -253,3 +253,27 @@ async def test_huge_windows_are_a_typed_error_not_an_overflow(
     assert (await manager.repository.list()).items == []
     with pytest.raises(ConfigurationError):
         SessionManager(database_url="sqlite+aiosqlite://", max_age=1e308)
+
+
+async def test_a_create_builds_its_request_once_and_records_what_it_sent(
+    manager: SessionManager, lemon: FakeLemonSlice, monkeypatch: pytest.MonkeyPatch
+):
+    """Validated before the intent is written, then sent as built: one build, one JSON text."""
+    from sessionmgr import client as client_module
+
+    built: list[client_module.CreateOptions] = []
+    build = client_module._build_request
+
+    def counting(options: client_module.CreateOptions) -> client_module.CreateRequest:
+        built.append(options)
+        return build(options)
+
+    monkeypatch.setattr(client_module, "_build_request", counting)
+    record = await manager.create_session(agent_id="agent_1", model="m1", agent_prompt="hi")
+    assert len(built) == 1
+    assert (record.agent_id, record.model, record.agent_prompt) == ("agent_1", "m1", "hi")
+    assert record == await manager.repository.get(record.id)  # the blind result is the row
+    with pytest.raises(ValueError, match="exactly one of"):
+        await manager.create_session(agent_id="a", agent_image_url="https://x/y.png")
+    assert len(built) == 2
+    assert len((await manager.repository.list()).items) == 1  # no intent for a bad request
