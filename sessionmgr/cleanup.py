@@ -1,36 +1,35 @@
 """``SessionCleanup``: deleting old sessions (``prune``), a mixin of ``SessionRepository``.
 
 Inherited, like the reads (sessionmgr/queries.py), so callers keep ``repo.prune(...)``; it writes
-through the repository's ``_write_statement`` (one short, retried write transaction per batch) and
+through the repository's group writer (``GroupWriter.run``: one short, retried write transaction
+per batch) and
 so never holds the write lock long enough to stall the group writer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import and_, delete, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from .checks import aware as _aware
 from .errors import InvalidArgument
 from .models import sessions
 from .queries import SessionQueries, _db_errors
 from .states import SessionStatus
-
-T = TypeVar("T")
+from .writer import GroupWriter
 
 _ENDED = SessionStatus.ENDED.value
 _FAILED = SessionStatus.FAILED.value
 
 
 class SessionCleanup(SessionQueries):
-    """``prune``; the repository supplies ``_write_statement``."""
+    """``prune``; the repository supplies ``_writer``."""
 
-    async def _write_statement(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        raise NotImplementedError  # SessionRepository's
+    _writer: GroupWriter
 
     @_db_errors
     async def prune(
@@ -59,11 +58,11 @@ class SessionCleanup(SessionQueries):
         while True:
             ids = select(c.id).where(old).order_by(c.ended_at).limit(batch_size).scalar_subquery()
 
-            async def run(conn: AsyncConnection, ids: Any = ids) -> int:
+            def run(conn: Connection, ids: Any = ids) -> int:
                 # events go by ON DELETE CASCADE
-                return (await conn.execute(delete(sessions).where(c.id.in_(ids)))).rowcount
+                return conn.execute(delete(sessions).where(c.id.in_(ids))).rowcount
 
-            deleted = await self._write_statement(run)
+            deleted = await self._writer.run(run)
             total += deleted
             if deleted and progress is not None:
                 progress(total)

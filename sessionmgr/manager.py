@@ -27,10 +27,10 @@ from .client import (
     TRANSPORT_TYPE,
     WAIT_TIMEOUT,
     AgentImage,
+    CreateOptions,
     LemonSliceClient,
     RawAnswer,
     agent_prompt_event,
-    build_create_request,
     create_fields,
     idle_prompt_event,
     image_event,
@@ -385,39 +385,25 @@ class SessionManager(AsyncResource):
         If the caller is cancelled mid-create, the create still completes in the background and
         the session is ended at once, so no one is billed for a session nobody holds.
         """
-        create_args: dict[str, Any] = {
-            "agent_image_url": agent_image_url,
-            "agent_id": agent_id,
-            "agent_image": agent_image,
-            "agent_prompt": agent_prompt,
-            "idle_timeout": idle_timeout,
-            "audio_sample_rate": audio_sample_rate,
-            "model": model,
-            "daily_room_url": daily_room_url,
-            "daily_token": daily_token,
-            "connection_properties": connection_properties,
-            "extra_properties": extra_properties,
-            "api_url": api_url,
-            "transport_type": transport_type,
-            "livekit_url": livekit_url,
-            "livekit_token": livekit_token,
-            "livekit_session_id": livekit_session_id,
-            "agent_idle_prompt": agent_idle_prompt,
-            "response_done_timeout": response_done_timeout,
-            "aspect_ratio": aspect_ratio,
-            "simulcast": simulcast,
-            "enable_recording": enable_recording,
-            "recordings_bucket": recordings_bucket,
-        }
-        build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
+        options = CreateOptions.of(locals())
+        return await self._create_session(
+            options, idle_window=idle_window, max_age=max_age, metadata=metadata
+        )
+
+    async def _create_session(
+        self,
+        options: CreateOptions,
+        *,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionRecord:
+        """``create_session`` for options built once by its caller (the pipecat wrapper, the
+        CLI): validated before the intent is written, then sent as built."""
+        request = options.request()
         return await self.create_with(
-            lambda: self.client.create_session(**create_args),
-            agent_id=agent_id,
-            agent_image_url=agent_image_url,
-            agent_prompt=agent_prompt,
-            idle_timeout=idle_timeout,
-            model=model,
-            transport_type=transport_type,
+            lambda: self.client._send_create(request, options.api_url),
+            **options.record_fields(),
             idle_window=idle_window,
             max_age=max_age,
             metadata=metadata,
@@ -550,6 +536,7 @@ class SessionManager(AsyncResource):
                 session_id=session_id,
                 room_url=answer.get("room_url"),
                 control_url=answer["control_url"],
+                intent=intent,
             )
             if record is None:  # recovery resolved the intent meanwhile: keep the session guarded
                 record, created = await repo.adopt(

@@ -200,7 +200,7 @@ class SessionQueries:
         """Whether any pending intent is free to resolve (one indexed read, no write lock)."""
         now = self.clock.now()
         async with self._engine.connect() as conn:
-            at = await database_now(conn) if self.database_clock else now
+            at = await conn.run_sync(database_now) if self.database_clock else now
             stmt = select(sessions.c.id).where(self._intent_due(now, at)).limit(1)
             return (await conn.execute(stmt)).first() is not None
 
@@ -371,7 +371,7 @@ class SessionQueries:
         if not self.database_clock:
             return self.clock.now()
         async with self._engine.connect() as conn:
-            return await database_now(conn)
+            return await conn.run_sync(database_now)
 
     async def events(self, key: int | str) -> list[SessionEvent]:
         """The lifecycle of one session, oldest first."""

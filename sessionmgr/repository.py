@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
 from .checks import (
@@ -60,7 +60,6 @@ from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
-CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
 COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
 COST_HORIZON = 3600.0  # seconds after an end past which a missing cost is no longer asked for
 TRANSPORT_TYPES = (DEFAULT_TRANSPORT, "livekit")  # what a session may have been created on
@@ -125,7 +124,6 @@ class SessionRepository(SessionCleanup, AsyncResource):
         one host, whose clock all its processes share."""
         self._engine = engine
         self._reader = Reader(engine)
-        self._write = db.write_engine(engine)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.dialect: str = engine.dialect.name
         if database_clock is None:
@@ -292,34 +290,64 @@ class SessionRepository(SessionCleanup, AsyncResource):
         return cast(SessionRecord, await self._submit(Op(apply)))
 
     async def mark_active(
-        self, pk: int, *, session_id: str, room_url: str | None, control_url: str
+        self,
+        pk: int,
+        *,
+        session_id: str,
+        room_url: str | None,
+        control_url: str,
+        intent: SessionRecord | None = None,
     ) -> SessionRecord | None:
-        """pending -> active once LemonSlice answered; None if the intent was no longer pending."""
+        """pending -> active once LemonSlice answered; None if the intent was no longer pending
+        (or that session is recorded already).
+
+        ``intent``: the record ``record_intent`` returned for ``pk``: the change is then computed
+        from it and written blind (one conditional UPDATE, no load), its result built from it."""
         _check_remote(session_id, control_url, room_url)
         now = self.clock.now()
+        _check_transition(_PENDING, _ACTIVE)
+        changes: Row = {
+            "status": _ACTIVE,
+            "session_id": session_id,
+            "room_url": room_url,
+            "control_url": control_url,
+            "last_activity_at": now,
+            "lease_owner": None,
+            "lease_until": None,
+            "next_attempt_at": None,
+            "updated_at": now,
+        }
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = uow.get(pk)
             if row is None or row["status"] != _PENDING or uow.get(session_id) is not None:
                 return lambda: None  # resolved elsewhere, or that session is recorded already
-            _check_transition(row["status"], _ACTIVE)
-            changes = {
-                "status": _ACTIVE,
-                "session_id": session_id,
-                "room_url": room_url,
-                "control_url": control_url,
-                "last_activity_at": now,
-                "deadline": _deadline(now, row["idle_window"], row["expires_at"]),
-                "lease_owner": None,
-                "lease_until": None,
-                "next_attempt_at": None,
-                "updated_at": now,
-            }
-            uow.change(row, changes, at=now, reason="created", detail=None)
+            deadline = _deadline(now, row["idle_window"], row["expires_at"])
+            uow.change(row, changes | {"deadline": deadline}, at=now, reason="created", detail=None)
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
-        op = Op(apply, pks=(pk,), sids=(session_id,))
+        blind: Callable[[UnitOfWork], Thunk] | None = None
+        if intent is not None and intent.id == pk:
+            known = intent
+            # as record_intent wrote it: created_at + max_age
+            expires = (
+                None
+                if known.max_age is None
+                else known.created_at + timedelta(seconds=known.max_age)
+            )
+            deadline = _deadline(now, known.idle_window, expires)
+
+            def blind(uow: UnitOfWork) -> Thunk:
+                # a row no longer pending, or a session_id recorded already (unique index),
+                # fails the batch, which is then redone op by op through ``apply``
+                full = changes | {"deadline": deadline}
+                uow.blind_change(pk, _PENDING, full, at=now, reason="created", detail=None)
+                return lambda: dataclasses.replace(
+                    known, **(full | {"status": SessionStatus.ACTIVE})
+                )
+
+        op = Op(apply, pks=(pk,), sids=(session_id,), blind=blind)
         return cast(SessionRecord | None, await self._submit(op))
 
     async def mark_failed(self, pk: int, *, reason: EndReason, error: str | None = None) -> bool:
@@ -482,7 +510,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 _execute_touches(conn, params)
             return active, len(params)
 
-        return await self._write_sync(run)
+        return await self._writer.run(run)
 
     async def claim_end(
         self,
@@ -642,7 +670,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 conn.execute(insert(session_events), events)
             return ended
 
-        return await self._write_sync(run)
+        return await self._writer.run(run)
 
     async def mark_ended_remote(
         self, pk: int, *, reason: EndReason, remote_status: str, cost: float | None
@@ -724,12 +752,12 @@ class SessionRepository(SessionCleanup, AsyncResource):
         now = _aware(now, "now") if now is not None else self.clock.now()
         check_seconds("grace", grace, positive=False)
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> list[SessionRecord]:
+            at = database_now(conn) if self.database_clock else now
             stmt = self._claim_statement(owner, limit, lease, now, at, grace)
-            return await self._claimed(conn, stmt, owner, now)
+            return self._claimed(conn, stmt, owner, now)
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     def _claim_statement(
         self, owner: str, limit: int, lease: float, now: datetime, at: datetime, grace: float
@@ -776,11 +804,9 @@ class SessionRepository(SessionCleanup, AsyncResource):
         )
 
     @staticmethod
-    async def _claimed(
-        conn: AsyncConnection, stmt: Any, owner: str, now: datetime
-    ) -> list[SessionRecord]:
+    def _claimed(conn: Connection, stmt: Any, owner: str, now: datetime) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
         if not rows:
             return []
         events = [
@@ -795,7 +821,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
             }
             for r in rows
         ]
-        await conn.execute(insert(session_events), events)
+        conn.execute(insert(session_events), events)
         far = datetime.max.replace(tzinfo=UTC)
         rows.sort(key=lambda r: (r["deadline"] or far, r["id"]))
         return [_record(r) for r in rows]
@@ -809,8 +835,8 @@ class SessionRepository(SessionCleanup, AsyncResource):
         now = self.clock.now()
         c = sessions.c
 
-        async def run(conn: AsyncConnection) -> int:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> int:
+            at = database_now(conn) if self.database_clock else now
             stmt = (
                 update(sessions)
                 .where(
@@ -821,9 +847,9 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 )
                 .values(lease_until=at + timedelta(seconds=lease), updated_at=now)
             )
-            return (await conn.execute(stmt)).rowcount
+            return conn.execute(stmt).rowcount
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     # --- intent leases: who may resolve a pending intent ----------------------------------------
 
@@ -834,8 +860,8 @@ class SessionRepository(SessionCleanup, AsyncResource):
         now = self.clock.now()
         c = sessions.c
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> list[SessionRecord]:
+            at = database_now(conn) if self.database_clock else now
             picked = (
                 select(c.id)
                 .where(self._intent_due(now, at))
@@ -855,11 +881,11 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 )
                 .returning(*sessions.columns)
             )
-            rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+            rows = [dict(r) for r in conn.execute(stmt).mappings()]
             rows.sort(key=lambda r: (r["created_at"], r["id"]))
             return [_record(r) for r in rows]
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     async def release_intent(
         self, pk: int, *, owner: str, retry_at: datetime | None = None
@@ -952,27 +978,10 @@ class SessionRepository(SessionCleanup, AsyncResource):
             .values(lease_owner=None, lease_until=None, updated_at=self.clock.now())
         )
 
-        async def run(conn: AsyncConnection) -> int:
-            return (await conn.execute(stmt)).rowcount
+        def run(conn: Connection) -> int:
+            return conn.execute(stmt).rowcount
 
-        return await self._write_statement(run)
-
-    async def _write_sync(self, fn: Callable[[Connection], T]) -> T:
-        """Run ``fn`` on a sync connection in one short write transaction (see
-        ``_write_statement``)."""
-        return await self._write_statement(lambda conn: conn.run_sync(fn))
-
-    async def _write_statement(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """One short write transaction, retried if the database stays busy past its timeout."""
-        for attempt in range(CLAIM_LOCK_RETRIES + 1):
-            try:
-                async with self._writer.exclusive(), self._write.begin() as conn:
-                    return await run(conn)
-            except SQLAlchemyError as exc:
-                if not db.is_locked(exc) or attempt == CLAIM_LOCK_RETRIES:
-                    raise
-                logger.warning("database busy, retrying (%d): %s", attempt + 1, exc)
-        raise AssertionError("unreachable")
+        return await self._writer.run(run)
 
 
 # --- helpers ---------------------------------------------------------------------------------

@@ -246,15 +246,15 @@ async def test_failed_flush_keeps_touches_for_the_next_one(
     await started(repo, "a")
     clock_of(repo).advance(7)
     repo.touch("a")
-    real_write = repo._write_sync
+    real_run = repo.writer.run
 
     async def broken(fn: Any) -> Any:
         raise DatabaseError("disk on fire")
 
-    monkeypatch.setattr(repo, "_write_sync", broken)
+    monkeypatch.setattr(repo.writer, "run", broken)
     with pytest.raises(DatabaseError):
         await repo.flush_touches()
-    monkeypatch.setattr(repo, "_write_sync", real_write)
+    monkeypatch.setattr(repo.writer, "run", real_run)
     assert await repo.flush_touches() == 1
     assert (await repo.get("a")).last_activity_at == repo.clock.now()
 
@@ -441,7 +441,7 @@ async def test_claim_reads_only_index_ranges(tmp_path: Path):
             if statement.startswith("UPDATE"):
                 seen.append((statement, params))
 
-        event.listen(repo.engine.sync_engine, "before_cursor_execute", capture)
+        event.listen(repo.writer.sync_engine, "before_cursor_execute", capture)
         await repo.claim_due(owner="r", limit=10, lease=LEASE)
     with sqlite3.connect(tmp_path / "plan.db") as conn:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + seen[0][0], seen[0][1])]
