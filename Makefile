@@ -39,15 +39,18 @@ promtool:
 	@test -x /usr/bin/systemd-analyze || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd)
 
 # Benchmarks print figures and write benchmarks/results.json; see BENCHMARKS.md.
-BENCHES := bench_repository bench_create bench_reaper bench_touch bench_memory bench_reconcile bench_recovery
+BENCHES := bench_repository bench_create bench_end bench_reaper bench_touch bench_memory bench_reconcile bench_recovery
 
 bench: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
+	@$(BIN)/python -m benchmarks.bench_create --wide
+	@if [ -n "$$SESSIONMGR_TEST_POSTGRES_URL" ]; then $(BIN)/python -m benchmarks.bench_create --postgres "$$SESSIONMGR_TEST_POSTGRES_URL"; fi
 	@$(BIN)/python -m benchmarks.summary
 
 # Every benchmark at a tiny size, in seconds, so the suite never rots (part of `make test`).
 bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
+	@$(BIN)/python -m benchmarks.bench_create --wide --smoke
 	@$(BIN)/python -m benchmarks.summary --smoke
 
 # 200 crash trials and 200 "recovery while others create" trials (tests/reliability/test_crash.py;

@@ -3,16 +3,22 @@
 50 concurrent callers create sessions against FakeLemonSlice in its own process with 5 ms create
 latency: once through the bare ``LemonSliceClient.create_session`` and once through
 ``SessionManager.create_session`` (intent recorded, POST, marked active: two durable writes per
-session). The figure is manager rate / bare rate, target >= 0.9. Rounds alternate the two
-contenders, so a busy machine slows both alike; medians are reported.
+session). The figure is manager rate / bare rate, target >= 0.75 (goal 0.9). Rounds alternate
+the two contenders, so a busy machine slows both alike; medians are reported.
 
-    python -m benchmarks.bench_create [--smoke] [--sessions N] [--repeat R]
+``--wide`` is P1b: 200 concurrent callers, 300 ms latency, target 0.98 (nothing may serialize
+the creates). ``--postgres URL`` records the manager's sessions in that PostgreSQL database
+instead of a SQLite file (P1 on PostgreSQL: reported).
+
+    python -m benchmarks.bench_create [--smoke] [--wide] [--postgres URL] [--sessions N]
+                                      [--repeat R]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,13 +29,25 @@ from sessionmgr.testing import fake_server_process
 
 from .common import FAKE_KEY, median, print_table, record, runs_text, timer
 
-LATENCY = 0.005  # seconds per create on the fake
-CALLERS = 50
-TARGET = 0.9
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """One figure's conditions."""
+
+    name: str  # the figure's id
+    callers: int  # concurrent create callers
+    latency: float  # seconds per create on the fake
+    target: float  # manager rate / bare rate at least
+    sessions: int  # default sessions per contender and round
 
 
-async def rate(n: int, create: Callable[[int], Awaitable[object]]) -> float:
-    """Sessions/s with CALLERS tasks calling ``create`` until n sessions exist."""
+P1 = Setup("P1", callers=50, latency=0.005, target=0.75, sessions=2_000)
+P1B = Setup("P1b", callers=200, latency=0.3, target=0.98, sessions=2_000)
+GOAL = 0.9  # P1's goal beyond its target
+
+
+async def rate(n: int, callers: int, create: Callable[[int], Awaitable[object]]) -> float:
+    """Sessions/s with ``callers`` tasks calling ``create`` until n sessions exist."""
     counter = iter(range(n))
 
     async def caller() -> None:
@@ -37,65 +55,80 @@ async def rate(n: int, create: Callable[[int], Awaitable[object]]) -> float:
             await create(i)
 
     started = timer()
-    await asyncio.gather(*(caller() for _ in range(CALLERS)))
+    await asyncio.gather(*(caller() for _ in range(callers)))
     return n / (timer() - started)
 
 
-async def bare_rate(url: str, n: int) -> float:
+async def bare_rate(url: str, n: int, callers: int) -> float:
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
-        return await rate(n, lambda i: client.create_session(agent_id=f"agent_{i % 10}"))
+        return await rate(n, callers, lambda i: client.create_session(agent_id=f"agent_{i % 10}"))
 
 
-async def manager_rate(url: str, db_url: str, n: int) -> float:
+async def manager_rate(url: str, db_url: str, n: int, callers: int) -> float:
     async with (
         LemonSliceClient(FAKE_KEY, api_url=url) as client,
         SessionManager(database_url=db_url, client=client, reaper=False, auto_upgrade=True) as mgr,
     ):
-        return await rate(n, lambda i: mgr.create_session(agent_id=f"agent_{i % 10}"))
+        return await rate(n, callers, lambda i: mgr.create_session(agent_id=f"agent_{i % 10}"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny size, seconds")
-    parser.add_argument("--sessions", type=int, default=2_000)
+    parser.add_argument("--wide", action="store_true", help="P1b: 200 callers, 300 ms latency")
+    parser.add_argument("--postgres", metavar="URL", help="record in this PostgreSQL database")
+    parser.add_argument("--sessions", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    n = 100 if args.smoke else args.sessions
+    setup = P1B if args.wide else P1
+    n = 100 if args.smoke else (args.sessions or setup.sessions)
+    if args.smoke and args.wide:
+        n = 400  # two waves of 200 callers
     repeat = 1 if args.smoke else args.repeat
+    backend = "PostgreSQL" if args.postgres else "SQLite"
     bare: list[float] = []
     managed: list[float] = []
     with (
-        fake_server_process(FAKE_KEY, latency={"create": LATENCY}) as url,
+        fake_server_process(FAKE_KEY, latency={"create": setup.latency}) as url,
         tempfile.TemporaryDirectory(prefix="bench_create_") as tmp,
     ):
-        for r in range(repeat):
-            bare.append(asyncio.run(bare_rate(url, n)))
-            db_url = f"sqlite+aiosqlite:///{Path(tmp) / f'create{r}.db'}"
-            managed.append(asyncio.run(manager_rate(url, db_url, n)))
+        for r in range(repeat):  # alternating contenders, a fresh database each round
+            bare.append(asyncio.run(bare_rate(url, n, setup.callers)))
+            db_url = args.postgres or f"sqlite+aiosqlite:///{Path(tmp) / f'create{r}.db'}"
+            managed.append(asyncio.run(manager_rate(url, db_url, n, setup.callers)))
     ratio = median(managed) / median(bare)
-    verdict = "(judged at full size)" if args.smoke else ("met" if ratio >= TARGET else "NOT met")
+    met = ratio >= setup.target
+    verdict = "(judged at full size)" if args.smoke else ("met" if met else "NOT met")
+    goal = f", goal {GOAL}" if setup is P1 else ""
     print_table(
-        f"P1 create: {n} sessions, {CALLERS} concurrent, {LATENCY * 1000:.0f} ms latency",
+        f"{setup.name} create on {backend}: {n} sessions, {setup.callers} concurrent, "
+        f"{setup.latency * 1000:.0f} ms latency",
         [
             ("bare client, creates/s", f"{median(bare):,.0f}", runs_text(bare, "{:,.0f}")),
             ("SessionManager, creates/s", f"{median(managed):,.0f}", runs_text(managed, "{:,.0f}")),
-            ("manager / bare", f"{ratio:.2f}", f">= {TARGET} {verdict}"),
-            ("latency limit, creates/s", f"{CALLERS / LATENCY:,.0f}", "(callers / latency)"),
+            ("manager / bare", f"{ratio:.2f}", f">= {setup.target}{goal} {verdict}"),
+            (
+                "latency limit, creates/s",
+                f"{setup.callers / setup.latency:,.0f}",
+                "(callers / latency)",
+            ),
         ],
     )
+    name = "create" + ("_wide" if args.wide else "") + ("_postgres" if args.postgres else "")
     record(
-        "create",
+        name,
         {
             "sessions": n,
-            "callers": CALLERS,
-            "latency_s": LATENCY,
+            "callers": setup.callers,
+            "latency_s": setup.latency,
+            "backend": backend,
             "bare_per_s": median(bare),
             "manager_per_s": median(managed),
             "runs_bare_per_s": bare,
             "runs_manager_per_s": managed,
             "ratio": ratio,
-            "target": TARGET,
-            "met": ratio >= TARGET,
+            "target": setup.target,
+            "met": met,
         },
         smoke=args.smoke,
     )

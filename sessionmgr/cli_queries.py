@@ -29,6 +29,7 @@ from .cli_params import (
     MOMENT,
     json_option,
 )
+from .queries import SORTS
 from .records import (
     Page,
     SessionEvent,
@@ -36,7 +37,6 @@ from .records import (
     SessionRecord,
     Stats,
 )
-from .repository import SORTS
 from .states import SessionStatus
 
 # --- list, show, stats -----------------------------------------------------------------------

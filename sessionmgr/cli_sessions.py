@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from .cli_params import (
     POSITIVE_DURATION,
     json_option,
 )
-from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
+from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES, CreateOptions
 from .config import ENV_LIVEKIT_TOKEN
 from .errors import (
     ActivationTimeout,
@@ -175,36 +176,20 @@ def create(
     for key, value in properties:
         if isinstance(value, str) and is_secret_key(key) and value:
             SECRETS.add(value)
-    image = agent_image.read_bytes() if agent_image is not None else None
+    options = dataclasses.replace(
+        CreateOptions.of(locals()),
+        agent_image=agent_image.read_bytes() if agent_image is not None else None,
+        audio_sample_rate=int(audio_sample_rate) if audio_sample_rate else None,
+        connection_properties=dict(properties) or None,
+        extra_properties=dict(extra) or None,
+        transport_type=transport_type,
+    )
 
     async def go() -> SessionRecord:
         async with open_manager(obj.settings) as manager:
             try:
-                record = await manager.create_session(
-                    agent_id=agent_id,
-                    agent_image_url=agent_image_url,
-                    agent_image=image,
-                    agent_prompt=agent_prompt,
-                    idle_timeout=idle_timeout,
-                    audio_sample_rate=int(audio_sample_rate) if audio_sample_rate else None,
-                    model=model,
-                    daily_room_url=daily_room_url,
-                    daily_token=daily_token,
-                    connection_properties=dict(properties) or None,
-                    extra_properties=dict(extra) or None,
-                    transport_type=transport_type,
-                    livekit_url=livekit_url,
-                    livekit_token=livekit_token,
-                    livekit_session_id=livekit_session_id,
-                    agent_idle_prompt=agent_idle_prompt,
-                    response_done_timeout=response_done_timeout,
-                    aspect_ratio=aspect_ratio,
-                    simulcast=simulcast,
-                    enable_recording=enable_recording,
-                    recordings_bucket=recordings_bucket,
-                    idle_window=idle_window,
-                    max_age=max_age,
-                    metadata=dict(meta) or None,
+                record = await manager._create_session(
+                    options, idle_window=idle_window, max_age=max_age, metadata=dict(meta) or None
                 )
             except ValueError as exc:  # the client's own argument checks (e.g. not a PNG)
                 raise click.UsageError(str(exc)) from None

@@ -38,8 +38,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, ClassVar, Protocol, Self, TypeGuard, TypeVar
+from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -66,6 +65,7 @@ from .errors import (
     excerpt,
 )
 from .records import MIN_SECRET_CHARS, is_clean_text, is_secret_key, scrub, unclean_text
+from .resources import AsyncResource
 from .retry import RetryPolicy
 from .states import REMOTE_FINAL
 
@@ -227,12 +227,81 @@ def build_create_request(
     only), ``enable_recording`` / ``recordings_bucket``. Anything else goes in
     ``extra_properties``. Raises ValueError/TypeError for bad arguments, so nothing is sent.
     """
+    request = CreateOptions.of(locals()).request()
+    return request.payload, request.image
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateOptions:
+    """A create's arguments, in pipecat 1.14's order (``api_url`` included), then LemonSlice's
+    other documented fields: built once per create by every entry point, so the list of them is
+    written once (``build_create_request`` says what each means)."""
+
+    agent_image_url: str | None = None
+    agent_id: str | None = None
+    agent_image: AgentImage | None = None
+    agent_prompt: str | None = None
+    idle_timeout: int | None = None
+    audio_sample_rate: int | None = None
+    model: str | None = None
+    daily_room_url: str | None = None
+    daily_token: str | None = None
+    connection_properties: Mapping[str, Any] | None = None
+    extra_properties: Mapping[str, Any] | None = None
+    api_url: str | None = None
+    transport_type: str = TRANSPORT_TYPE
+    livekit_url: str | None = None
+    livekit_token: str | None = None
+    livekit_session_id: str | None = None
+    agent_idle_prompt: str | None = None
+    response_done_timeout: float | None = None
+    aspect_ratio: str | None = None
+    simulcast: bool | None = None
+    enable_recording: bool | None = None
+    recordings_bucket: str | None = None
+
+    @classmethod
+    def of(cls, arguments: Mapping[str, Any]) -> CreateOptions:
+        """The options among an entry point's ``locals()`` (other names are left out)."""
+        return cls(**{name: arguments[name] for name in _CREATE_FIELDS if name in arguments})
+
+    def record_fields(self) -> dict[str, Any]:
+        """What a session's record keeps of the create (never a token or property)."""
+        return {name: getattr(self, name) for name in _RECORDED_FIELDS}
+
+    def request(self) -> CreateRequest:
+        """The validated request (raises ValueError/TypeError for bad arguments, so nothing is
+        sent): built once, sent as built."""
+        return _build_request(self)
+
+
+_CREATE_FIELDS = tuple(f.name for f in dataclasses.fields(CreateOptions))
+_RECORDED_FIELDS = (
+    "agent_id",
+    "agent_image_url",
+    "agent_prompt",
+    "idle_timeout",
+    "model",
+    "transport_type",
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CreateRequest:
+    """A create's payload, its JSON text (one ``json.dumps``) and the PNG of ``agent_image``."""
+
+    payload: dict[str, Any]
+    text: str
+    image: bytes | None
+
+
+def _build_request(o: CreateOptions) -> CreateRequest:
     given = [
         name
         for name, value in (
-            ("agent_id", agent_id),
-            ("agent_image_url", agent_image_url),
-            ("agent_image", agent_image),
+            ("agent_id", o.agent_id),
+            ("agent_image_url", o.agent_image_url),
+            ("agent_image", o.agent_image),
         )
         if value is not None
     ]
@@ -241,66 +310,66 @@ def build_create_request(
         raise ValueError(
             f"Provide exactly one of agent_id, agent_image_url, or agent_image (got {got})"
         )
-    for name, value in (("agent_id", agent_id), ("agent_image_url", agent_image_url)):
+    for name, value in (("agent_id", o.agent_id), ("agent_image_url", o.agent_image_url)):
         if value is not None and (not isinstance(value, str) or not value.strip()):
             raise ValueError(f"{name} must be a non-empty string")
-    if idle_timeout is not None and (
-        isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int)
+    if o.idle_timeout is not None and (
+        isinstance(o.idle_timeout, bool) or not isinstance(o.idle_timeout, int)
     ):
         raise ValueError(
-            f"idle_timeout must be whole seconds (an int; negative = never), got {idle_timeout!r}"
+            f"idle_timeout must be whole seconds (an int; negative = never), got {o.idle_timeout!r}"
         )
 
     _check_create_options(
-        transport_type=transport_type,
-        audio_sample_rate=audio_sample_rate,
-        model=model,
-        daily=(daily_room_url, daily_token),
-        livekit=(livekit_url, livekit_token, livekit_session_id),
-        agent_idle_prompt=agent_idle_prompt,
-        response_done_timeout=response_done_timeout,
-        aspect_ratio=aspect_ratio,
-        simulcast=simulcast,
-        enable_recording=enable_recording,
-        recordings_bucket=recordings_bucket,
+        transport_type=o.transport_type,
+        audio_sample_rate=o.audio_sample_rate,
+        model=o.model,
+        daily=(o.daily_room_url, o.daily_token),
+        livekit=(o.livekit_url, o.livekit_token, o.livekit_session_id),
+        agent_idle_prompt=o.agent_idle_prompt,
+        response_done_timeout=o.response_done_timeout,
+        aspect_ratio=o.aspect_ratio,
+        simulcast=o.simulcast,
+        enable_recording=o.enable_recording,
+        recordings_bucket=o.recordings_bucket,
     )
-    properties: dict[str, Any] = dict(connection_properties) if connection_properties else {}
-    payload: dict[str, Any] = {"transport_type": transport_type}
-    if transport_type == LIVEKIT:  # the plugin puts its properties right after transport_type
+    properties: dict[str, Any] = dict(o.connection_properties) if o.connection_properties else {}
+    payload: dict[str, Any] = {"transport_type": o.transport_type}
+    if o.transport_type == LIVEKIT:  # the plugin puts its properties right after transport_type
         for name, value in zip(
-            LIVEKIT_PROPERTIES, (livekit_url, livekit_token, livekit_session_id), strict=True
+            LIVEKIT_PROPERTIES, (o.livekit_url, o.livekit_token, o.livekit_session_id), strict=True
         ):
             if value is not None:
                 properties[name] = value
         payload["properties"] = properties
     optional: tuple[tuple[str, Any], ...] = (
-        ("agent_id", agent_id),
-        ("agent_image_url", agent_image_url),
-        ("agent_prompt", agent_prompt),
-        ("agent_idle_prompt", agent_idle_prompt),
-        ("idle_timeout", idle_timeout),
-        ("audio_sample_rate", audio_sample_rate),
-        ("model", model),
-        ("response_done_timeout", response_done_timeout),
-        ("aspect_ratio", aspect_ratio),
-        ("simulcast", simulcast),
-        ("enable_recording", enable_recording),
-        ("recordings_bucket", recordings_bucket),
+        ("agent_id", o.agent_id),
+        ("agent_image_url", o.agent_image_url),
+        ("agent_prompt", o.agent_prompt),
+        ("agent_idle_prompt", o.agent_idle_prompt),
+        ("idle_timeout", o.idle_timeout),
+        ("audio_sample_rate", o.audio_sample_rate),
+        ("model", o.model),
+        ("response_done_timeout", o.response_done_timeout),
+        ("aspect_ratio", o.aspect_ratio),
+        ("simulcast", o.simulcast),
+        ("enable_recording", o.enable_recording),
+        ("recordings_bucket", o.recordings_bucket),
     )
     for name, value in optional:
         if value is not None:
             payload[name] = value
-    if transport_type == TRANSPORT_TYPE:
-        if daily_room_url is not None:
-            properties["daily_url"] = daily_room_url
-        if daily_token is not None:
-            properties["daily_token"] = daily_token
+    if o.transport_type == TRANSPORT_TYPE:
+        if o.daily_room_url is not None:
+            properties["daily_url"] = o.daily_room_url
+        if o.daily_token is not None:
+            properties["daily_token"] = o.daily_token
         if properties:
             payload["properties"] = properties
-    if extra_properties:
-        payload.update(extra_properties)
+    if o.extra_properties:
+        payload.update(o.extra_properties)
     try:
-        json.dumps(payload, allow_nan=False)  # strict JSON (no NaN): what a server can read
+        text = json.dumps(payload, allow_nan=False)  # strict JSON (no NaN): what a server reads
         bad = unclean_text(payload)
     except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"the create payload is not JSON-serializable: {exc}") from None
@@ -308,8 +377,8 @@ def build_create_request(
         shown = excerpt(repr(bad), 40)
         raise ValueError(f"{shown} is not valid text (a NUL or a lone surrogate)")
 
-    image = _encode_png(agent_image) if agent_image is not None else None
-    return payload, image
+    image = _encode_png(o.agent_image) if o.agent_image is not None else None
+    return CreateRequest(payload, text, image)
 
 
 def create_fields(body: bytes, content_type: str) -> dict[str, Any]:
@@ -531,7 +600,7 @@ def parse_retry_after(value: str | None, now: datetime | None = None) -> float |
     return max(0.0, seconds)
 
 
-class LemonSliceClient:
+class LemonSliceClient(AsyncResource):
     """Async client for LemonSlice sessions, a drop-in for pipecat's ``LemonSliceApi``.
 
     ``session``: an ``aiohttp.ClientSession`` to borrow (never closed here); without one the client
@@ -602,17 +671,6 @@ class LemonSliceClient:
     def api_url(self) -> str:
         """The sessions collection URL, without a trailing slash."""
         return self._api_url
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def close(self) -> None:
         """Close the aiohttp session if this client created it; a borrowed one stays open."""
@@ -706,36 +764,18 @@ class LemonSliceClient:
         ``CreateOutcomeUnknown`` when the request may have started a session but the answer was
         lost or unusable: do not call again blindly, reconcile instead.
         """
-        payload, image = build_create_request(
-            agent_image_url=agent_image_url,
-            agent_id=agent_id,
-            agent_image=agent_image,
-            agent_prompt=agent_prompt,
-            idle_timeout=idle_timeout,
-            audio_sample_rate=audio_sample_rate,
-            model=model,
-            daily_room_url=daily_room_url,
-            daily_token=daily_token,
-            connection_properties=connection_properties,
-            extra_properties=extra_properties,
-            transport_type=transport_type,
-            livekit_url=livekit_url,
-            livekit_token=livekit_token,
-            livekit_session_id=livekit_session_id,
-            agent_idle_prompt=agent_idle_prompt,
-            response_done_timeout=response_done_timeout,
-            aspect_ratio=aspect_ratio,
-            simulcast=simulcast,
-            enable_recording=enable_recording,
-            recordings_bucket=recordings_bucket,
-        )
+        return await self._send_create(CreateOptions.of(locals()).request(), api_url)
+
+    async def _send_create(self, request: CreateRequest, api_url: str | None) -> dict[str, Any]:
+        """POST a request built by ``CreateOptions.request`` (the manager validates it before
+        recording the intent, then sends it as built)."""
         url = api_url or self._api_url  # as given, like pipecat; derived URLs strip the slash
-        text = json.dumps(payload)
-        call = _Call(_Op.CREATE, "POST", url, _secrets_of(payload))
+        call = _Call(_Op.CREATE, "POST", url, _secrets_of(request.payload))
 
         def handle(answer: _Answer) -> dict[str, Any]:
             return self._created(call, answer)
 
+        text, image = request.text, request.image
         if image is None:
             return await self._call(call, handle, body=text.encode())
         return await self._call(call, handle, form=lambda: _create_form(text, image))

@@ -25,7 +25,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -140,9 +141,33 @@ def _sqlite_engine(url: URL, *, foreign_keys: bool, create: bool, **kw: Any) -> 
             _create_file(path)
         _ensure_wal(path, url)
     engine = create_async_engine(url, **kw)
-    busy_ms = int(BUSY_TIMEOUT * 1000)
+    _sqlite_hooks(engine.sync_engine, busy_ms=int(BUSY_TIMEOUT * 1000), foreign_keys=foreign_keys)
+    return engine
 
-    @event.listens_for(engine.sync_engine, "connect")
+
+def inline_sqlite_engine(url: URL, *, wal_limit: int) -> Engine:
+    """The group writer's synchronous engine on the same file (stdlib ``sqlite3``, same pragmas),
+    for transactions run inline on the event loop (sessionmgr/writer.py): it never waits for a
+    lock (``busy_timeout=0``: the writer retries with ``asyncio.sleep``) and never checkpoints
+    (``wal_autocheckpoint=0``: the writer checkpoints off the loop); ``wal_limit`` (bytes): what
+    the WAL shrinks back to once checkpointed."""
+    engine = create_sync_engine(
+        url.set(drivername="sqlite+pysqlite"),
+        hide_parameters=True,
+        poolclass=NullPool,
+        connect_args={"check_same_thread": False},
+    )
+    pragmas = ("PRAGMA wal_autocheckpoint = 0", f"PRAGMA journal_size_limit = {int(wal_limit)}")
+    _sqlite_hooks(engine, busy_ms=0, foreign_keys=True, extra=pragmas)
+    return engine.execution_options(**WRITE_OPTIONS)
+
+
+def _sqlite_hooks(
+    engine: Engine, *, busy_ms: int, foreign_keys: bool, extra: tuple[str, ...] = ()
+) -> None:
+    """sessionmgr's pragmas on every new connection, and its own BEGIN (see the docstring)."""
+
+    @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # sessionmgr emits BEGIN itself (see _on_begin)
         cursor = dbapi_conn.cursor()
@@ -153,15 +178,15 @@ def _sqlite_engine(url: URL, *, foreign_keys: bool, create: bool, **kw: Any) -> 
                 cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+            for pragma in extra:
+                cursor.execute(pragma)
         finally:
             cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
-
-    return engine
 
 
 def _create_file(path: Path) -> None:

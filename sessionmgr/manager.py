@@ -17,8 +17,8 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from types import EllipsisType, TracebackType
-from typing import Any, Literal, Self, TypeVar
+from types import EllipsisType
+from typing import Any, Literal, TypeVar
 
 from . import config
 from .checks import check_session_id
@@ -27,10 +27,10 @@ from .client import (
     TRANSPORT_TYPE,
     WAIT_TIMEOUT,
     AgentImage,
+    CreateOptions,
     LemonSliceClient,
     RawAnswer,
     agent_prompt_event,
-    build_create_request,
     create_fields,
     idle_prompt_event,
     image_event,
@@ -52,6 +52,7 @@ from .reaper import Outcome, Reaper, new_owner
 from .reconcile import ReconcileReport, reconcile
 from .records import SessionRecord
 from .repository import SessionRepository
+from .resources import AsyncResource
 from .states import REMOTE_FINAL, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _with(settings: _Config, **given: Any) -> _Config:
     return dataclasses.replace(settings, **changes) if changes else settings
 
 
-class SessionManager:
+class SessionManager(AsyncResource):
     """Sessions as durable records that are guaranteed to end.
 
     A session is named by its local ``id`` (an int) or LemonSlice's ``session_id`` (a string); a
@@ -201,17 +202,8 @@ class SessionManager:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
+    async def _enter(self) -> None:
         await self.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def open(self) -> None:
         if self._opened:
@@ -393,39 +385,25 @@ class SessionManager:
         If the caller is cancelled mid-create, the create still completes in the background and
         the session is ended at once, so no one is billed for a session nobody holds.
         """
-        create_args: dict[str, Any] = {
-            "agent_image_url": agent_image_url,
-            "agent_id": agent_id,
-            "agent_image": agent_image,
-            "agent_prompt": agent_prompt,
-            "idle_timeout": idle_timeout,
-            "audio_sample_rate": audio_sample_rate,
-            "model": model,
-            "daily_room_url": daily_room_url,
-            "daily_token": daily_token,
-            "connection_properties": connection_properties,
-            "extra_properties": extra_properties,
-            "api_url": api_url,
-            "transport_type": transport_type,
-            "livekit_url": livekit_url,
-            "livekit_token": livekit_token,
-            "livekit_session_id": livekit_session_id,
-            "agent_idle_prompt": agent_idle_prompt,
-            "response_done_timeout": response_done_timeout,
-            "aspect_ratio": aspect_ratio,
-            "simulcast": simulcast,
-            "enable_recording": enable_recording,
-            "recordings_bucket": recordings_bucket,
-        }
-        build_create_request(**{k: v for k, v in create_args.items() if k != "api_url"})
+        options = CreateOptions.of(locals())
+        return await self._create_session(
+            options, idle_window=idle_window, max_age=max_age, metadata=metadata
+        )
+
+    async def _create_session(
+        self,
+        options: CreateOptions,
+        *,
+        idle_window: float | None = None,
+        max_age: float | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SessionRecord:
+        """``create_session`` for options built once by its caller (the pipecat wrapper, the
+        CLI): validated before the intent is written, then sent as built."""
+        request = options.request()
         return await self.create_with(
-            lambda: self.client.create_session(**create_args),
-            agent_id=agent_id,
-            agent_image_url=agent_image_url,
-            agent_prompt=agent_prompt,
-            idle_timeout=idle_timeout,
-            model=model,
-            transport_type=transport_type,
+            lambda: self.client._send_create(request, options.api_url),
+            **options.record_fields(),
             idle_window=idle_window,
             max_age=max_age,
             metadata=metadata,
@@ -558,6 +536,7 @@ class SessionManager:
                 session_id=session_id,
                 room_url=answer.get("room_url"),
                 control_url=answer["control_url"],
+                intent=intent,
             )
             if record is None:  # recovery resolved the intent meanwhile: keep the session guarded
                 record, created = await repo.adopt(
@@ -601,11 +580,11 @@ class SessionManager:
         self._background.add(ender)
         ender.add_done_callback(self._background.discard)
 
-    async def _end_quietly(self, pk: int, reason: EndReason) -> None:
+    async def _end_quietly(self, session_ref: int | str, reason: EndReason) -> None:
         try:
-            await self.end_session(pk, reason=reason)
+            await self.end_session(session_ref, reason=reason)
         except Exception as exc:  # the reaper ends it later
-            logger.warning("could not end abandoned session %s: %s", pk, exc)
+            logger.warning("could not end abandoned session %s: %s", session_ref, exc)
 
     # --- touch, end, adopt -----------------------------------------------------------------
 
@@ -622,37 +601,37 @@ class SessionManager:
 
     async def end_session(
         self,
-        session_id: str | int,
+        session_ref: str | int,
         reason: EndReason | str = EndReason.MANUAL,
         *,
         detail: str | None = None,
     ) -> EndResult:
         """Terminate a session and record its end. Idempotent: ending an ended one says so.
-        ``detail`` goes on the lifecycle event (who asked, e.g. "client terminate via proxy")."""
+        ``detail`` goes on the lifecycle event (who asked, e.g. "client terminate via proxy").
+
+        One write transaction claims the row (and says what it found when it could not), the
+        terminate goes out, and one bulk statement records the end: nothing is read around it."""
         reason = EndReason(reason)
-        repo = self.repository
-        record = await repo.get(session_id)
-        if record.status in (SessionStatus.ENDED, SessionStatus.FAILED):
-            return EndResult(
-                record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
-            )
-        if record.status is SessionStatus.PENDING:
-            raise SessionMgrError(
-                f"session {record.id} is still being created (pending): retry shortly, or run "
-                "`sessionmgr reconcile` if its creator died"
-            )
-        claimed = await repo.begin_end(
-            record.id, owner=self.owner, lease=self._lease, reason=reason, detail=detail
+        found = await self.repository.claim_end(
+            session_ref, owner=self.owner, lease=self._lease, reason=reason, detail=detail
         )
-        if claimed is None:
-            current = await repo.get(record.id)
-            if current.status is SessionStatus.ENDED:
-                return EndResult(current, False, f"already ended ({current.end_reason})")
-            return EndResult(current, False, f"being ended by {current.lease_owner}")
-        outcome = await self.reaper.finish(claimed)
+        record = found.record
+        if not found.claimed:
+            if record.status in (SessionStatus.ENDED, SessionStatus.FAILED):
+                return EndResult(
+                    record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
+                )
+            if record.status is SessionStatus.PENDING:
+                raise SessionMgrError(
+                    f"session {record.id} is still being created (pending): retry shortly, or "
+                    "run `sessionmgr reconcile` if its creator died"
+                )
+            return EndResult(record, False, f"being ended by {record.lease_owner}")
+        outcome, final = await self.reaper.end_claimed(record)
         if outcome is not Outcome.RESCHEDULED:
             self._created.discard(record.id)
-        final = await repo.get(record.id)
+        if final is None:  # LOST: another process holds the row now; show it as it is
+            final = await self.repository.get(record.id)
         message = {
             Outcome.ENDED: "ended",
             Outcome.GONE: "ended (LemonSlice no longer knew it)",

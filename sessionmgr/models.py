@@ -121,15 +121,16 @@ class UTCDateTime(TypeDecorator[datetime]):
         if dialect.name != "sqlite":
             return super().result_processor(dialect, coltype)
 
-        def process(value: str | None) -> datetime | None:
-            if value is None:
-                return None
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-        return process
+        return parse_sqlite_time
 
 
 _SQLITE_FORMAT = "%04d-%02d-%02d %02d:%02d:%02d.%06d"  # what SQLAlchemy's SQLite DATETIME stores
+
+
+def parse_sqlite_time(value: str | None) -> datetime | None:
+    """A time as SQLite holds it (naive UTC text), aware; the offset is parsed with it, which
+    is several times cheaper than ``replace(tzinfo=...)`` afterwards."""
+    return None if value is None else datetime.fromisoformat(value + "+00:00")
 
 
 # JSON on SQLite (text), JSONB on PostgreSQL (compact, comparable).

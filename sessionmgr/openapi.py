@@ -12,7 +12,7 @@ from typing import Any
 
 from .checks import DEFAULT_PAGE, DEFAULT_STATS_DAYS, INT32, MAX_PAGE, MAX_SECONDS, MAX_STATS_DAYS
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, TRANSPORT_TYPES
-from .repository import SORTS
+from .queries import SORTS
 from .states import MANUAL_REASONS, EndReason, SessionStatus
 
 CONTROL_NAMES = (  # web.CONTROL_FIELDS, the body keys of POST /api/sessions/{id}/control
@@ -32,6 +32,11 @@ def _ref(name: str) -> dict[str, str]:
 
 def _nullable(kind: str, **extra: Any) -> dict[str, Any]:
     return {"type": [kind, "null"], **extra}
+
+
+def _body(name: str, *, required: bool) -> dict[str, Any]:
+    """A JSON request body of the component schema ``name``."""
+    return {"required": required, "content": {"application/json": {"schema": _ref(name)}}}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -397,10 +402,7 @@ def _document(version: str) -> dict[str, Any]:
                     "summary": "Create a session through the manager (intent recorded first)",
                     "operationId": "createSession",
                     "security": BEARER,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("CreateRequest")}},
-                    },
+                    "requestBody": _body("CreateRequest", required=True),
                     "responses": _responses(
                         {"201": _json(_ref("Session"), "Created and recorded")},
                         400,
@@ -439,10 +441,7 @@ def _document(version: str) -> dict[str, Any]:
                     "operationId": "endSession",
                     "security": BEARER,
                     "parameters": [SESSION_ID_PARAM],
-                    "requestBody": {
-                        "required": False,
-                        "content": {"application/json": {"schema": _ref("EndRequest")}},
-                    },
+                    "requestBody": _body("EndRequest", required=False),
                     "responses": _responses(
                         {
                             "200": _json(_ref("EndResult"), "Ended now, or already over"),
@@ -467,10 +466,7 @@ def _document(version: str) -> dict[str, Any]:
                     "operationId": "controlSession",
                     "security": BEARER,
                     "parameters": [SESSION_ID_PARAM],
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _ref("ControlRequest")}},
-                    },
+                    "requestBody": _body("ControlRequest", required=True),
                     "responses": _responses(
                         {"200": _json(_ref("ControlResult"), "Sent and recorded")},
                         400,

@@ -2,10 +2,12 @@
 
 Each tick flushes buffered touches, then claims due rows with a lease (one statement, see the
 repository) and terminates them with at most ``concurrency`` requests in flight. Claims are taken in
-small slices as workers free up, so a slow API never leaves hundreds of rows leased but unattended,
-and a ``LeaseKeeper`` keeps the leases of held rows alive while their terminates are slow. A
-process that dies leaves leases that expire; another reaper takes the rows over, and asks
-LemonSlice first whether the session already ended (the dead owner may have sent its terminate).
+slices (refilled to twice the concurrency once the unsent fall to it), so a slow API never leaves
+hundreds of rows leased but unattended; the ends of terminated rows are recorded together
+(``EndRecorder``: one bulk UPDATE per transaction), and a ``LeaseKeeper`` keeps the leases of held
+rows alive while their terminates are slow. A process that dies leaves leases that expire; another
+reaper takes the rows over, and asks LemonSlice first whether the session already ended (the dead
+owner may have sent its terminate).
 
 Then the tick resolves pending intents whose creator's lease expired (``reconcile.recover``: a
 create killed mid-flight is ended within seconds, not at the next reconcile) and asks for the cost
@@ -41,7 +43,7 @@ from .errors import (
 from .leases import LeaseKeeper
 from .reconcile import credits, fetch_costs, recover
 from .records import SessionFilter, SessionRecord
-from .repository import SessionRepository
+from .repository import EndRequest, SessionRepository
 from .retry import RetryPolicy
 from .states import REMOTE_FINAL, EndReason, SessionStatus
 
@@ -116,6 +118,45 @@ class TickResult:
         return self.outcomes[Outcome.ENDED] + self.outcomes[Outcome.GONE]
 
 
+class EndRecorder:
+    """Records terminated sessions' ends in bulk (``SessionRepository.end_many``): ends that
+    arrive while one statement runs go together in the next, so a drain writes a slice of ends
+    per transaction instead of one unit-of-work op each."""
+
+    def __init__(self, repository: SessionRepository, owner: str) -> None:
+        self.repository = repository
+        self.owner = owner
+        self._queue: list[tuple[EndRequest, asyncio.Future[SessionRecord | None]]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.statements = 0  # bulk ends run, for tests and benchmarks
+
+    async def end(self, request: EndRequest) -> SessionRecord | None:
+        """Record ``request``'s end; the ended record, or None when the lease was taken over."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SessionRecord | None] = loop.create_future()
+        self._queue.append((request, future))
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run(), name=f"ends {self.owner}")
+        return await future
+
+    async def _run(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                ended = await self.repository.end_many(
+                    [request for request, _ in batch], owner=self.owner
+                )
+            except Exception as exc:  # each waiter's end failed: its caller reschedules
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.statements += 1
+            for request, future in batch:
+                if not future.done():
+                    future.set_result(ended.get(request.pk))
+
+
 class Reaper:
     def __init__(
         self,
@@ -155,6 +196,7 @@ class Reaper:
         self.recover = recover
         self.heartbeat = Heartbeat()
         self.leases = LeaseKeeper(repository, owner=self.owner, lease=lease, clock=self.clock)
+        self.ends = EndRecorder(repository, self.owner)
         self._slots = asyncio.Semaphore(concurrency)  # terminate requests in flight
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -176,6 +218,18 @@ class Reaper:
         the group commit without keeping a terminate from starting. ``abort`` set (the API key
         was rejected) gives the row back untried; ``on_sent`` is called when the slot is freed.
         """
+        outcome, _ = await self.end_claimed(record, abort=abort, on_sent=on_sent)
+        return outcome
+
+    async def end_claimed(
+        self,
+        record: SessionRecord,
+        *,
+        abort: asyncio.Event | None = None,
+        on_sent: Callable[[], None] | None = None,
+    ) -> tuple[Outcome, SessionRecord | None]:
+        """``finish``, also returning the row as recorded (ended or rescheduled; None when
+        LOST: another process holds it now)."""
         async with self.leases.holding(record.id):
             return await self._finish(record, abort=abort, on_sent=on_sent)
 
@@ -185,13 +239,13 @@ class Reaper:
         *,
         abort: asyncio.Event | None,
         on_sent: Callable[[], None] | None,
-    ) -> Outcome:
+    ) -> tuple[Outcome, SessionRecord | None]:
         repo = self.repository
         if record.session_id is None:  # cannot happen for claimed rows; keep the row, say why
-            await repo.reschedule(
+            again = await repo.reschedule_record(
                 record.id, owner=self.owner, error="no session_id", retry_at=self._retry_at(record)
             )
-            return Outcome.RESCHEDULED
+            return Outcome.RESCHEDULED, again
         if record.attempts > 1 and (abort is None or not abort.is_set()):
             # A takeover or a retry: the previous attempt may have terminated it already.
             known = await self._ended_remotely(record)
@@ -218,7 +272,7 @@ class Reaper:
             on_sent()
         if terminated is None:
             retry_after = failure.retry_after if isinstance(failure, RateLimitedError) else None
-            await repo.reschedule(
+            again = await repo.reschedule_record(
                 record.id,
                 owner=self.owner,
                 error=str(failure) if failure else "not attempted: API key rejected",
@@ -227,16 +281,12 @@ class Reaper:
             self.heartbeat.rescheduled += 1
             if failure is not None:
                 raise failure
-            return Outcome.RESCHEDULED
+            return Outcome.RESCHEDULED, again
         reason = None if terminated else EndReason.GONE
-        ended = await repo.mark_ended(record.id, owner=self.owner, reason=reason)
+        ended = await self.ends.end(EndRequest(record.id, reason=reason))
         if ended is None:
-            logger.warning(
-                "lease on session %s was taken over before its end was recorded",
-                record.session_id,
-                extra={"session_id": record.session_id, "owner": self.owner},
-            )
-            return Outcome.LOST
+            self._lost(record)
+            return Outcome.LOST, None
         outcome = Outcome.ENDED if terminated else Outcome.GONE
         if outcome is Outcome.ENDED:
             self._progress(ended=1)
@@ -250,9 +300,18 @@ class Reaper:
             extra={"session_id": record.session_id, "reason": str(reason or record.end_reason)},
         )
         await self.notify_ended(ended)
-        return outcome
+        return outcome, ended
 
-    async def _ended_remotely(self, record: SessionRecord) -> Outcome | None:
+    def _lost(self, record: SessionRecord) -> None:
+        logger.warning(
+            "lease on session %s was taken over before its end was recorded",
+            record.session_id,
+            extra={"session_id": record.session_id, "owner": self.owner},
+        )
+
+    async def _ended_remotely(
+        self, record: SessionRecord
+    ) -> tuple[Outcome, SessionRecord | None] | None:
         """Ask LemonSlice before a second terminate: record the end without one when the session
         already finished (or is gone). None: still live, or no answer; terminate then."""
         assert record.session_id is not None
@@ -264,23 +323,18 @@ class Reaper:
         except LemonSliceError:
             return None
         if remote is None:
-            ended = await self.repository.mark_ended(
-                record.id, owner=self.owner, reason=EndReason.GONE
-            )
+            request = EndRequest(record.id, reason=EndReason.GONE)
             outcome = Outcome.GONE
         else:
             status = str(remote.get("session_status"))
             if status not in REMOTE_FINAL:
                 return None
-            ended = await self.repository.mark_ended(
-                record.id,
-                owner=self.owner,
-                remote_status=status,
-                cost=credits(remote.get("cost")),
-            )
+            request = EndRequest(record.id, remote_status=status, cost=credits(remote.get("cost")))
             outcome = Outcome.ENDED
+        ended = await self.ends.end(request)
         if ended is None:
-            return Outcome.LOST
+            self._lost(record)
+            return Outcome.LOST, None
         self._progress(ended=1)
         logger.info(
             "session %s had already ended remotely; recorded without a second terminate",
@@ -288,7 +342,7 @@ class Reaper:
             extra={"session_id": record.session_id},
         )
         await self.notify_ended(ended)
-        return outcome
+        return outcome, ended
 
     def _progress(self, *, claimed: int = 0, ended: int = 0) -> None:
         """Heartbeat after each claim slice and each end (health follows progress)."""
@@ -303,13 +357,16 @@ class Reaper:
 
     async def notify_ended(self, record: SessionRecord) -> None:
         """Run ``on_ended`` for a session this process ended (here or in reconcile); a failing
-        hook is logged, never raised: a user's hook must not break the reaper."""
+        hook is logged, never raised: a user's hook must not break the reaper. A hook that
+        returns is progress too: ends are recorded in bulk ahead of their hooks, so a drain whose
+        hooks are slow (webhooks, metrics) must not read as stale while they complete."""
         if self.on_ended is None:
             return
         try:
             await self.on_ended(record)
         except Exception:
             logger.exception("on_ended hook failed for session %s", record.session_id)
+        self._progress()
 
     # --- one tick --------------------------------------------------------------------------
 
@@ -369,15 +426,16 @@ class Reaper:
         try:
             exhausted = False
             while not exhausted and not auth_failed.is_set() and not self._stopping.is_set():
-                # Keep twice the concurrency claimed and unsent: enough that no slot idles while
-                # the next claim runs, few enough that slow terminates never sit on a pile of
-                # leases. Rows already terminated and waiting for their commit do not count.
-                room = 2 * self.concurrency - len(unsent)
-                if room <= 0:
+                # Refill with hysteresis: once the claimed-and-unsent rows fall to the
+                # concurrency, claim back up to twice it. Enough that no slot idles while the
+                # next claim runs, few enough that slow terminates never sit on a pile of leases,
+                # and each claim a slice, not a row per sent terminate. Rows already terminated
+                # and waiting for their commit do not count.
+                if len(unsent) > self.concurrency:
                     room_freed.clear()
                     await room_freed.wait()
                     continue
-                want = min(room, self.batch)
+                want = min(2 * self.concurrency - len(unsent), self.batch)
                 claimed = await self.repository.claim_due(
                     owner=self.owner, limit=want, lease=self.lease, grace=self.touch_grace
                 )

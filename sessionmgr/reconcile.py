@@ -37,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 
 from .config import IDLE_WINDOW
 from .errors import LemonSliceError, NotFoundError
+from .queries import LEGACY_INTENT_SETTLE
 from .records import SessionRecord, iso_utc
-from .repository import COST_DELAY, COST_HORIZON, LEGACY_INTENT_SETTLE
+from .repository import COST_DELAY, COST_HORIZON
 from .states import REMOTE_FINAL, REMOTE_LIVE, EndReason, SessionStatus
 
 if TYPE_CHECKING:

@@ -5,48 +5,35 @@ The repository is the only writer of ``status``. Each transition checks the stat
 transaction. Transitions from concurrent tasks are group-committed by one writer task
 (sessionmgr/writer.py); claims and lease bookkeeping run as single statements of their own.
 
-Sections: opening, transitions, claims and leases, admin reads, cleanup.
+Sections: opening, transitions, claims and leases. The admin reads are in sessionmgr/queries.py
+and cleanup in sessionmgr/cleanup.py: mixins this class inherits, so callers keep one object.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import functools
-import json
 import logging
-import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from datetime import UTC, date, datetime, timedelta
-from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, Self, TypeVar, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, ParamSpec, TypeVar, cast
 
 from sqlalchemy import (
-    ColumnElement,
-    Date,
-    Select,
     and_,
+    bindparam,
     case,
-    delete,
-    extract,
-    func,
     insert,
     or_,
     select,
-    tuple_,
     update,
 )
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import db
 from .checks import (
-    BIGINT,
-    DEFAULT_PAGE,
     INT32,
-    MAX_PAGE,
-    check_days,
     check_seconds,
     check_session_id,
     check_text,
@@ -56,29 +43,25 @@ from .checks import aware as _aware
 from .checks import check_remote as _check_remote
 from .checks import metadata_tags as _metadata
 from .checks import optional_text as _optional_text
+from .cleanup import SessionCleanup
 from .clock import SYSTEM_CLOCK, Clock, is_simulated
 from .errors import InvalidArgument, SessionNotFound
-from .models import DEFAULT_TRANSPORT, NAME_LENGTH, SESSION_ID_LENGTH, session_events, sessions
+from .models import DEFAULT_TRANSPORT, NAME_LENGTH, session_events, sessions
+from .queries import LOOKUP_CHUNK, _db_errors, _key, _local_id, _record, not_found
+from .reader import Reader
 from .records import (
-    DayStats,
-    Page,
-    SessionEvent,
-    SessionFilter,
     SessionRecord,
-    Stats,
     iso_utc,
 )
-from .states import LIVE_STATUSES, EndReason, SessionStatus, can_transition
+from .resources import AsyncResource
+from .states import EndReason, SessionStatus, can_transition
 from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
-CLAIM_LOCK_RETRIES = 5  # extra attempts of a claim/lease statement that found the database busy
-LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
 COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
 COST_HORIZON = 3600.0  # seconds after an end past which a missing cost is no longer asked for
-LEGACY_INTENT_SETTLE = 120.0  # seconds: an intent written without a lease counts as held this long
 TRANSPORT_TYPES = (DEFAULT_TRANSPORT, "livekit")  # what a session may have been created on
 
 P = ParamSpec("P")
@@ -89,39 +72,11 @@ _ACTIVE = SessionStatus.ACTIVE.value
 _ENDING = SessionStatus.ENDING.value
 _ENDED = SessionStatus.ENDED.value
 _FAILED = SessionStatus.FAILED.value
-_LIVE = tuple(s.value for s in SessionStatus if s in LIVE_STATUSES)
-_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
-_STATUS_VALUES = tuple(s.value for s in SessionStatus)
-
-
-def _db_errors(
-    fn: Callable[Concatenate[SessionRepository, P], Awaitable[T]],
-) -> Callable[Concatenate[SessionRepository, P], Awaitable[T]]:
-    """Driver failures leave as sessionmgr's typed one-line errors."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: SessionRepository, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await fn(self, *args, **kwargs)
-        except (SQLAlchemyError, OSError) as exc:
-            raise db.map_error(exc, self._engine.url) from exc
-
-    return wrapper
 
 
 def _deadline(last_activity: datetime, idle_window: float, expires_at: datetime | None) -> datetime:
     idle_deadline = last_activity + timedelta(seconds=idle_window)
     return idle_deadline if expires_at is None else min(idle_deadline, expires_at)
-
-
-def _record(row: Mapping[str, Any]) -> SessionRecord:
-    values = {name: row[name] for name in _RECORD_FIELDS}
-    values["status"] = SessionStatus(row["status"])
-    values["end_reason"] = EndReason(row["end_reason"]) if row["end_reason"] else None
-    values["metadata"] = dict(row["metadata"] or {})
-    # a row inserted without it took the column's server default, which the snapshot lacks
-    values["transport_type"] = row["transport_type"] or DEFAULT_TRANSPORT
-    return SessionRecord(**values)
 
 
 def _check_create_fields(model: object, transport_type: object) -> None:
@@ -132,24 +87,32 @@ def _check_create_fields(model: object, transport_type: object) -> None:
         )
 
 
-def _event(row: Mapping[str, Any]) -> SessionEvent:
-    return SessionEvent(
-        id=row["id"],
-        session_pk=row["session_pk"],
-        at=row["at"],
-        from_status=SessionStatus(row["from_status"]) if row["from_status"] else None,
-        to_status=SessionStatus(row["to_status"]),
-        reason=row["reason"],
-        detail=row["detail"],
-    )
-
-
 # A transition's decision on the row as it is: (changes, event reason, event detail), or None
 # when the row is not in a state the transition applies to.
 Decision = tuple[Row, str | None, str | None] | None
 
 
-class SessionRepository:
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndClaim:
+    """What ``claim_end`` found: the session as it is after the attempt, and whether the claim
+    was taken (else ``record`` says why not: ended, failed, pending, or leased to someone)."""
+
+    record: SessionRecord
+    claimed: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndRequest:
+    """One terminated session's end, for ``end_many``: ``reason=None`` keeps the reason stamped
+    when it was claimed; without a ``cost`` its fetch is scheduled (see ``mark_ended``)."""
+
+    pk: int
+    reason: EndReason | None = None
+    remote_status: str | None = None
+    cost: float | None = None
+
+
+class SessionRepository(SessionCleanup, AsyncResource):
     """Sessions and their lifecycle events in one database (see the module docstring)."""
 
     def __init__(
@@ -160,7 +123,7 @@ class SessionRepository:
         ``clock`` is simulated (a ``FakeClock``, which no server clock can follow); SQLite is
         one host, whose clock all its processes share."""
         self._engine = engine
-        self._write = db.write_engine(engine)
+        self._reader = Reader(engine)
         self.clock: Clock = clock or SYSTEM_CLOCK
         self.dialect: str = engine.dialect.name
         if database_clock is None:
@@ -204,18 +167,10 @@ class SessionRepository:
             try:
                 await self._writer.close()
             finally:
-                await self._engine.dispose()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+                try:
+                    await self._reader.close()
+                finally:
+                    await self._engine.dispose()
 
     @property
     def engine(self) -> AsyncEngine:
@@ -257,19 +212,8 @@ class SessionRepository:
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = _lookup(uow, key)
-            decision = decide(row, uow.lease_now or now) if row is not None else None
-            if row is None or decision is None:
+            if row is None or not _apply(uow, row, decide, now, event=event):
                 return lambda: None
-            changes, reason, detail = decision
-            _check_transition(row["status"], changes.get("status") or row["status"])
-            uow.change(
-                row,
-                changes | {"updated_at": now},
-                at=now,
-                reason=reason,
-                detail=detail,
-                event=event,
-            )
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
@@ -346,34 +290,64 @@ class SessionRepository:
         return cast(SessionRecord, await self._submit(Op(apply)))
 
     async def mark_active(
-        self, pk: int, *, session_id: str, room_url: str | None, control_url: str
+        self,
+        pk: int,
+        *,
+        session_id: str,
+        room_url: str | None,
+        control_url: str,
+        intent: SessionRecord | None = None,
     ) -> SessionRecord | None:
-        """pending -> active once LemonSlice answered; None if the intent was no longer pending."""
+        """pending -> active once LemonSlice answered; None if the intent was no longer pending
+        (or that session is recorded already).
+
+        ``intent``: the record ``record_intent`` returned for ``pk``: the change is then computed
+        from it and written blind (one conditional UPDATE, no load), its result built from it."""
         _check_remote(session_id, control_url, room_url)
         now = self.clock.now()
+        _check_transition(_PENDING, _ACTIVE)
+        changes: Row = {
+            "status": _ACTIVE,
+            "session_id": session_id,
+            "room_url": room_url,
+            "control_url": control_url,
+            "last_activity_at": now,
+            "lease_owner": None,
+            "lease_until": None,
+            "next_attempt_at": None,
+            "updated_at": now,
+        }
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = uow.get(pk)
             if row is None or row["status"] != _PENDING or uow.get(session_id) is not None:
                 return lambda: None  # resolved elsewhere, or that session is recorded already
-            _check_transition(row["status"], _ACTIVE)
-            changes = {
-                "status": _ACTIVE,
-                "session_id": session_id,
-                "room_url": room_url,
-                "control_url": control_url,
-                "last_activity_at": now,
-                "deadline": _deadline(now, row["idle_window"], row["expires_at"]),
-                "lease_owner": None,
-                "lease_until": None,
-                "next_attempt_at": None,
-                "updated_at": now,
-            }
-            uow.change(row, changes, at=now, reason="created", detail=None)
+            deadline = _deadline(now, row["idle_window"], row["expires_at"])
+            uow.change(row, changes | {"deadline": deadline}, at=now, reason="created", detail=None)
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
-        op = Op(apply, pks=(pk,), sids=(session_id,))
+        blind: Callable[[UnitOfWork], Thunk] | None = None
+        if intent is not None and intent.id == pk:
+            known = intent
+            # as record_intent wrote it: created_at + max_age
+            expires = (
+                None
+                if known.max_age is None
+                else known.created_at + timedelta(seconds=known.max_age)
+            )
+            deadline = _deadline(now, known.idle_window, expires)
+
+            def blind(uow: UnitOfWork) -> Thunk:
+                # a row no longer pending, or a session_id recorded already (unique index),
+                # fails the batch, which is then redone op by op through ``apply``
+                full = changes | {"deadline": deadline}
+                uow.blind_change(pk, _PENDING, full, at=now, reason="created", detail=None)
+                return lambda: dataclasses.replace(
+                    known, **(full | {"status": SessionStatus.ACTIVE})
+                )
+
+        op = Op(apply, pks=(pk,), sids=(session_id,), blind=blind)
         return cast(SessionRecord | None, await self._submit(op))
 
     async def mark_failed(self, pk: int, *, reason: EndReason, error: str | None = None) -> bool:
@@ -508,30 +482,63 @@ class SessionRepository:
         touched, _ = await self._write_touches(dict.fromkeys(wanted, when))
         return touched
 
+    @_db_errors
     async def _write_touches(self, times: Mapping[str, datetime]) -> tuple[set[str], int]:
+        """Write the latest touch per session in one transaction: one lean read of the active
+        sessions' windows (4 columns, ``LOOKUP_CHUNK`` per SELECT; FOR UPDATE on PostgreSQL),
+        then one executemany of a blind conditional UPDATE (``WHERE session_id = ? AND status =
+        'active' AND last_activity_at < ?``). An older touch never moves activity back; a touch
+        of a session that is not active is dropped. Returns (the sessions found active, the
+        rows updated)."""
         if not times:
             return set(), 0
         now = self.clock.now()
+        lock = self.dialect == "postgresql"
+
+        def run(conn: Connection) -> tuple[set[str], int]:
+            active: set[str] = set()
+            params: list[Row] = []
+            for chunk in _chunks(sorted(times), LOOKUP_CHUNK):
+                stmt = _touch_read(lock)
+                for sid, window, expires_at, last in conn.execute(stmt, {"sids": list(chunk)}):
+                    active.add(sid)
+                    at = times[sid]
+                    if at > last:
+                        deadline = _deadline(at, window, expires_at)
+                        params.append({"sid": sid, "at": at, "deadline": deadline, "now": now})
+            if params:
+                _execute_touches(conn, params)
+            return active, len(params)
+
+        return await self._writer.run(run)
+
+    async def claim_end(
+        self,
+        session_ref: int | str,
+        *,
+        owner: str,
+        lease: float,
+        reason: EndReason,
+        detail: str | None = None,
+    ) -> EndClaim:
+        """End one session now (manual, shutdown, orphan): an active session, or an ending one
+        whose lease ran out, becomes ``ending`` leased to ``owner``, in one write transaction
+        that also returns what it found when it did not apply (so callers read nothing before
+        or after). An unknown ``session_ref`` raises ``SessionNotFound``."""
+        key = _key(session_ref)
+        decide = _end_decision(owner, lease, EndReason(reason), detail)
+        now = self.clock.now()
 
         def apply(uow: UnitOfWork) -> Thunk:
-            touched: set[str] = set()
-            updated = 0
-            for sid, at in times.items():
-                row = uow.get(sid)
-                if row is None or row["status"] != _ACTIVE:
-                    continue
-                touched.add(sid)
-                if at > row["last_activity_at"]:
-                    changes = {
-                        "last_activity_at": at,
-                        "deadline": _deadline(at, row["idle_window"], row["expires_at"]),
-                        "updated_at": now,
-                    }
-                    uow.change(row, changes, event=False)
-                    updated += 1
-            return lambda: (touched, updated)
+            row = _lookup(uow, key)
+            if row is None:
+                raise not_found(key)
+            claimed = _apply(uow, row, decide, now)
+            snap = uow.snapshot(row)
+            return lambda: EndClaim(_record(snap), claimed)
 
-        return cast(tuple[set[str], int], await self._submit(Op(apply, sids=tuple(times))))
+        pks, sids = _key_parts(key)
+        return cast(EndClaim, await self._submit(Op(apply, pks=pks, sids=sids)))
 
     async def begin_end(
         self,
@@ -542,31 +549,27 @@ class SessionRepository:
         reason: EndReason,
         detail: str | None = None,
     ) -> SessionRecord | None:
-        """End one session now (manual, shutdown, orphan): an active session, or an ending one
-        whose lease ran out, becomes ``ending`` leased to ``owner``. None when the session is not
-        in such a state (pending: its creator holds it; already ended; another process holds
-        it)."""
-        reason = EndReason(reason)
-
-        def decide(row: Row, at: datetime) -> Decision:
-            lease_changes = {
-                "lease_owner": owner,
-                "lease_until": at + timedelta(seconds=lease),
-                "attempts": row["attempts"] + 1,
-                "next_attempt_at": None,
-            }
-            if row["status"] == _ACTIVE:
-                changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
-                why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
-                return changes, reason.value, _clip(why)
-            if row["status"] == _ENDING and _lease_free(row, at):
-                return lease_changes, row["end_reason"], f"lease taken over by {owner}"
+        """``claim_end``'s claimed record, or None when the session is unknown or not in a state
+        to claim (pending: its creator holds it; already ended; another process holds it)."""
+        try:
+            found = await self.claim_end(
+                key, owner=owner, lease=lease, reason=reason, detail=detail
+            )
+        except SessionNotFound:
             return None
-
-        return await self._lease_transition(_key(key), decide)
+        return found.record if found.claimed else None
 
     async def reschedule(self, pk: int, *, owner: str, error: str, retry_at: datetime) -> bool:
         """A terminate failed: release the lease and retry at ``retry_at`` (``owner`` only)."""
+        return (
+            await self.reschedule_record(pk, owner=owner, error=error, retry_at=retry_at)
+            is not None
+        )
+
+    async def reschedule_record(
+        self, pk: int, *, owner: str, error: str, retry_at: datetime
+    ) -> SessionRecord | None:
+        """``reschedule``, returning the rescheduled record (None: not ``owner``'s ending row)."""
         retry_at = _aware(retry_at, "retry_at")
 
         def decide(row: Row) -> Decision:
@@ -580,7 +583,7 @@ class SessionRepository:
             }
             return changes, "retry", _clip(error)
 
-        return await self._transition(pk, decide) is not None
+        return await self._transition(pk, decide)
 
     async def mark_ended(
         self,
@@ -617,6 +620,57 @@ class SessionRepository:
             return changes, changes["end_reason"], remote_status
 
         return await self._lease_transition(pk, decide)
+
+    @_db_errors
+    async def end_many(self, ends: Sequence[EndRequest], *, owner: str) -> dict[int, SessionRecord]:
+        """ending -> ended for terminated sessions ``owner`` holds, in one transaction: one
+        ``UPDATE ... WHERE id IN (...) AND status = 'ending' AND lease_owner = :owner RETURNING``
+        per kind of end plus one executemany of their events. Returns the ended records by id;
+        a row missing from the answer was taken over by another process and is left alone."""
+        if not ends:
+            return {}
+        _check_transition(_ENDING, _ENDED)
+        now = self.clock.now()
+        kinds: dict[tuple[str | None, str | None, float | None], list[int]] = {}
+        for end in ends:
+            reason = EndReason(end.reason).value if end.reason is not None else None
+            cost = float(end.cost) if end.cost is not None else None
+            kinds.setdefault((reason, end.remote_status, cost), []).append(end.pk)
+        later = now + timedelta(seconds=COST_DELAY)
+        statements: list[tuple[Any, Row, str | None]] = []
+        for (reason, remote, cost), pks in kinds.items():
+            stmt = _end_statement(reason is None, remote is not None, cost is not None)
+            given: Row = {"owner": owner, "now": now}
+            if reason is not None:
+                given["reason"] = reason
+            if remote is not None:
+                given["remote_status"] = remote
+            given |= {"cost": cost} if cost is not None else {"later": later}
+            for chunk in _chunks(sorted(set(pks)), LOOKUP_CHUNK):
+                statements.append((stmt, given | {"pks": list(chunk)}, remote))
+
+        def run(conn: Connection) -> dict[int, SessionRecord]:
+            ended: dict[int, SessionRecord] = {}
+            events: list[Row] = []
+            for stmt, params, remote in statements:
+                for mapping in conn.execute(stmt, params).mappings():
+                    record = _record(cast(Mapping[str, Any], mapping))
+                    ended[record.id] = record
+                    events.append(
+                        {
+                            "session_pk": record.id,
+                            "at": now,
+                            "from_status": _ENDING,
+                            "to_status": _ENDED,
+                            "reason": mapping["end_reason"],
+                            "detail": remote,
+                        }
+                    )
+            if events:
+                conn.execute(insert(session_events), events)
+            return ended
+
+        return await self._writer.run(run)
 
     async def mark_ended_remote(
         self, pk: int, *, reason: EndReason, remote_status: str, cost: float | None
@@ -698,12 +752,12 @@ class SessionRepository:
         now = _aware(now, "now") if now is not None else self.clock.now()
         check_seconds("grace", grace, positive=False)
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> list[SessionRecord]:
+            at = database_now(conn) if self.database_clock else now
             stmt = self._claim_statement(owner, limit, lease, now, at, grace)
-            return await self._claimed(conn, stmt, owner, now)
+            return self._claimed(conn, stmt, owner, now)
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     def _claim_statement(
         self, owner: str, limit: int, lease: float, now: datetime, at: datetime, grace: float
@@ -750,11 +804,9 @@ class SessionRepository:
         )
 
     @staticmethod
-    async def _claimed(
-        conn: AsyncConnection, stmt: Any, owner: str, now: datetime
-    ) -> list[SessionRecord]:
+    def _claimed(conn: Connection, stmt: Any, owner: str, now: datetime) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+        rows = [dict(r) for r in conn.execute(stmt).mappings()]
         if not rows:
             return []
         events = [
@@ -769,7 +821,7 @@ class SessionRepository:
             }
             for r in rows
         ]
-        await conn.execute(insert(session_events), events)
+        conn.execute(insert(session_events), events)
         far = datetime.max.replace(tzinfo=UTC)
         rows.sort(key=lambda r: (r["deadline"] or far, r["id"]))
         return [_record(r) for r in rows]
@@ -783,8 +835,8 @@ class SessionRepository:
         now = self.clock.now()
         c = sessions.c
 
-        async def run(conn: AsyncConnection) -> int:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> int:
+            at = database_now(conn) if self.database_clock else now
             stmt = (
                 update(sessions)
                 .where(
@@ -795,32 +847,11 @@ class SessionRepository:
                 )
                 .values(lease_until=at + timedelta(seconds=lease), updated_at=now)
             )
-            return (await conn.execute(stmt)).rowcount
+            return conn.execute(stmt).rowcount
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     # --- intent leases: who may resolve a pending intent ----------------------------------------
-
-    def _intent_due(self, now: datetime, at: datetime) -> ColumnElement[bool]:
-        """Pending intents nobody holds: lease expired (and retry time come), or written without
-        a lease and older than ``LEGACY_INTENT_SETTLE``. Index ranges on (status, lease_until,
-        next_attempt_at): free when there are none."""
-        c = sessions.c
-        retry_due = or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)
-        legacy = now - timedelta(seconds=LEGACY_INTENT_SETTLE)
-        return or_(
-            and_(c.status == _PENDING, c.lease_until <= at, retry_due),
-            and_(c.status == _PENDING, c.lease_until.is_(None), c.created_at <= legacy),
-        )
-
-    @_db_errors
-    async def has_due_intents(self) -> bool:
-        """Whether any pending intent is free to resolve (one indexed read, no write lock)."""
-        now = self.clock.now()
-        async with self._engine.connect() as conn:
-            at = await database_now(conn) if self.database_clock else now
-            stmt = select(sessions.c.id).where(self._intent_due(now, at)).limit(1)
-            return (await conn.execute(stmt)).first() is not None
 
     @_db_errors
     async def claim_intents(self, *, owner: str, lease: float, limit: int) -> list[SessionRecord]:
@@ -829,8 +860,8 @@ class SessionRepository:
         now = self.clock.now()
         c = sessions.c
 
-        async def run(conn: AsyncConnection) -> list[SessionRecord]:
-            at = await database_now(conn) if self.database_clock else now
+        def run(conn: Connection) -> list[SessionRecord]:
+            at = database_now(conn) if self.database_clock else now
             picked = (
                 select(c.id)
                 .where(self._intent_due(now, at))
@@ -850,11 +881,11 @@ class SessionRepository:
                 )
                 .returning(*sessions.columns)
             )
-            rows = [dict(r) for r in (await conn.execute(stmt)).mappings()]
+            rows = [dict(r) for r in conn.execute(stmt).mappings()]
             rows.sort(key=lambda r: (r["created_at"], r["id"]))
             return [_record(r) for r in rows]
 
-        return await self._write_statement(run)
+        return await self._writer.run(run)
 
     async def release_intent(
         self, pk: int, *, owner: str, retry_at: datetime | None = None
@@ -912,25 +943,6 @@ class SessionRepository:
 
     # --- cost after the end ---------------------------------------------------------------------
 
-    @_db_errors
-    async def costs_due(self, *, limit: int) -> list[SessionRecord]:
-        """Ended sessions whose cost is still to be asked for (``next_attempt_at`` come): the
-        index range (status, lease_until, next_attempt_at), free when there are none."""
-        now = self.clock.now()
-        c = sessions.c
-        stmt = (
-            select(sessions)
-            .where(
-                c.status == _ENDED,
-                c.lease_until.is_(None),
-                c.next_attempt_at <= now,
-                c.cost.is_(None),
-            )
-            .order_by(c.next_attempt_at, c.id)
-            .limit(limit)
-        )
-        return [_record(r) for r in await self._fetch(stmt)]
-
     async def record_cost(
         self,
         pk: int,
@@ -966,384 +978,10 @@ class SessionRepository:
             .values(lease_owner=None, lease_until=None, updated_at=self.clock.now())
         )
 
-        async def run(conn: AsyncConnection) -> int:
-            return (await conn.execute(stmt)).rowcount
+        def run(conn: Connection) -> int:
+            return conn.execute(stmt).rowcount
 
-        return await self._write_statement(run)
-
-    async def _write_statement(self, run: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-        """One short write transaction, retried if the database stays busy past its timeout."""
-        for attempt in range(CLAIM_LOCK_RETRIES + 1):
-            try:
-                async with self._writer.exclusive(), self._write.begin() as conn:
-                    return await run(conn)
-            except SQLAlchemyError as exc:
-                if not db.is_locked(exc) or attempt == CLAIM_LOCK_RETRIES:
-                    raise
-                logger.warning("database busy, retrying (%d): %s", attempt + 1, exc)
-        raise AssertionError("unreachable")
-
-    # --- admin reads ----------------------------------------------------------------------------
-
-    async def _fetch(self, stmt: Select[Any]) -> list[Row]:
-        async with self._engine.connect() as conn:
-            return [dict(r) for r in (await conn.execute(stmt)).mappings()]
-
-    @_db_errors
-    async def find(self, key: int | str) -> SessionRecord | None:
-        """The session with this local id (int or digit string) or session_id, or None."""
-        key = _key(key)
-        c = sessions.c
-        if isinstance(key, int):
-            cond: ColumnElement[bool] = c.id == key
-        elif (local := _local_id(key)) is not None:
-            cond = or_(c.id == local, c.session_id == key)
-        else:
-            cond = c.session_id == key
-        rows = await self._fetch(select(sessions).where(cond).order_by(sessions.c.id))
-        if not rows:
-            return None
-        # a digit string matching both a local id and another row's session_id means the id
-        return _record(next((r for r in rows if str(r["id"]) == str(key)), rows[0]))
-
-    async def get(self, key: int | str) -> SessionRecord:
-        """Like ``find``, but a missing session raises ``SessionNotFound``."""
-        record = await self.find(key)
-        if record is None:
-            raise SessionNotFound(
-                f"no session with id or session_id {str(key)!r}: see `sessionmgr list`"
-            )
-        return record
-
-    async def iter_live(
-        self,
-        *,
-        statuses: Iterable[SessionStatus] = (SessionStatus.ACTIVE, SessionStatus.ENDING),
-        batch: int = 500,
-    ) -> AsyncIterator[SessionRecord]:
-        """Every session in ``statuses``, by id, ``batch`` rows per short query (no long read
-        transaction holds back SQLite's WAL checkpoints)."""
-        wanted = [SessionStatus(s).value for s in statuses]
-        last = 0
-        while True:
-            stmt = (
-                select(sessions)
-                .where(sessions.c.status.in_(wanted), sessions.c.id > last)
-                .order_by(sessions.c.id)
-                .limit(batch)
-            )
-            try:
-                rows = await self._fetch(stmt)
-            except (SQLAlchemyError, OSError) as exc:
-                raise db.map_error(exc, self._engine.url) from exc
-            for row in rows:
-                yield _record(row)
-            if len(rows) < batch:
-                return
-            last = rows[-1]["id"]
-
-    @_db_errors
-    async def ping(self) -> None:
-        """One round trip to the database (health checks)."""
-        async with self._engine.connect() as conn:
-            await conn.execute(select(1))
-
-    @_db_errors
-    async def count_live(self) -> dict[SessionStatus, int]:
-        """Sessions per live status: one grouped COUNT on the status index, cheap enough for
-        every metrics scrape however long the history (``stats`` reads far more)."""
-        c = sessions.c
-        stmt = select(c.status, func.count()).where(c.status.in_(_LIVE)).group_by(c.status)
-        async with self._engine.connect() as conn:
-            counts: dict[str, int] = {s: n for s, n in (await conn.execute(stmt)).all()}
-        return {s: int(counts.get(s.value, 0)) for s in SessionStatus if s in LIVE_STATUSES}
-
-    @_db_errors
-    async def pending_intents(self) -> list[SessionRecord]:
-        """Intents whose create outcome is not recorded, oldest first (for reconcile)."""
-        stmt = (
-            select(sessions)
-            .where(sessions.c.status == _PENDING)
-            .order_by(sessions.c.created_at, sessions.c.id)
-        )
-        return [_record(r) for r in await self._fetch(stmt)]
-
-    @_db_errors
-    async def known_session_ids(self, session_ids: Iterable[str]) -> set[str]:
-        """Which of these LemonSlice ids have a row (one query per chunk, for reconcile)."""
-        wanted = sorted(set(session_ids))
-        known: set[str] = set()
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions.c.session_id).where(sessions.c.session_id.in_(chunk))
-            known.update(r["session_id"] for r in await self._fetch(stmt))
-        return known
-
-    @_db_errors
-    async def active_control_urls(self, session_ids: Iterable[str]) -> dict[str, str]:
-        """session_id -> control_url of those that are active (one query per chunk: what the
-        keep-alive reads once per round)."""
-        wanted = sorted(set(session_ids))
-        found: dict[str, str] = {}
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions.c.session_id, sessions.c.control_url).where(
-                sessions.c.session_id.in_(chunk), sessions.c.status == _ACTIVE
-            )
-            found.update(
-                (r["session_id"], r["control_url"])
-                for r in await self._fetch(stmt)
-                if r["control_url"]
-            )
-        return found
-
-    @_db_errors
-    async def ended_before(
-        self, session_ids: Iterable[str], before: datetime
-    ) -> list[SessionRecord]:
-        """Which of these LemonSlice ids this database ended before ``before`` (for reconcile:
-        ended here, yet listed live by LemonSlice)."""
-        wanted = sorted(set(session_ids))
-        before = _aware(before, "before")
-        found: list[SessionRecord] = []
-        c = sessions.c
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions).where(
-                c.session_id.in_(chunk), c.status == _ENDED, c.ended_at <= before
-            )
-            found += [_record(r) for r in await self._fetch(stmt.order_by(c.id))]
-        return found
-
-    @_db_errors
-    async def ended_without_cost(self, session_ids: Iterable[str]) -> list[SessionRecord]:
-        """Which of these LemonSlice ids ended here with no cost recorded (for reconcile)."""
-        wanted = sorted(set(session_ids))
-        found: list[SessionRecord] = []
-        c = sessions.c
-        for start in range(0, len(wanted), LOOKUP_CHUNK):
-            chunk = wanted[start : start + LOOKUP_CHUNK]
-            stmt = select(sessions).where(
-                c.session_id.in_(chunk), c.status == _ENDED, c.cost.is_(None)
-            )
-            found += [_record(r) for r in await self._fetch(stmt.order_by(c.id))]
-        return found
-
-    @_db_errors
-    async def lease_now(self) -> datetime:
-        """The time leases are compared on: the database's clock when ``database_clock``."""
-        if not self.database_clock:
-            return self.clock.now()
-        async with self._engine.connect() as conn:
-            return await database_now(conn)
-
-    @_db_errors
-    async def events(self, key: int | str) -> list[SessionEvent]:
-        """The lifecycle of one session, oldest first."""
-        record = await self.get(key)
-        stmt = (
-            select(session_events)
-            .where(session_events.c.session_pk == record.id)
-            .order_by(session_events.c.id)
-        )
-        return [_event(r) for r in await self._fetch(stmt)]
-
-    @_db_errors
-    async def stats(self, *, days: int = 7, now: datetime | None = None) -> Stats:
-        """Counts per status, live sessions, per-day activity over the last ``days`` UTC days,
-        duration percentiles and end reasons of sessions ended in that window; all in SQL."""
-        check_days(days)
-        now = _aware(now, "now") if now is not None else self.clock.now()
-        first_day = now.date() - timedelta(days=days - 1)
-        start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)
-        c = sessions.c
-        day_created = self._day(c.created_at).label("day")
-        day_ended = self._day(c.ended_at).label("day")
-        duration = self._seconds(c.created_at, c.ended_at).label("duration")
-        ended_in_window = and_(c.status == _ENDED, c.ended_at >= start)
-        async with self._engine.connect() as conn:
-
-            async def rows(stmt: Any) -> list[Any]:
-                return list((await conn.execute(stmt)).all())
-
-            by_status = {s.value: 0 for s in SessionStatus}
-            for status, count in await rows(select(c.status, func.count()).group_by(c.status)):
-                by_status[status] = count
-            oldest = []  # one index probe per live status: cheap however long the history
-            for status in _LIVE:
-                oldest += await rows(
-                    select(sessions).where(c.status == status).order_by(c.created_at, c.id).limit(1)
-                )
-            oldest.sort(key=lambda r: (r.created_at, r.id))
-            created = dict(
-                (_as_date(day), n)
-                for day, n in await rows(
-                    select(day_created, func.count())
-                    .where(c.created_at >= start)
-                    .group_by(day_created)
-                )
-            )
-            ended: dict[date, tuple[int, float | None, int]] = {
-                _as_date(day): (n, credits, known)
-                for day, n, credits, known in await rows(
-                    select(day_ended, func.count(), func.sum(c.cost), func.count(c.cost))
-                    .where(ended_in_window)
-                    .group_by(day_ended)
-                )
-            }
-            reasons = {
-                reason: n
-                for reason, n in await rows(
-                    select(c.end_reason, func.count())
-                    .where(c.ended_at >= start, c.end_reason.is_not(None))
-                    .group_by(c.end_reason)
-                )
-            }
-            n_ended = sum(n for n, _, _ in ended.values())
-            p50 = p95 = None
-            if n_ended:
-                ranks = {_rank(0.5, n_ended), _rank(0.95, n_ended)}
-                ranked = (
-                    select(duration, func.row_number().over(order_by=duration).label("rn"))
-                    .where(ended_in_window)
-                    .subquery()
-                )
-                picked = dict(
-                    (rn, round(float(d), 3))  # milliseconds: SQLite's julianday precision
-                    for d, rn in await rows(
-                        select(ranked.c.duration, ranked.c.rn).where(ranked.c.rn.in_(sorted(ranks)))
-                    )
-                )
-                p50, p95 = picked.get(_rank(0.5, n_ended)), picked.get(_rank(0.95, n_ended))
-        per_day = []
-        for i in range(days):
-            day = first_day + timedelta(days=i)
-            n, credits, known = ended.get(day, (0, None, 0))
-            per_day.append(
-                DayStats(
-                    day=day,
-                    created=int(created.get(day, 0)),
-                    ended=int(n),
-                    credits=float(credits) if known and credits is not None else None,
-                )
-            )
-        return Stats(
-            by_status=by_status,
-            live=sum(by_status[s] for s in _LIVE),
-            oldest_live=_record(oldest[0]._mapping) if oldest else None,
-            per_day=per_day,
-            duration_p50=p50,
-            duration_p95=p95,
-            end_reasons=reasons,
-            credits_known=float(sum(c for _, c, k in ended.values() if k and c is not None)),
-            cost_unknown=int(sum(n - k for n, _, k in ended.values())),
-        )
-
-    def _day(self, col: Any) -> ColumnElement[Any]:
-        """The UTC calendar day of a time column (a date on PostgreSQL, 'YYYY-MM-DD' on SQLite)."""
-        if self.dialect == "postgresql":
-            return func.timezone("UTC", col).cast(Date)
-        return func.date(col)
-
-    def _seconds(self, start: Any, end: Any) -> ColumnElement[Any]:
-        if self.dialect == "postgresql":
-            return extract("epoch", end - start)
-        return (func.julianday(end) - func.julianday(start)) * 86400.0
-
-    def _filters(self, flt: SessionFilter) -> list[ColumnElement[bool]]:
-        c = sessions.c
-        conds: list[ColumnElement[bool]] = []
-        if isinstance(flt.statuses, str):
-            raise InvalidArgument(
-                "statuses must be a list of statuses, e.g. ['active'], not a string"
-            )
-        if flt.statuses:
-            conds.append(c.status.in_([_status(s) for s in flt.statuses]))
-        if flt.agent_id is not None:
-            check_text("agent_id", flt.agent_id, max_chars=NAME_LENGTH)
-            conds.append(c.agent_id == flt.agent_id)
-        if flt.created_after is not None:
-            conds.append(c.created_at >= _aware(flt.created_after, "created_after"))
-        if flt.created_before is not None:
-            conds.append(c.created_at < _aware(flt.created_before, "created_before"))
-        if not isinstance(flt.meta, Mapping):
-            raise InvalidArgument(f"meta must be a mapping of tags, not {type(flt.meta).__name__}")
-        for name, value in flt.meta.items():
-            check_text("a meta tag name", name)
-            wanted = check_text("a meta value", str(value), allow_empty=True)
-            conds.append(c.metadata[name].as_string() == wanted)
-        if flt.idle_for is not None:
-            idle_for = check_seconds("idle_for", flt.idle_for, positive=False)
-            idle_since = self.clock.now() - timedelta(seconds=idle_for)
-            conds.append(c.last_activity_at <= idle_since)
-        return conds
-
-    @_db_errors
-    async def list(
-        self,
-        flt: SessionFilter | None = None,
-        *,
-        limit: int = DEFAULT_PAGE,
-        after: str | None = None,
-        sort: str = "-created_at",
-    ) -> Page:
-        """One page of sessions matching ``flt``, in ``sort`` order (a field, ``-`` for
-        descending: see ``SORTS``); pass the page's ``next_cursor`` as ``after`` for the next."""
-        spec = _sort_spec(sort)
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
-            raise InvalidArgument(f"limit must be between 1 and {MAX_PAGE}, got {limit}")
-        stmt = select(sessions).where(*self._filters(flt or SessionFilter()))
-        if after is not None:
-            stmt = stmt.where(spec.after(*_decode_cursor(after, sort)))
-        rows = await self._fetch(stmt.order_by(*spec.order_by()).limit(limit + 1))
-        more = len(rows) > limit
-        items = [_record(r) for r in rows[:limit]]
-        cursor = (
-            _encode_cursor(sort, spec.value(rows[limit - 1]), rows[limit - 1]["id"])
-            if more
-            else None
-        )
-        return Page(items=items, next_cursor=cursor)
-
-    # --- cleanup ---------------------------------------------------------------------------------
-
-    @_db_errors
-    async def prune(
-        self,
-        *,
-        older_than: datetime,
-        batch_size: int = 1000,
-        dry_run: bool = False,
-        progress: Callable[[int], None] | None = None,
-    ) -> int:
-        """Delete ended and failed sessions (and their events) that ended before
-        ``older_than``, ``batch_size`` per transaction so writers never wait long. Returns the
-        number deleted (``dry_run``: that would be)."""
-        cutoff = _aware(older_than, "older_than")
-        if batch_size < 1:
-            raise InvalidArgument(f"batch_size must be at least 1, got {batch_size}")
-        c = sessions.c
-        old = and_(c.status.in_((_ENDED, _FAILED)), c.ended_at < cutoff)
-        if dry_run:
-            async with self._engine.connect() as conn:
-                total = int((await conn.execute(select(func.count()).where(old))).scalar_one())
-            if progress is not None:
-                progress(total)
-            return total
-        total = 0
-        while True:
-            ids = select(c.id).where(old).order_by(c.ended_at).limit(batch_size).scalar_subquery()
-
-            async def run(conn: AsyncConnection, ids: Any = ids) -> int:
-                # events go by ON DELETE CASCADE
-                return (await conn.execute(delete(sessions).where(c.id.in_(ids)))).rowcount
-
-            deleted = await self._write_statement(run)
-            total += deleted
-            if deleted and progress is not None:
-                progress(total)
-            if deleted < batch_size:
-                return total
+        return await self._writer.run(run)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -1359,20 +997,6 @@ def _clip(text: str | None) -> str | None:
     if text is None:
         return None
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
-
-
-def _key(key: int | str) -> int | str:
-    """Local ids may come as ints or digit strings; session_ids are strings."""
-    if isinstance(key, bool) or not isinstance(key, int | str):
-        raise InvalidArgument(
-            f"a session key is a local id or a session_id, not {type(key).__name__}"
-        )
-    if isinstance(key, int):
-        if not 0 < key < BIGINT:
-            raise InvalidArgument(f"a local session id is a positive 64-bit integer, got {key}")
-        return key
-    check_text("session key", key, max_chars=max(SESSION_ID_LENGTH, len(str(BIGINT))))
-    return key
 
 
 def _image_url(url: str | None) -> str | None:
@@ -1398,17 +1022,134 @@ def _lookup(uow: UnitOfWork, key: int | str) -> Row | None:
     return uow.get(key)
 
 
-def _status(value: object) -> str:
-    if isinstance(value, str) and value in _STATUS_VALUES:
-        return value
-    raise InvalidArgument(f"unknown status {value!r}: use one of {', '.join(_STATUS_VALUES)}")
+def _apply(
+    uow: UnitOfWork,
+    row: Row,
+    decide: Callable[[Row, datetime], Decision],
+    now: datetime,
+    *,
+    event: bool = True,
+) -> bool:
+    """Apply ``decide``'s decision on ``row`` to the unit of work; False: it did not apply."""
+    decision = decide(row, uow.lease_now or now)
+    if decision is None:
+        return False
+    changes, reason, detail = decision
+    _check_transition(row["status"], changes.get("status") or row["status"])
+    uow.change(
+        row, changes | {"updated_at": now}, at=now, reason=reason, detail=detail, event=event
+    )
+    return True
 
 
-def _local_id(key: str) -> int | None:
-    """The local id a string of ASCII digits names (None: not one, or out of range)."""
-    if key.isascii() and key.isdigit() and int(key) < BIGINT:
-        return int(key)
-    return None
+def _end_decision(
+    owner: str, lease: float, reason: EndReason, detail: str | None
+) -> Callable[[Row, datetime], Decision]:
+    """The claim of a manual/shutdown/orphan end: an active row, or an ending one whose lease
+    ran out, leased to ``owner``."""
+
+    def decide(row: Row, at: datetime) -> Decision:
+        lease_changes = {
+            "lease_owner": owner,
+            "lease_until": at + timedelta(seconds=lease),
+            "attempts": row["attempts"] + 1,
+            "next_attempt_at": None,
+        }
+        if row["status"] == _ACTIVE:
+            changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
+            why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
+            return changes, reason.value, _clip(why)
+        if row["status"] == _ENDING and _lease_free(row, at):
+            return lease_changes, row["end_reason"], f"lease taken over by {owner}"
+        return None
+
+    return decide
+
+
+@functools.lru_cache(maxsize=2)
+def _touch_read(lock: bool) -> Any:
+    """The windows of the active sessions among ``sids`` (what a touch's deadline needs)."""
+    c = sessions.c
+    stmt = select(c.session_id, c.idle_window, c.expires_at, c.last_activity_at).where(
+        c.session_id.in_(bindparam("sids", expanding=True)), c.status == _ACTIVE
+    )
+    return stmt.with_for_update() if lock else stmt
+
+
+# a touch: later activity and its deadline, blind but for the status and the activity it moves on
+_TOUCH_UPDATE = (
+    update(sessions)
+    .where(
+        sessions.c.session_id == bindparam("sid"),
+        sessions.c.status == _ACTIVE,
+        sessions.c.last_activity_at < bindparam("at", type_=sessions.c.last_activity_at.type),
+    )
+    .values(
+        last_activity_at=bindparam("at", type_=sessions.c.last_activity_at.type),
+        deadline=bindparam("deadline", type_=sessions.c.deadline.type),
+        updated_at=bindparam("now", type_=sessions.c.updated_at.type),
+    )
+)
+
+
+_SQLITE_TOUCH = (
+    "UPDATE sessions SET last_activity_at = ?, deadline = ?, updated_at = ?"
+    " WHERE session_id = ? AND status = 'active' AND last_activity_at < ?"
+)
+
+
+def _execute_touches(conn: Connection, params: Sequence[Row]) -> None:
+    """``_TOUCH_UPDATE`` for every row. On SQLite straight to the driver's executemany, the
+    times formatted by the column type's own bind processor (``now`` once): SQLAlchemy's
+    per-row parameter processing would cost more than SQLite's work."""
+    if conn.dialect.name != "sqlite":
+        conn.execute(_TOUCH_UPDATE, list(params))
+        return
+    fmt = sessions.c.last_activity_at.type.bind_processor(conn.dialect)
+    assert fmt is not None
+    now = fmt(params[0]["now"])
+    rows = []
+    for p in params:
+        at = fmt(p["at"])
+        rows.append((at, fmt(p["deadline"]), now, p["sid"], at))
+    conn.exec_driver_sql(_SQLITE_TOUCH, rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any:
+    """``end_many``'s UPDATE for one kind of end: the changes ``mark_ended`` makes, in SQL, built
+    once per kind (bound: ``pks`` expanding, ``owner``, ``now``, ``later``, ``reason``,
+    ``remote_status``, ``cost``)."""
+    c = sessions.c
+    values: dict[str, Any] = {
+        "status": _ENDED,
+        "ended_at": bindparam("now", type_=c.ended_at.type),
+        "end_reason": c.end_reason if keep_reason else bindparam("reason", type_=c.end_reason.type),
+        "lease_until": None,
+        "updated_at": bindparam("now", type_=c.updated_at.type),
+    }
+    if with_cost:
+        values |= {"cost": bindparam("cost", type_=c.cost.type), "next_attempt_at": None}
+    else:
+        later = bindparam("later", type_=c.next_attempt_at.type)
+        values["next_attempt_at"] = case((c.cost.is_(None), later), else_=None)
+    if with_remote:
+        values["remote_status"] = bindparam("remote_status", type_=c.remote_status.type)
+    return (
+        update(sessions)
+        .where(
+            c.id.in_(bindparam("pks", expanding=True)),
+            c.status == _ENDING,
+            c.lease_owner == bindparam("owner", type_=c.lease_owner.type),
+        )
+        .values(values)
+        .returning(*sessions.columns)
+    )
+
+
+def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
 
 
 def _lease_free(row: Row, now: datetime) -> bool:
@@ -1422,95 +1163,3 @@ def _cost_changes(row: Row, cost: float | None, now: datetime) -> Row:
     if row["cost"] is not None:
         return {"next_attempt_at": None}
     return {"next_attempt_at": now + timedelta(seconds=COST_DELAY)}
-
-
-def _rank(p: float, n: int) -> int:
-    """Nearest-rank percentile position (1-based) among ``n`` sorted values."""
-    return max(1, math.ceil(p * n))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Sort:
-    column: str | None  # None: the id
-    descending: bool
-    nullable: bool
-
-    def value(self, row: Row) -> datetime | None:
-        return None if self.column is None else cast(datetime | None, row[self.column])
-
-    def order_by(self) -> list[Any]:
-        pk = sessions.c.id
-        keys: list[Any] = []
-        if self.column is not None:
-            col = sessions.c[self.column]
-            if self.nullable:
-                keys.append(col.is_(None))  # nulls last, on both backends
-            keys.append(col.desc() if self.descending else col.asc())
-        keys.append(pk.desc() if self.descending else pk.asc())
-        return keys
-
-    def after(self, value: datetime | None, pk_value: int) -> ColumnElement[bool]:
-        """Rows strictly after (value, pk_value) in this order."""
-        pk = sessions.c.id
-        if self.column is None:
-            return pk < pk_value if self.descending else pk > pk_value
-        col = sessions.c[self.column]
-        if value is None:  # already among the nulls, which come last
-            return and_(col.is_(None), pk < pk_value if self.descending else pk > pk_value)
-        row_key = tuple_(col, pk)
-        cond = (
-            row_key < tuple_(value, pk_value)
-            if self.descending
-            else row_key > tuple_(value, pk_value)
-        )
-        return or_(cond, col.is_(None)) if self.nullable else cond
-
-
-SORTS: dict[str, _Sort] = {
-    "created_at": _Sort("created_at", False, False),
-    "-created_at": _Sort("created_at", True, False),
-    "deadline": _Sort("deadline", False, True),  # soonest due first
-    "-deadline": _Sort("deadline", True, True),
-    "last_activity_at": _Sort("last_activity_at", False, False),  # idle longest first
-    "-last_activity_at": _Sort("last_activity_at", True, False),
-    "ended_at": _Sort("ended_at", False, True),
-    "-ended_at": _Sort("ended_at", True, True),
-    "id": _Sort(None, False, False),
-    "-id": _Sort(None, True, False),
-}
-
-
-def _sort_spec(sort: str) -> _Sort:
-    try:
-        return SORTS[sort]
-    except (KeyError, TypeError):
-        raise InvalidArgument(f"unknown sort {sort!r}: use one of {', '.join(SORTS)}") from None
-
-
-def _encode_cursor(sort: str, value: datetime | None, pk: int) -> str:
-    payload = json.dumps([sort, value.isoformat() if value else None, pk], separators=(",", ":"))
-    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str, sort: str) -> tuple[datetime | None, int]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        made_for, value, pk = json.loads(raw)
-        when = datetime.fromisoformat(value) if value is not None else None
-        if not isinstance(pk, int) or (when is not None and when.tzinfo is None):
-            raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument(
-            f"invalid cursor {cursor[:40]!r}: pass the next_cursor of the previous page"
-            " unchanged, or leave it out to start from the first page"
-        ) from None
-    if made_for != sort:
-        raise InvalidArgument(
-            f"this cursor belongs to a listing sorted by {made_for!r}, not {sort!r}: keep the"
-            " sort between pages, or leave the cursor out to start over"
-        )
-    return when, pk
-
-
-def _as_date(value: Any) -> date:
-    return value if isinstance(value, date) else date.fromisoformat(str(value))

@@ -37,8 +37,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +46,7 @@ from yarl import URL
 from .client import ASPECT_RATIOS, AUDIO_SAMPLE_RATES, MAX_IMAGE_BYTES
 from .clock import SYSTEM_CLOCK, Clock
 from .records import is_secret_key
+from .resources import AsyncResource
 from .states import REMOTE_LIVE
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ class FakeSession:
         return cls(**values)
 
 
-class FakeLemonSlice:
+class FakeLemonSlice(AsyncResource):
     """An in-process LemonSlice: create (JSON and multipart, daily and livekit), get, paged list,
     terminate and the other control events; ``no_credits = True`` makes creates answer 402."""
 
@@ -340,16 +340,10 @@ class FakeLemonSlice:
         if self.state_file is not None:
             self.save_state(self.state_file)
 
-    async def __aenter__(self) -> Self:
+    async def _enter(self) -> None:
         await self.start()
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def _exit(self) -> None:
         await self.stop()
 
     @property

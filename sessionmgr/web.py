@@ -42,8 +42,8 @@ from .errors import (
 from .manager import SessionManager
 from .metrics import CONTENT_TYPE, Metrics
 from .parsing import parse_duration, parse_key_value, parse_moment
+from .queries import SORTS
 from .records import SessionFilter, SessionRecord, iso_utc, scrub, unclean_text
-from .repository import SORTS
 from .states import MANUAL_REASONS, EndReason, SessionStatus
 
 logger = logging.getLogger(__name__)

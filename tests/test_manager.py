@@ -253,3 +253,98 @@ async def test_huge_windows_are_a_typed_error_not_an_overflow(
     assert (await manager.repository.list()).items == []
     with pytest.raises(ConfigurationError):
         SessionManager(database_url="sqlite+aiosqlite://", max_age=1e308)
+
+
+# --- issue 15: a manual end reads nothing around its write transactions -----------------------
+
+
+def _statements(manager: SessionManager) -> list[str]:
+    """Every SQL statement the manager's repository sends from now on."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(" ".join(statement.split()).upper())
+
+    repo = manager.repository
+    engines = [repo.engine.sync_engine, repo.writer.sync_engine, repo._reader.sync_engine]
+    assert engines[2] is not None or repo.dialect != "sqlite", "read once first: it starts lazily"
+    for engine in engines:
+        if engine is not None:
+            event.listen(engine, "before_cursor_execute", note)
+    return seen
+
+
+async def test_a_manual_end_is_one_claim_one_terminate_one_recorded_end(
+    manager: SessionManager, lemon: FakeLemonSlice
+):
+    record = await manager.create_session(agent_id="agent_1")
+    await manager.get(record.id)  # the reader's engine exists, so its reads are seen too
+    seen = _statements(manager)
+    result = await manager.end_session(record.id)
+    seen = list(seen)
+    assert result.changed
+    assert result.message == "ended"
+    assert result.record == await manager.get(record.id)  # the record the end returned is true
+    assert result.record.status is SessionStatus.ENDED
+    # the claim's write transaction loads the row once (group commit); the end reads nothing
+    reads = [s for s in seen if s.startswith("SELECT") and "FROM SESSIONS" in s]
+    assert len(reads) == 1, seen
+    # the end's one UPDATE, RETURNING what EndResult shows (the claim's UPDATE goes straight to
+    # the driver on SQLite, so only the write transactions are counted there)
+    ends = [s for s in seen if s.startswith("UPDATE SESSIONS") and "RETURNING" in s]
+    assert len(ends) == 1, seen
+    if manager.repository.dialect == "sqlite":
+        assert seen.count("BEGIN IMMEDIATE") == 2, seen  # the claim, the end
+
+
+async def test_end_outcomes_come_from_the_claim_itself(
+    manager: SessionManager, lemon: FakeLemonSlice
+):
+    """What the claim found when it did not apply: no read before or after it."""
+    ended = await manager.create_session(agent_id="agent_1")
+    await manager.end_session(ended.id)
+    held = await manager.create_session(agent_id="agent_2")
+    assert await manager.repository.begin_end(
+        held.id, owner="other-host", lease=60, reason=EndReason.IDLE
+    )
+    intent = await manager.repository.record_intent(idle_window=60, max_age=None)
+    await manager.get(intent.id)  # the reader's engine exists, so its reads are seen too
+    seen = _statements(manager)
+    again = await manager.end_session(ended.id)
+    assert (again.changed, again.message) == (False, "already ended (manual)")
+    assert again.record.status is SessionStatus.ENDED
+    busy = await manager.end_session(held.id)
+    assert (busy.changed, busy.message) == (False, "being ended by other-host")
+    assert busy.record.lease_owner == "other-host"
+    with pytest.raises(Exception, match="still being created"):
+        await manager.end_session(intent.id)
+    with pytest.raises(SessionNotFound, match="sessionmgr list"):
+        await manager.end_session("sess_nope")
+    assert not [s for s in seen if s.startswith("UPDATE")], seen  # nothing applied
+    assert len(lemon.terminate_requests_total()) == 1  # only the first end terminated
+
+
+async def test_a_create_builds_its_request_once_and_records_what_it_sent(
+    manager: SessionManager, lemon: FakeLemonSlice, monkeypatch: pytest.MonkeyPatch
+):
+    """Validated before the intent is written, then sent as built: one build, one JSON text."""
+    from sessionmgr import client as client_module
+
+    built: list[client_module.CreateOptions] = []
+    build = client_module._build_request
+
+    def counting(options: client_module.CreateOptions) -> client_module.CreateRequest:
+        built.append(options)
+        return build(options)
+
+    monkeypatch.setattr(client_module, "_build_request", counting)
+    record = await manager.create_session(agent_id="agent_1", model="m1", agent_prompt="hi")
+    assert len(built) == 1
+    assert (record.agent_id, record.model, record.agent_prompt) == ("agent_1", "m1", "hi")
+    assert record == await manager.repository.get(record.id)  # the blind result is the row
+    with pytest.raises(ValueError, match="exactly one of"):
+        await manager.create_session(agent_id="a", agent_image_url="https://x/y.png")
+    assert len(built) == 2
+    assert len((await manager.repository.list()).items) == 1  # no intent for a bad request

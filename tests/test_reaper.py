@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from sessionmgr import EndReason, SessionStatus
 from sessionmgr.clock import FakeClock
 from sessionmgr.errors import ConfigurationError
 from sessionmgr.manager import SessionManager
+from sessionmgr.models import sessions
 from sessionmgr.reaper import Outcome, Reaper, TickResult
 from sessionmgr.reconcile import ReconcileReport
+from sessionmgr.records import SessionRecord
 from sessionmgr.testing import FakeLemonSlice, Fault
 
-from .helpers import TEST_RETRY, fast_client, wait_for
+from .helpers import TEST_RETRY, fast_client, make_manager, wait_for
 
 
 async def test_idle_sessions_end_and_touched_ones_live(
@@ -242,3 +248,81 @@ async def test_tick_and_reconcile_hooks_report_and_cannot_break_them(
     assert (await manager.reconcile()).checked == 0
     assert (await manager.reaper.run_once(dry_run=True)).due == []
     assert ticks == [(1, 1)]  # dry runs claim nothing and report nothing
+
+
+# --- issue 15: a slice's ends recorded together ------------------------------------------------
+
+
+@pytest.fixture
+async def any_manager(
+    lemon: FakeLemonSlice, clock: FakeClock, migrated_url: str
+) -> AsyncIterator[SessionManager]:
+    """A manager on each backend, its reaper driven by hand."""
+    async with make_manager(lemon, clock, migrated_url) as mgr:
+        yield mgr
+
+
+async def test_a_row_taken_over_mid_slice_is_lost_and_the_others_end_together(
+    any_manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    manager = any_manager
+    rows = [await manager.create_session(agent_id=f"agent_{i}") for i in range(4)]
+    ended: list[SessionRecord] = []
+
+    async def hook(record: SessionRecord) -> None:
+        ended.append(record)
+
+    manager.reaper.on_ended = hook
+    lemon.hold_answers("terminate", 30)
+    clock.advance(61 + manager.reaper.touch_grace)
+    tick = asyncio.create_task(manager.reaper.run_once())
+    await wait_for(lambda: len(lemon.terminate_requests_total()) == 4)
+    taken = rows[1]
+    async with manager.repository.engine.begin() as conn:  # another process took it over
+        await conn.execute(
+            update(sessions).where(sessions.c.id == taken.id).values(lease_owner="other")
+        )
+    statements = manager.reaper.ends.statements
+    lemon.release_answers("terminate")
+    result = await tick
+    assert sorted(r.id for r in result.outcomes[Outcome.ENDED]) == [
+        r.id for r in rows if r.id != taken.id
+    ]
+    assert [r.id for r in result.outcomes[Outcome.LOST]] == [taken.id]
+    assert manager.reaper.ends.statements - statements <= 2  # a slice per statement, not a row
+    row = await manager.get(taken.id)
+    assert (row.status, row.lease_owner) == (SessionStatus.ENDING, "other")
+    assert SessionStatus.ENDED not in [e.to_status for e in await manager.repository.events(row.id)]
+    # the hook got each ended record as stored, built from the bulk end's RETURNING
+    assert sorted(r.id for r in ended) == [r.id for r in rows if r.id != taken.id]
+    for record in ended:
+        assert record == await manager.get(record.id)
+        events = await manager.repository.events(record.id)
+        assert [e.to_status for e in events].count(SessionStatus.ENDED) == 1
+
+
+async def test_claims_refill_in_slices_not_a_row_per_sent_terminate(
+    manager: SessionManager, lemon: FakeLemonSlice, clock: FakeClock
+):
+    reaper = manager.reaper
+    reaper.concurrency = 4
+    reaper._slots = asyncio.Semaphore(4)
+    for i in range(40):
+        await manager.create_session(agent_id=f"agent_{i}")
+    clock.advance(61 + reaper.touch_grace)
+    claims: list[int] = []
+    real = manager.repository.claim_due
+
+    async def counted(**kw: Any) -> list[SessionRecord]:
+        got = await real(**kw)
+        claims.append(len(got))
+        return got
+
+    manager.repository.claim_due = counted  # type: ignore[method-assign]
+    result = await reaper.run_once()
+    assert len(result.ended) == 40
+    # the first claim fills 2 x concurrency; each refill waits for the unsent to fall to the
+    # concurrency and brings back at least that many
+    assert claims[0] == 8
+    assert all(n >= 4 for n in claims[:-1]), claims
+    assert len(claims) <= 1 + 40 // 4, claims

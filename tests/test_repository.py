@@ -16,8 +16,9 @@ from sqlalchemy import event, func, select
 from sessionmgr.clock import FakeClock
 from sessionmgr.errors import DatabaseError, InvalidArgument, SessionNotFound
 from sessionmgr.models import session_events
+from sessionmgr.queries import SORTS
 from sessionmgr.records import SessionFilter, SessionRecord
-from sessionmgr.repository import SORTS, SessionRepository
+from sessionmgr.repository import SessionRepository
 from sessionmgr.states import EndReason, SessionStatus
 
 ACTIVE, ENDING, ENDED = SessionStatus.ACTIVE, SessionStatus.ENDING, SessionStatus.ENDED
@@ -245,15 +246,15 @@ async def test_failed_flush_keeps_touches_for_the_next_one(
     await started(repo, "a")
     clock_of(repo).advance(7)
     repo.touch("a")
-    real_submit = repo.writer.submit
+    real_run = repo.writer.run
 
-    async def broken(op: Any) -> Any:
+    async def broken(fn: Any) -> Any:
         raise DatabaseError("disk on fire")
 
-    monkeypatch.setattr(repo.writer, "submit", broken)
+    monkeypatch.setattr(repo.writer, "run", broken)
     with pytest.raises(DatabaseError):
         await repo.flush_touches()
-    monkeypatch.setattr(repo.writer, "submit", real_submit)
+    monkeypatch.setattr(repo.writer, "run", real_run)
     assert await repo.flush_touches() == 1
     assert (await repo.get("a")).last_activity_at == repo.clock.now()
 
@@ -440,7 +441,7 @@ async def test_claim_reads_only_index_ranges(tmp_path: Path):
             if statement.startswith("UPDATE"):
                 seen.append((statement, params))
 
-        event.listen(repo.engine.sync_engine, "before_cursor_execute", capture)
+        event.listen(repo.writer.sync_engine, "before_cursor_execute", capture)
         await repo.claim_due(owner="r", limit=10, lease=LEASE)
     with sqlite3.connect(tmp_path / "plan.db") as conn:
         plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + seen[0][0], seen[0][1])]
@@ -784,3 +785,112 @@ async def test_windows_too_long_for_a_date_are_refused(repo: SessionRepository) 
     )
     assert active is not None
     assert active.deadline == kept.created_at + timedelta(seconds=ten_years)
+
+
+# --- issue 15: claims that say what they found, bulk ends --------------------------------------
+
+
+async def test_claim_end_says_what_it_found_when_it_did_not_apply(repo: SessionRepository):
+    from sessionmgr.repository import EndClaim
+
+    a, b = await started(repo, "a"), await started(repo, "b")
+    intent = await repo.record_intent(idle_window=IDLE, max_age=None)
+    first = await repo.claim_end("a", owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    assert first.claimed
+    assert first.record.status is ENDING
+    assert first.record.lease_owner == "me"
+    again = await repo.claim_end(a.id, owner="other", lease=LEASE, reason=EndReason.IDLE)
+    assert again == EndClaim(await repo.get(a.id), False)  # leased: found as it is
+    pending = await repo.claim_end(str(intent.id), owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    assert (pending.claimed, pending.record.status) == (False, PENDING)
+    assert await repo.end_many([_end(first.record.id)], owner="me")
+    ended = await repo.claim_end(a.id, owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    assert (ended.claimed, ended.record.status) == (False, ENDED)
+    with pytest.raises(SessionNotFound, match="sessionmgr list"):
+        await repo.claim_end("nope", owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    assert await repo.begin_end("nope", owner="me", lease=LEASE, reason=EndReason.MANUAL) is None
+    clock_of(repo).advance(LEASE + 1)  # a lapsed lease is taken over, reason kept
+    assert (await repo.claim_end(b.id, owner="me", lease=LEASE, reason=EndReason.MANUAL)).claimed
+    taken = await repo.claim_end(b.id, owner="new", lease=LEASE, reason=EndReason.IDLE)
+    assert taken.claimed is False  # b's lease is live (just taken)
+    clock_of(repo).advance(LEASE + 1)
+    taken = await repo.claim_end(b.id, owner="new", lease=LEASE, reason=EndReason.IDLE)
+    assert taken.claimed
+    assert taken.record.lease_owner == "new"
+    assert taken.record.end_reason is EndReason.MANUAL
+    assert await event_trail(repo, b.id) == [
+        (None, "pending"),
+        ("pending", "active"),
+        ("active", "ending"),
+        ("ending", "ending"),
+    ]
+
+
+def _end(pk: int, **kw: Any) -> Any:
+    from sessionmgr.repository import EndRequest
+
+    return EndRequest(pk, **kw)
+
+
+async def test_end_many_ends_the_slice_but_not_a_row_taken_over(repo: SessionRepository):
+    rows = [await started(repo, sid, max_age=None) for sid in ("a", "b", "c", "d")]
+    clock = clock_of(repo)
+    clock.advance(IDLE + 1)
+    claimed = await repo.claim_due(owner="me", limit=10, lease=LEASE)
+    assert sorted(r.id for r in claimed) == [r.id for r in rows]
+    clock.advance(LEASE + 1)  # my lease lapsed (say, renewals failed); another process took b
+    taken = await repo.claim_end("b", owner="other", lease=LEASE, reason=EndReason.IDLE)
+    assert taken.claimed
+    a, b, c, d = rows
+    ended = await repo.end_many(
+        [
+            _end(a.id),
+            _end(b.id),
+            _end(c.id, reason=EndReason.GONE),
+            _end(d.id, remote_status="ENDED", cost=1.5),
+        ],
+        owner="me",
+    )
+    assert sorted(ended) == [a.id, c.id, d.id]  # b is not returned: LOST, left alone
+    for pk, record in ended.items():
+        assert record == await repo.get(pk)  # built from the RETURNING, as stored
+        assert record.status is ENDED
+        assert record.ended_at == clock.now()
+        assert record.lease_until is None
+    assert ended[a.id].end_reason is EndReason.IDLE  # the reason stamped when claimed
+    assert ended[a.id].next_attempt_at is not None  # cost fetched later
+    assert ended[c.id].end_reason is EndReason.GONE
+    assert (ended[d.id].cost, ended[d.id].remote_status) == (1.5, "ENDED")
+    assert ended[d.id].next_attempt_at is None
+    still = await repo.get(b.id)
+    assert (still.status, still.lease_owner) == (ENDING, "other")
+    assert [t for _, t in await event_trail(repo, b.id)].count("ended") == 0
+    for pk in (a.id, c.id, d.id):
+        assert [t for _, t in await event_trail(repo, pk)].count("ended") == 1
+    # ending -> ended only: a second end of the same rows changes nothing
+    assert await repo.end_many([_end(a.id), _end(b.id)], owner="me") == {}
+    assert await repo.end_many([], owner="me") == {}
+
+
+async def test_a_flushed_touch_moves_the_deadline_but_never_past_max_age(repo: SessionRepository):
+    record = await started(repo, "a", idle=IDLE, max_age=100.0)
+    await started(repo, "b", idle=IDLE, max_age=None)
+    await started(repo, "c")
+    await repo.begin_end("c", owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    clock = clock_of(repo)
+    clock.advance(20)
+    repo.touch("a")
+    repo.touch("b")
+    repo.touch("c")  # ending: dropped
+    assert await repo.flush_touches() == 2
+    assert (await repo.get("a")).deadline == clock.now() + timedelta(seconds=IDLE)
+    assert (await repo.get("b")).deadline == clock.now() + timedelta(seconds=IDLE)
+    clock.advance(50)  # 70 s old: idle deadline 130 s, past its max age of 100 s
+    repo.touch("a")
+    assert await repo.flush_touches() == 1
+    touched = await repo.get("a")
+    assert touched.last_activity_at == clock.now()
+    assert touched.deadline == record.created_at + timedelta(seconds=100)
+    ending = await repo.get("c")
+    assert ending.last_activity_at == record.last_activity_at  # never touched once ending
+    assert await repo.touch_many(["a", "b", "c", "nope"]) == {"a", "b"}

@@ -33,6 +33,7 @@ from pipecat.observers.base_observer import BaseObserver, FramePushed
 from pipecat.transports.lemonslice.api import LemonSliceApi
 from pipecat.transports.lemonslice.transport import LemonSliceTransport, LemonSliceTransportClient
 
+from ..client import CreateOptions
 from ..errors import IntegrationError, SessionMgrError
 from ..manager import SessionManager
 from ..states import EndReason
@@ -100,19 +101,8 @@ class ManagedLemonSliceApi:
         api_url: str | None = None,
     ) -> dict[str, Any]:
         """Create through the manager (intent first); pipecat's answer shape."""
-        record = await self.manager.create_session(
-            agent_image_url=agent_image_url,
-            agent_id=agent_id,
-            agent_image=agent_image,
-            agent_prompt=agent_prompt,
-            idle_timeout=idle_timeout,
-            audio_sample_rate=audio_sample_rate,
-            model=model,
-            daily_room_url=daily_room_url,
-            daily_token=daily_token,
-            connection_properties=connection_properties,
-            extra_properties=extra_properties,
-            api_url=api_url,
+        record = await self.manager._create_session(
+            CreateOptions.of(locals()),
             idle_window=self.idle_window,
             max_age=self.max_age,
             metadata=self.metadata,

@@ -44,8 +44,9 @@ from sessionmgr.errors import (
 )
 from sessionmgr.manager import SessionManager
 from sessionmgr.models import NAME_LENGTH, SESSION_ID_LENGTH
+from sessionmgr.queries import SORTS
 from sessionmgr.records import SessionFilter, is_clean_text
-from sessionmgr.repository import SORTS, SessionRepository
+from sessionmgr.repository import SessionRepository
 from sessionmgr.retry import RetryPolicy
 from sessionmgr.states import SessionStatus
 from sessionmgr.testing import FakeLemonSlice

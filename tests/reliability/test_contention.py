@@ -56,7 +56,7 @@ JOBS = {
     "reap": ["reap", "--json", "--concurrency", "4"],
     "end-all": ["end-all", "--yes", "--json", "--concurrency", "4"],
     "prune": ["prune", "--older-than", "30d", "--batch-size", "3", "--json"],
-    "list": ["list", "--limit", "1000", "--json"],
+    "list": ["list", "--agent-id", "seed", "--limit", "1000", "--json"],  # the seeded rows
     "stats": ["stats", "--json"],
     "create": ["create", "--agent-id", "cli", "--idle-window", "0.2s", "--json"],
 }

@@ -340,7 +340,8 @@ class Rig:
 def spy_on_errors(client: LemonSliceClient) -> list[LemonSliceError]:
     """Record every error the client's public calls raise (the manager catches most of them)."""
     raised: list[LemonSliceError] = []
-    for name in ("create_session", "get_session", "end_session"):
+    # creates go through _send_create (the manager sends the request it validated)
+    for name in ("_send_create", "get_session", "end_session"):
         method = getattr(client, name)
 
         async def call(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
