@@ -54,6 +54,7 @@ from .records import SessionRecord
 from .repository import SessionRepository
 from .resources import AsyncResource
 from .states import REMOTE_FINAL, EndReason, SessionStatus
+from .transitions import as_row, may_control, still_creating
 
 logger = logging.getLogger(__name__)
 
@@ -622,10 +623,7 @@ class SessionManager(AsyncResource):
                     record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
                 )
             if record.status is SessionStatus.PENDING:
-                raise SessionMgrError(
-                    f"session {record.id} is still being created (pending): retry shortly, or "
-                    "run `sessionmgr reconcile` if its creator died"
-                )
+                raise SessionMgrError(still_creating(record.id))
             return EndResult(record, False, f"being ended by {record.lease_owner}")
         outcome, final = await self.reaper.end_claimed(record)
         if outcome is not Outcome.RESCHEDULED:
@@ -740,10 +738,11 @@ class SessionManager(AsyncResource):
         ended (``gone``, through a terminate, as the reaper would) and ``SessionNotLive`` raised.
         A control counts as activity (a touch)."""
         record = await self.repository.get(session_ref)
-        if record.status is not SessionStatus.ACTIVE or record.session_id is None:
+        if not may_control(as_row(record)):
             raise SessionNotLive(
                 f"session {record.id} is {record.status}: control events go to active sessions only"
             )
+        assert record.session_id is not None  # may_control says so
         try:
             await self.client.send_control_event(
                 record.session_id,

@@ -65,10 +65,10 @@ from .records import (
     Stats,
 )
 from .states import LIVE_STATUSES, EndReason, SessionStatus
+from .transitions import intent_due_sql
 from .writer import database_now
 
 LOOKUP_CHUNK = 500  # ids per SELECT ... IN (...) of known_session_ids()
-LEGACY_INTENT_SETTLE = 120.0  # seconds: an intent written without a lease counts as held this long
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -183,25 +183,13 @@ class SessionQueries:
     dialect: str
     database_clock: bool
 
-    def _intent_due(self, now: datetime, at: datetime) -> ColumnElement[bool]:
-        """Pending intents nobody holds: lease expired (and retry time come), or written without
-        a lease and older than ``LEGACY_INTENT_SETTLE``. Index ranges on (status, lease_until,
-        next_attempt_at): free when there are none."""
-        c = sessions.c
-        retry_due = or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)
-        legacy = now - timedelta(seconds=LEGACY_INTENT_SETTLE)
-        return or_(
-            and_(c.status == _PENDING, c.lease_until <= at, retry_due),
-            and_(c.status == _PENDING, c.lease_until.is_(None), c.created_at <= legacy),
-        )
-
     @_db_errors
     async def has_due_intents(self) -> bool:
         """Whether any pending intent is free to resolve (one indexed read, no write lock)."""
         now = self.clock.now()
         async with self._engine.connect() as conn:
             at = await conn.run_sync(database_now) if self.database_clock else now
-            stmt = select(sessions.c.id).where(self._intent_due(now, at)).limit(1)
+            stmt = select(sessions.c.id).where(intent_due_sql(now, at)).limit(1)
             return (await conn.execute(stmt)).first() is not None
 
     @_db_errors

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from .config import IDLE_WINDOW
 from .errors import LemonSliceError, NotFoundError
-from .queries import LEGACY_INTENT_SETTLE
 from .records import SessionRecord, iso_utc
 from .repository import COST_DELAY, COST_HORIZON
 from .states import REMOTE_FINAL, REMOTE_LIVE, EndReason, SessionStatus
+from .transitions import LEGACY_INTENT_SETTLE
 
 if TYPE_CHECKING:
     from .client import LemonSliceClient

@@ -19,11 +19,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, cast
 
 from sqlalchemy import (
-    and_,
     bindparam,
     case,
     insert,
-    or_,
     select,
     update,
 )
@@ -54,7 +52,25 @@ from .records import (
     iso_utc,
 )
 from .resources import AsyncResource
-from .states import EndReason, SessionStatus, can_transition
+from .states import EndReason, SessionStatus
+from .transitions import (
+    END_GUARD,
+    check_transition,
+    claim_changes,
+    claim_due_sql,
+    claim_reason_sql,
+    deadline,
+    intent_due_sql,
+    may_activate,
+    may_claim_end,
+    may_control,
+    may_end,
+    may_end_remote,
+    may_fail,
+    may_record_cost,
+    may_reschedule,
+    may_resolve_intent,
+)
 from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 
 logger = logging.getLogger(__name__)
@@ -72,11 +88,6 @@ _ACTIVE = SessionStatus.ACTIVE.value
 _ENDING = SessionStatus.ENDING.value
 _ENDED = SessionStatus.ENDED.value
 _FAILED = SessionStatus.FAILED.value
-
-
-def _deadline(last_activity: datetime, idle_window: float, expires_at: datetime | None) -> datetime:
-    idle_deadline = last_activity + timedelta(seconds=idle_window)
-    return idle_deadline if expires_at is None else min(idle_deadline, expires_at)
 
 
 def _check_create_fields(model: object, transport_type: object) -> None:
@@ -305,7 +316,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         from it and written blind (one conditional UPDATE, no load), its result built from it."""
         _check_remote(session_id, control_url, room_url)
         now = self.clock.now()
-        _check_transition(_PENDING, _ACTIVE)
+        check_transition(_PENDING, _ACTIVE)
         changes: Row = {
             "status": _ACTIVE,
             "session_id": session_id,
@@ -320,10 +331,10 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = uow.get(pk)
-            if row is None or row["status"] != _PENDING or uow.get(session_id) is not None:
+            if row is None or not may_activate(row) or uow.get(session_id) is not None:
                 return lambda: None  # resolved elsewhere, or that session is recorded already
-            deadline = _deadline(now, row["idle_window"], row["expires_at"])
-            uow.change(row, changes | {"deadline": deadline}, at=now, reason="created", detail=None)
+            due = deadline(now, row["idle_window"], row["expires_at"])
+            uow.change(row, changes | {"deadline": due}, at=now, reason="created", detail=None)
             snap = uow.snapshot(row)
             return lambda: _record(snap)
 
@@ -336,12 +347,12 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 if known.max_age is None
                 else known.created_at + timedelta(seconds=known.max_age)
             )
-            deadline = _deadline(now, known.idle_window, expires)
+            due = deadline(now, known.idle_window, expires)
 
             def blind(uow: UnitOfWork) -> Thunk:
                 # a row no longer pending, or a session_id recorded already (unique index),
                 # fails the batch, which is then redone op by op through ``apply``
-                full = changes | {"deadline": deadline}
+                full = changes | {"deadline": due}
                 uow.blind_change(pk, _PENDING, full, at=now, reason="created", detail=None)
                 return lambda: dataclasses.replace(
                     known, **(full | {"status": SessionStatus.ACTIVE})
@@ -356,7 +367,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         reason = EndReason(reason)
 
         def decide(row: Row) -> Decision:
-            if row["status"] != _PENDING:
+            if not may_fail(row):
                 return None
             changes = {
                 "status": _FAILED,
@@ -410,7 +421,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 "max_age": None if max_age is None else float(max_age),
                 "expires_at": expires_at,
                 "last_activity_at": now,
-                "deadline": _deadline(now, idle_window, expires_at),
+                "deadline": deadline(now, idle_window, expires_at),
                 "updated_at": now,
             }
 
@@ -420,7 +431,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 snap = uow.snapshot(existing)
                 return lambda: (_record(snap), False)
             intent = uow.get(pending_pk) if pending_pk is not None else None
-            if intent is not None and intent["status"] == _PENDING:
+            if intent is not None and may_activate(intent):
                 changes = activate(intent)
                 if agent_id is not None and intent["agent_id"] is None:
                     changes["agent_id"] = agent_id
@@ -504,8 +515,8 @@ class SessionRepository(SessionCleanup, AsyncResource):
                     active.add(sid)
                     at = times[sid]
                     if at > last:
-                        deadline = _deadline(at, window, expires_at)
-                        params.append({"sid": sid, "at": at, "deadline": deadline, "now": now})
+                        due = deadline(at, window, expires_at)
+                        params.append({"sid": sid, "at": at, "deadline": due, "now": now})
             if params:
                 _execute_touches(conn, params)
             return active, len(params)
@@ -573,7 +584,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         retry_at = _aware(retry_at, "retry_at")
 
         def decide(row: Row) -> Decision:
-            if row["status"] != _ENDING or row["lease_owner"] != owner:
+            if not may_reschedule(row, owner):
                 return None
             changes = {
                 "lease_owner": None,
@@ -602,11 +613,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         reason = EndReason(reason) if reason is not None else None
 
         def decide(row: Row, at: datetime) -> Decision:
-            if row["status"] != _ENDING:
-                return None
-            if owner is None and not _lease_free(row, at):
-                return None
-            if owner is not None and row["lease_owner"] != owner:
+            if not may_end(row, owner, at):
                 return None
             changes: Row = {
                 "status": _ENDED,
@@ -629,7 +636,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         a row missing from the answer was taken over by another process and is left alone."""
         if not ends:
             return {}
-        _check_transition(_ENDING, _ENDED)
+        check_transition(_ENDING, _ENDED)
         now = self.clock.now()
         kinds: dict[tuple[str | None, str | None, float | None], list[int]] = {}
         for end in ends:
@@ -681,9 +688,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         reason = EndReason(reason)
 
         def decide(row: Row, at: datetime) -> Decision:
-            if not (
-                row["status"] == _ACTIVE or (row["status"] == _ENDING and _lease_free(row, at))
-            ):
+            if not may_end_remote(row, at):
                 return None
             changes: Row = {
                 "status": _ENDED,
@@ -716,7 +721,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = uow.get(pk)
-            if row is None or row["status"] != _ACTIVE:
+            if row is None or not may_control(row):
                 return lambda: None
             uow.change(row, {"updated_at": now}, at=now, reason="control", detail=_clip(detail))
             snap = uow.snapshot(row)
@@ -765,30 +770,12 @@ class SessionRepository(SessionCleanup, AsyncResource):
         """claim_due's one UPDATE; ``now``: the claimer's clock (deadlines), ``at``: the lease
         clock."""
         until = at + timedelta(seconds=lease)
-        due_before = now - timedelta(seconds=grace)
         c = sessions.c
-        # Spelled as disjoint index ranges so that only due rows are read: (status, deadline)
-        # for active rows; (status, lease_until, next_attempt_at) for ending ones.
-        retry_due = or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)
-        due = or_(
-            and_(c.status == _ACTIVE, c.deadline <= due_before),
-            and_(c.status == _ENDING, c.lease_until <= at, retry_due),
-            and_(c.status == _ENDING, c.lease_until.is_(None), c.next_attempt_at.is_(None)),
-            and_(c.status == _ENDING, c.lease_until.is_(None), c.next_attempt_at <= now),
-        )
+        due = claim_due_sql(now, at, grace)
         picked = select(c.id).where(due).order_by(c.deadline, c.id).limit(limit)
         if self.dialect == "postgresql":
             picked = picked.with_for_update(skip_locked=True)
-        reason = case(
-            (
-                c.status == _ACTIVE,
-                case(
-                    (and_(c.expires_at.is_not(None), c.expires_at <= now), EndReason.MAX_AGE.value),
-                    else_=EndReason.IDLE.value,
-                ),
-            ),
-            else_=c.end_reason,
-        )
+        reason = claim_reason_sql(now)
         return (
             update(sessions)
             .where(c.id.in_(picked.scalar_subquery()))
@@ -864,7 +851,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
             at = database_now(conn) if self.database_clock else now
             picked = (
                 select(c.id)
-                .where(self._intent_due(now, at))
+                .where(intent_due_sql(now, at))
                 .order_by(c.created_at, c.id)
                 .limit(limit)
             )
@@ -895,7 +882,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         retry_at = _aware(retry_at, "retry_at") if retry_at is not None else None
 
         def decide(row: Row, at: datetime) -> Decision:
-            if row["status"] != _PENDING or row["lease_owner"] != owner:
+            if not may_resolve_intent(row, owner):
                 return None
             return {"lease_until": at, "next_attempt_at": retry_at}, None, None
 
@@ -914,20 +901,15 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = uow.get(pk)
-            if (
-                row is None
-                or row["status"] != _PENDING
-                or row["lease_owner"] != owner
-                or uow.get(session_id) is not None
-            ):
+            if row is None or not may_resolve_intent(row, owner) or uow.get(session_id) is not None:
                 return lambda: None
-            _check_transition(row["status"], _ACTIVE)
+            check_transition(row["status"], _ACTIVE)
             changes = {
                 "status": _ACTIVE,
                 "session_id": session_id,
                 "control_url": control_url,
                 "last_activity_at": now,
-                "deadline": _deadline(now, row["idle_window"], row["expires_at"]),
+                "deadline": deadline(now, row["idle_window"], row["expires_at"]),
                 "lease_owner": None,
                 "lease_until": None,
                 "next_attempt_at": None,
@@ -956,7 +938,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         retry_at = _aware(retry_at, "retry_at") if retry_at is not None else None
 
         def decide(row: Row) -> Decision:
-            if row["status"] != _ENDED:
+            if not may_record_cost(row):
                 return None
             changes: Row = {"next_attempt_at": None if cost is not None else retry_at}
             if cost is not None:
@@ -985,12 +967,6 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _check_transition(src: str, dst: str) -> None:
-    """Every status change must be one that ``states.TRANSITIONS`` declares (a bug otherwise)."""
-    if src != dst and not can_transition(SessionStatus(src), SessionStatus(dst)):
-        raise AssertionError(f"{src} -> {dst} is not a transition of the session state machine")
 
 
 def _clip(text: str | None) -> str | None:
@@ -1035,7 +1011,7 @@ def _apply(
     if decision is None:
         return False
     changes, reason, detail = decision
-    _check_transition(row["status"], changes.get("status") or row["status"])
+    check_transition(row["status"], changes.get("status") or row["status"])
     uow.change(
         row, changes | {"updated_at": now}, at=now, reason=reason, detail=detail, event=event
     )
@@ -1049,19 +1025,14 @@ def _end_decision(
     ran out, leased to ``owner``."""
 
     def decide(row: Row, at: datetime) -> Decision:
-        lease_changes = {
-            "lease_owner": owner,
-            "lease_until": at + timedelta(seconds=lease),
-            "attempts": row["attempts"] + 1,
-            "next_attempt_at": None,
-        }
+        if not may_claim_end(row, at):
+            return None
+        lease_changes = claim_changes(row, owner, at + timedelta(seconds=lease))
         if row["status"] == _ACTIVE:
             changes = {"status": _ENDING, "end_reason": reason.value, **lease_changes}
             why = f"{detail}; lease {owner}" if detail else f"lease {owner}"
             return changes, reason.value, _clip(why)
-        if row["status"] == _ENDING and _lease_free(row, at):
-            return lease_changes, row["end_reason"], f"lease taken over by {owner}"
-        return None
+        return lease_changes, row["end_reason"], f"lease taken over by {owner}"
 
     return decide
 
@@ -1135,25 +1106,12 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any
         values["next_attempt_at"] = case((c.cost.is_(None), later), else_=None)
     if with_remote:
         values["remote_status"] = bindparam("remote_status", type_=c.remote_status.type)
-    return (
-        update(sessions)
-        .where(
-            c.id.in_(bindparam("pks", expanding=True)),
-            c.status == _ENDING,
-            c.lease_owner == bindparam("owner", type_=c.lease_owner.type),
-        )
-        .values(values)
-        .returning(*sessions.columns)
-    )
+    return update(sessions).where(END_GUARD).values(values).returning(*sessions.columns)
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _lease_free(row: Row, now: datetime) -> bool:
-    return row["lease_until"] is None or row["lease_until"] <= now
 
 
 def _cost_changes(row: Row, cost: float | None, now: datetime) -> Row:
