@@ -17,7 +17,7 @@ import pytest
 from sessionmgr.clock import FakeClock
 from sessionmgr.repository import EndRequest, SessionRepository
 from sessionmgr.states import EndReason, SessionStatus
-from sessionmgr.transitions import CONDITIONS, Action, as_row, still_creating
+from sessionmgr.transitions import CONDITIONS, Action, as_row
 
 ME = "me"
 OTHER = "other"
@@ -199,10 +199,6 @@ async def test_repository_refuses_what_the_module_refuses(
         assert expected[situation] <= allowed_somewhere, situation
     if situation == "failed":
         assert not allowed_somewhere
-
-
-def test_still_creating_names_the_way_out() -> None:
-    assert "reconcile" in still_creating(7) and "7" in still_creating(7)
 
 
 def test_statuses_covered() -> None:
