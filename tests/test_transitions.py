@@ -22,6 +22,7 @@ from sessionmgr.transitions import CONDITIONS, Action, as_row
 ME = "me"
 OTHER = "other"
 LEASE = 30.0
+MANUAL, SHUTDOWN = EndReason.MANUAL, EndReason.SHUTDOWN
 SHORT = 10.0  # a lease (or idle window) the situation then lets run out
 
 _sids = itertools.count(1)
@@ -122,8 +123,8 @@ OPERATIONS: dict[Action, list[Run]] = {
     ],
     Action.FAIL: [lambda r, _c, pk: r.mark_failed(pk, reason=EndReason.CREATE_UNKNOWN)],
     Action.CLAIM_END: [
-        lambda r, _c, pk: _claimed(r.claim_end(pk, owner=ME, lease=LEASE, reason="manual")),
-        lambda r, _c, pk: _not_none(r.begin_end(pk, owner=ME, lease=LEASE, reason="shutdown")),
+        lambda r, _c, pk: _claimed(r.claim_end(pk, owner=ME, lease=LEASE, reason=MANUAL)),
+        lambda r, _c, pk: _not_none(r.begin_end(pk, owner=ME, lease=LEASE, reason=SHUTDOWN)),
     ],
     Action.RESCHEDULE: [
         lambda r, c, pk: r.reschedule(
