@@ -43,8 +43,12 @@ def check_transition(src: str, dst: str) -> None:
 
 
 def as_row(record: Any) -> dict[str, Any]:
-    """A ``SessionRecord`` as the row mapping the conditions below take."""
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    """A ``SessionRecord`` as the row mapping the conditions below take. A record does not carry
+    ``expires_at``: the column is always ``created_at + max_age`` (``record_intent``, ``adopt``)."""
+    row = {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    max_age = row["max_age"]
+    row["expires_at"] = None if max_age is None else row["created_at"] + timedelta(seconds=max_age)
+    return row
 
 
 def lease_free(row: Row, at: datetime) -> bool:
