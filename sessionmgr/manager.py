@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import EllipsisType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 from . import config
 from .checks import check_session_id
@@ -27,6 +27,7 @@ from .client import (
     TRANSPORT_TYPE,
     WAIT_TIMEOUT,
     AgentImage,
+    CreateArguments,
     CreateOptions,
     LemonSliceClient,
     RawAnswer,
@@ -350,34 +351,14 @@ class SessionManager(AsyncResource):
     async def create_session(
         self,
         *,
-        agent_image_url: str | None = None,
-        agent_id: str | None = None,
-        agent_image: Any = None,
-        agent_prompt: str | None = None,
-        idle_timeout: int | None = None,
-        audio_sample_rate: int | None = None,
-        model: str | None = None,
-        daily_room_url: str | None = None,
-        daily_token: str | None = None,
-        connection_properties: dict[str, Any] | None = None,
-        extra_properties: dict[str, Any] | None = None,
-        api_url: str | None = None,
-        transport_type: str = TRANSPORT_TYPE,
-        livekit_url: str | None = None,
-        livekit_token: str | None = None,
-        livekit_session_id: str | None = None,
-        agent_idle_prompt: str | None = None,
-        response_done_timeout: float | None = None,
-        aspect_ratio: str | None = None,
-        simulcast: bool | None = None,
-        enable_recording: bool | None = None,
-        recordings_bucket: str | None = None,
         idle_window: float | None = None,
         max_age: float | None = None,
         metadata: Mapping[str, Any] | None = None,
+        **options: Unpack[CreateArguments],
     ) -> SessionRecord:
-        """Record the intent, POST, record the answer; the same arguments as the client's
-        (pipecat 1.14's first, in its order), then what the reaper enforces and the tags.
+        """Record the intent, POST, record the answer: what the reaper enforces and the tags,
+        then the client's arguments (``CreateArguments``: pipecat 1.14's and LemonSlice's other
+        documented fields, checked by mypy).
 
         The record keeps ``model`` and ``transport_type``, never a daily or livekit token.
 
@@ -386,9 +367,8 @@ class SessionManager(AsyncResource):
         If the caller is cancelled mid-create, the create still completes in the background and
         the session is ended at once, so no one is billed for a session nobody holds.
         """
-        options = CreateOptions.of(locals())
         return await self._create_session(
-            options, idle_window=idle_window, max_age=max_age, metadata=metadata
+            CreateOptions.of(options), idle_window=idle_window, max_age=max_age, metadata=metadata
         )
 
     async def _create_session(
