@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any
 from .config import IDLE_WINDOW
 from .errors import LemonSliceError, NotFoundError
 from .records import SessionRecord, iso_utc
-from .repository import COST_DELAY, COST_HORIZON
+from .repository import COST_HORIZON
 from .states import REMOTE_FINAL, REMOTE_LIVE, EndReason, SessionStatus
-from .transitions import LEGACY_INTENT_SETTLE, as_row, intent_due, may_end_remote
+from .transitions import COST_DELAY, LEGACY_INTENT_SETTLE, as_row, intent_due, may_end_remote
 
 if TYPE_CHECKING:
     from .client import LemonSliceClient

@@ -54,12 +54,14 @@ from .records import (
 from .resources import AsyncResource
 from .states import EndReason, SessionStatus
 from .transitions import (
+    COST_DELAY,
     END_GUARD,
     check_transition,
     claim_changes,
     claim_due_sql,
     claim_reason_sql,
     deadline,
+    ended_changes,
     intent_due_sql,
     may_activate,
     may_claim_end,
@@ -76,7 +78,6 @@ from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
 logger = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 1000  # characters of a terminate error kept in last_error
-COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
 COST_HORIZON = 3600.0  # seconds after an end past which a missing cost is no longer asked for
 TRANSPORT_TYPES = (DEFAULT_TRANSPORT, "livekit")  # what a session may have been created on
 
@@ -615,15 +616,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         def decide(row: Row, at: datetime) -> Decision:
             if not may_end(row, owner, at):
                 return None
-            changes: Row = {
-                "status": _ENDED,
-                "ended_at": now,
-                "end_reason": reason.value if reason is not None else row["end_reason"],
-                "lease_until": None,
-                **_cost_changes(row, cost, now),
-            }
-            if remote_status is not None:
-                changes["remote_status"] = remote_status
+            changes = ended_changes(row, now, reason, remote_status, cost)
             return changes, changes["end_reason"], remote_status
 
         return await self._lease_transition(pk, decide)
@@ -690,15 +683,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         def decide(row: Row, at: datetime) -> Decision:
             if not may_end_remote(row, at):
                 return None
-            changes: Row = {
-                "status": _ENDED,
-                "ended_at": now,
-                "end_reason": reason.value,
-                "remote_status": remote_status,
-                "lease_until": None,
-                **_cost_changes(row, cost, now),
-            }
-            return changes, reason.value, remote_status
+            return ended_changes(row, now, reason, remote_status, cost), reason.value, remote_status
 
         return await self._lease_transition(pk, decide) is not None
 
@@ -1088,7 +1073,7 @@ def _execute_touches(conn: Connection, params: Sequence[Row]) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any:
-    """``end_many``'s UPDATE for one kind of end: the changes ``mark_ended`` makes, in SQL, built
+    """``end_many``'s UPDATE for one kind of end: ``transitions.ended_changes`` in SQL, built
     once per kind (bound: ``pks`` expanding, ``owner``, ``now``, ``later``, ``reason``,
     ``remote_status``, ``cost``)."""
     c = sessions.c
@@ -1112,12 +1097,3 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-def _cost_changes(row: Row, cost: float | None, now: datetime) -> Row:
-    """An end's cost columns: the cost when known, else its fetch scheduled ``COST_DELAY`` on."""
-    if cost is not None:
-        return {"cost": float(cost), "next_attempt_at": None}
-    if row["cost"] is not None:
-        return {"next_attempt_at": None}
-    return {"next_attempt_at": now + timedelta(seconds=COST_DELAY)}

@@ -33,6 +33,7 @@ ENDING = SessionStatus.ENDING.value
 ENDED = SessionStatus.ENDED.value
 FAILED = SessionStatus.FAILED.value
 
+COST_DELAY = 5.0  # seconds after an end before its cost is asked for (the server bills first)
 LEGACY_INTENT_SETTLE = 120.0  # seconds: an intent written without a lease counts as held this long
 
 
@@ -100,6 +101,29 @@ END_GUARD: ColumnElement[bool] = and_(
     sessions.c.status == ENDING,
     sessions.c.lease_owner == bindparam("owner", type_=sessions.c.lease_owner.type),
 )
+
+
+def ended_changes(
+    row: Row, now: datetime, reason: EndReason | None, remote_status: str | None, cost: float | None
+) -> dict[str, Any]:
+    """What an end changes (``may_end``, ``may_end_remote``): ended now, the lease dropped, the
+    reason given (None: the one stamped at the claim), the cost when known, else its fetch
+    scheduled ``COST_DELAY`` on. SQL form: the repository's ``_end_statement`` (the bulk end)."""
+    changes: dict[str, Any] = {
+        "status": ENDED,
+        "ended_at": now,
+        "end_reason": reason.value if reason is not None else row["end_reason"],
+        "lease_until": None,
+    }
+    if cost is not None:
+        changes |= {"cost": float(cost), "next_attempt_at": None}
+    elif row["cost"] is not None:
+        changes["next_attempt_at"] = None
+    else:
+        changes["next_attempt_at"] = now + timedelta(seconds=COST_DELAY)
+    if remote_status is not None:
+        changes["remote_status"] = remote_status
+    return changes
 
 
 def may_end_remote(row: Row, at: datetime) -> bool:
