@@ -1,9 +1,10 @@
 """``SessionRepository``: every session as a durable record, on SQLite or PostgreSQL.
 
-The repository is the only writer of ``status``. Each transition checks the status it expects
-(a lost race returns "not applied", never corrupts) and appends an event row in the same
-transaction. Transitions from concurrent tasks are group-committed by one writer task
-(sessionmgr/writer.py); claims and lease bookkeeping run as single statements of their own.
+The repository is the only writer of ``status``. Each transition checks the condition
+sessionmgr/transitions.py writes for it (a lost race returns "not applied", never corrupts) and
+appends an event row in the same transaction. Transitions from concurrent tasks are
+group-committed by one writer task (sessionmgr/writer.py); claims and lease bookkeeping run as
+single statements of their own.
 
 Sections: opening, transitions, claims and leases. The admin reads are in sessionmgr/queries.py
 and cleanup in sessionmgr/cleanup.py: mixins this class inherits, so callers keep one object.
