@@ -14,6 +14,7 @@ import binascii
 import dataclasses
 import functools
 import json
+import json.scanner
 import math
 import sqlite3
 from collections.abc import (
@@ -157,8 +158,24 @@ def record_from_sqlite(row: Sequence[Any]) -> SessionRecord:
             # the same text is the same (immutable) time: an untouched session has three
             values[i] = created if text == created_text else _time(text + _UTC)
     meta = values[_METADATA]
-    values[_METADATA] = {} if meta is None or meta == "{}" else dict(json.loads(meta) or {})
+    values[_METADATA] = {} if meta is None or meta == "{}" else _json_object(meta)
     return _finish(values)
+
+
+_scan_json = json.scanner.make_scanner(cast(Any, json.JSONDecoder()))  # json.loads without wrapping
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """``dict(json.loads(text) or {})``, ~3x cheaper for the JSON text SQLAlchemy writes (no
+    surrounding whitespace): the decoder's C scanner straight; anything else through
+    ``json.loads`` itself, so the result and the errors are json.loads's."""
+    try:
+        value, end = _scan_json(text, 0)
+    except StopIteration:
+        value, end = None, -1
+    if end != len(text):
+        value = json.loads(text)
+    return value if type(value) is dict else dict(value or {})
 
 
 def _finish(values: list[Any]) -> SessionRecord:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -400,3 +401,17 @@ _SAMPLE = SessionRecord(
     lease_until=None,
     metadata={"user": "u"},
 )
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"a": 1}', ' {"a": 1} ', '{"a":[1,{"b":null}],"é":"\\u00fc"}', "[]", "null", "{}"],
+)
+def test_metadata_text_decodes_as_json_loads_does(text: str) -> None:
+    assert queries._json_object(text) == dict(json.loads(text) or {})
+
+
+@pytest.mark.parametrize("text", ["{", '{"a": 1}x', ""])
+def test_bad_metadata_text_fails_as_json_loads_does(text: str) -> None:
+    with pytest.raises(json.JSONDecodeError):
+        queries._json_object(text)
