@@ -306,15 +306,23 @@ class SessionQueries:
         """Every session in ``statuses``, by id, ``batch`` rows per short query (no long read
         transaction holds back SQLite's WAL checkpoints)."""
         wanted = [SessionStatus(s).value for s in statuses]
+        params: dict[str, Any] = {f"p_status_{i}": s for i, s in enumerate(wanted)}
+        params["p_limit"] = batch
+        filters = _FilterShape(len(wanted), False, False, False, (), False)
+
+        def build() -> Select[Any]:
+            c = sessions.c
+            return (
+                select(*RECORD_COLUMNS)
+                .where(*filters.conditions(), c.id > bindparam("p_after_id", type_=Integer))
+                .order_by(c.id)
+                .limit(bindparam("p_limit", type_=Integer))
+            )
+
         last = 0
         while True:
-            stmt = (
-                select(*RECORD_COLUMNS)
-                .where(sessions.c.status.in_(wanted), sessions.c.id > last)
-                .order_by(sessions.c.id)
-                .limit(batch)
-            )
-            records = await self._read(_records(stmt))
+            params["p_after_id"] = last
+            records = await self._select_records(("iter_live", filters), build, dict(params))
             for record in records:
                 yield record
             if len(records) < batch:
