@@ -306,6 +306,8 @@ class SessionQueries:
         """Every session in ``statuses``, by id, ``batch`` rows per short query (no long read
         transaction holds back SQLite's WAL checkpoints)."""
         wanted = [SessionStatus(s).value for s in statuses]
+        if not wanted:
+            return  # no status: no session (an empty filter shape would mean any status)
         params: dict[str, Any] = {f"p_status_{i}": s for i, s in enumerate(wanted)}
         params["p_limit"] = batch
         filters = _FilterShape(len(wanted), False, False, False, (), False)

@@ -115,6 +115,7 @@ async def test_records_built_from_rows_equal_the_orm_types(repo: SessionReposito
     assert await repo.get("sess_a") == expected[1]
     live = [r async for r in repo.iter_live(statuses=list(SessionStatus))]
     assert live == expected
+    assert [r async for r in repo.iter_live(statuses=[])] == []
     assert await repo.pending_intents() == [expected[0]]
     assert await repo.ended_without_cost(["sess_a", "sess_c"]) == []
     assert await repo.ended_before(["sess_c"], T0 + timedelta(days=1)) == [expected[3]]
