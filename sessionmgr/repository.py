@@ -22,7 +22,6 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
-    insert,
     or_,
     select,
     update,
@@ -46,8 +45,18 @@ from .checks import optional_text as _optional_text
 from .cleanup import SessionCleanup
 from .clock import SYSTEM_CLOCK, Clock, is_simulated
 from .errors import InvalidArgument, SessionNotFound
-from .models import DEFAULT_TRANSPORT, NAME_LENGTH, session_events, sessions
-from .queries import LOOKUP_CHUNK, _db_errors, _key, _local_id, _record, not_found
+from .models import DEFAULT_TRANSPORT, NAME_LENGTH, sessions
+from .queries import (
+    LOOKUP_CHUNK,
+    RECORD_COLUMNS,
+    _db_errors,
+    _key,
+    _local_id,
+    _record,
+    not_found,
+    record_from_row,
+    record_from_sqlite,
+)
 from .reader import Reader
 from .records import (
     SessionRecord,
@@ -55,7 +64,7 @@ from .records import (
 )
 from .resources import AsyncResource
 from .states import EndReason, SessionStatus, can_transition
-from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now
+from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now, insert_events
 
 logger = logging.getLogger(__name__)
 
@@ -653,8 +662,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
             ended: dict[int, SessionRecord] = {}
             events: list[Row] = []
             for stmt, params, remote in statements:
-                for mapping in conn.execute(stmt, params).mappings():
-                    record = _record(cast(Mapping[str, Any], mapping))
+                for record in _returned(conn, conn.execute(stmt, params)):
                     ended[record.id] = record
                     events.append(
                         {
@@ -662,12 +670,11 @@ class SessionRepository(SessionCleanup, AsyncResource):
                             "at": now,
                             "from_status": _ENDING,
                             "to_status": _ENDED,
-                            "reason": mapping["end_reason"],
+                            "reason": _value(record.end_reason),
                             "detail": remote,
                         }
                     )
-            if events:
-                conn.execute(insert(session_events), events)
+            insert_events(conn, events)
             return ended
 
         return await self._writer.run(run)
@@ -800,31 +807,31 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 attempts=c.attempts + 1,
                 updated_at=now,
             )
-            .returning(*sessions.columns)
+            .returning(*RECORD_COLUMNS)
         )
 
     @staticmethod
     def _claimed(conn: Connection, stmt: Any, owner: str, now: datetime) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        rows = [dict(r) for r in conn.execute(stmt).mappings()]
-        if not rows:
+        records = _returned(conn, conn.execute(stmt))
+        if not records:
             return []
         events = [
             {
-                "session_pk": r["id"],
+                "session_pk": r.id,
                 "at": now,
                 # attempts is 0 until a session is first claimed (a CHECK guarantees it)
-                "from_status": _ACTIVE if r["attempts"] == 1 else _ENDING,
+                "from_status": _ACTIVE if r.attempts == 1 else _ENDING,
                 "to_status": _ENDING,
-                "reason": r["end_reason"],
-                "detail": f"claimed by {owner} (attempt {r['attempts']})",
+                "reason": _value(r.end_reason),
+                "detail": f"claimed by {owner} (attempt {r.attempts})",
             }
-            for r in rows
+            for r in records
         ]
-        conn.execute(insert(session_events), events)
+        insert_events(conn, events)
         far = datetime.max.replace(tzinfo=UTC)
-        rows.sort(key=lambda r: (r["deadline"] or far, r["id"]))
-        return [_record(r) for r in rows]
+        records.sort(key=lambda r: (r.deadline or far, r.id))
+        return records
 
     @_db_errors
     async def renew_leases(self, pks: Sequence[int], *, owner: str, lease: float) -> int:
@@ -1143,8 +1150,24 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any
             c.lease_owner == bindparam("owner", type_=c.lease_owner.type),
         )
         .values(values)
-        .returning(*sessions.columns)
+        .returning(*RECORD_COLUMNS)
     )
+
+
+def _returned(conn: Connection, result: Any) -> list[SessionRecord]:
+    """The records of a statement ``RETURNING`` the ``RECORD_COLUMNS``, each built once: on
+    SQLite from the driver's rows as they are (no per-column result processing first)."""
+    if conn.dialect.name != "sqlite":
+        return [record_from_row(r) for r in result.all()]
+    try:
+        rows = result.cursor.fetchall()
+    finally:
+        result.close()
+    return [record_from_sqlite(r) for r in rows]
+
+
+def _value(reason: EndReason | None) -> str | None:
+    return reason.value if reason is not None else None
 
 
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:

@@ -230,9 +230,7 @@ class UnitOfWork:
         self._insert_new(conn)
         self._update_changed(conn)
         self._update_blind(conn)
-        if self._events:
-            params = [{"session_pk": row["id"], **event} for row, event in self._events]
-            _executemany(conn, _EVENT_INSERT, params, tuple(params[0]))
+        insert_events(conn, [{"session_pk": row["id"], **event} for row, event in self._events])
 
     def _insert_new(self, conn: Connection) -> None:
         """One multi-row INSERT per set of columns given (NULLs need no binding)."""
@@ -334,6 +332,13 @@ def _executemany(
             return int(cursor.rowcount)
         finally:
             cursor.close()
+
+
+def insert_events(conn: Connection, events: list[Row]) -> None:
+    """One executemany of lifecycle event rows (every row with the same keys), on SQLite
+    straight on the driver."""
+    if events:
+        _executemany(conn, _EVENT_INSERT, events, tuple(events[0]))
 
 
 def _insert_rows(conn: Connection, given: tuple[str, ...], params: list[Row]) -> list[int]:
