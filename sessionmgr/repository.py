@@ -29,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import UnaryExpression
 
 from . import db
 from .checks import (
@@ -45,7 +47,7 @@ from .checks import optional_text as _optional_text
 from .cleanup import SessionCleanup
 from .clock import SYSTEM_CLOCK, Clock, is_simulated
 from .errors import InvalidArgument, SessionNotFound
-from .models import DEFAULT_TRANSPORT, NAME_LENGTH, sessions
+from .models import DEFAULT_TRANSPORT, NAME_LENGTH, parse_sqlite_time, sessions
 from .queries import (
     LOOKUP_CHUNK,
     RECORD_COLUMNS,
@@ -508,8 +510,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
             active: set[str] = set()
             params: list[Row] = []
             for chunk in _chunks(sorted(times), LOOKUP_CHUNK):
-                stmt = _touch_read(lock)
-                for sid, window, expires_at, last in conn.execute(stmt, {"sids": list(chunk)}):
+                for sid, window, expires_at, last in _touch_windows(conn, lock, chunk):
                     active.add(sid)
                     at = times[sid]
                     if at > last:
@@ -1075,12 +1076,37 @@ def _end_decision(
 
 @functools.lru_cache(maxsize=2)
 def _touch_read(lock: bool) -> Any:
-    """The windows of the active sessions among ``sids`` (what a touch's deadline needs)."""
+    """The windows of the active sessions among ``sids`` (what a touch's deadline needs).
+
+    SQLite (``lock`` False) reads the status as ``+status``, which no index serves: given
+    ``status = 'active'``, its planner chose the (status, created_at) index and scanned every
+    active row for each chunk of ids (88 ms for 10,000 touches, against 14 ms by session_id)."""
     c = sessions.c
+    status = c.status if lock else _unindexed(c.status)
     stmt = select(c.session_id, c.idle_window, c.expires_at, c.last_activity_at).where(
-        c.session_id.in_(bindparam("sids", expanding=True)), c.status == _ACTIVE
+        c.session_id.in_(bindparam("sids", expanding=True)), status == _ACTIVE
     )
     return stmt.with_for_update() if lock else stmt
+
+
+def _unindexed(column: Any) -> Any:
+    """SQLite's unary ``+``: the same value, which the planner will not look up by index."""
+    return UnaryExpression(column, operator=operators.custom_op("+"), type_=column.type)
+
+
+def _touch_windows(conn: Connection, lock: bool, sids: Sequence[str]) -> Sequence[Any]:
+    """``_touch_read``'s rows for ``sids``: on SQLite the driver's rows, fetched at once and
+    their two times parsed here (SQLAlchemy's row-by-row fetch and result processing cost more
+    than SQLite's lookups)."""
+    result = conn.execute(_touch_read(lock), {"sids": list(sids)})
+    if conn.dialect.name != "sqlite":
+        return result.all()
+    try:
+        rows = result.cursor.fetchall()
+    finally:
+        result.close()
+    parse = parse_sqlite_time
+    return [(sid, window, parse(expires), parse(last)) for sid, window, expires, last in rows]
 
 
 # a touch: later activity and its deadline, blind but for the status and the activity it moves on
