@@ -145,7 +145,8 @@ def raw_flush_ms(path: Path, ids: list[str]) -> tuple[float, float]:
         "SELECT session_id, idle_window, expires_at, last_activity_at FROM sessions"
         " WHERE session_id IN ({}) AND +status = 'active'"
     )
-    updates, flushes = [], []
+    updates: list[float] = []
+    flushes: list[float] = []
     try:
         for r in range(2 * FLUSH_ROUNDS):
             at = f"2100-01-{1 + r:02d} 00:00:00.000000"

@@ -294,10 +294,22 @@ class _Compiled:
 
     def bind(self, params: Row) -> tuple[Any, ...]:
         values = []
+        last: Any = _NOTHING  # a time bound to several columns (created, updated, activity)
+        bound: Any = None  # is formatted once
         for name, process in zip(self.names, self.processors, strict=True):
             value = params[name] if name in params else self.defaults[name]
-            values.append(process(value) if process is not None else value)
+            if process is None:
+                values.append(value)
+            elif value is last:
+                values.append(bound)
+            else:
+                values.append(process(value))
+                if type(value) is datetime:
+                    last, bound = value, values[-1]
         return tuple(values)
+
+
+_NOTHING = object()
 
 
 @functools.lru_cache(maxsize=512)
