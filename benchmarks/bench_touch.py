@@ -88,7 +88,8 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
             return updated
 
         setattr(repo, "flush_touches", counted_flush)  # noqa: B010 (instance attribute on purpose)
-        event.listen(repo.engine.sync_engine, "before_cursor_execute", count)
+        # the writer's own engine runs the flush (SQLite: its inline connection)
+        event.listen(repo.writer.sync_engine, "before_cursor_execute", count)
         rng = random.Random(1)
         touches = 0
         started = timer()
