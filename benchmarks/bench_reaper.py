@@ -75,8 +75,9 @@ async def drain(url: str, db_url: str, n: int) -> tuple[float, int, float, float
     return elapsed, len(result.ended), cpu / n * 1e6, loop_cpu / n * 1e6
 
 
-async def http_floor(url: str, n: int) -> float:
-    """n terminates of live sessions with bare aiohttp, CONCURRENCY at a time."""
+async def http_floor(url: str, n: int) -> tuple[float, float]:
+    """(seconds, loop-thread CPU us per terminate) of n terminates of live sessions with bare
+    aiohttp, CONCURRENCY at a time."""
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
         ids = [(await client.create_session(agent_id="floor"))["session_id"] for _ in range(n)]
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -90,24 +91,24 @@ async def http_floor(url: str, n: int) -> float:
                 r.raise_for_status()
                 await r.read()
 
-        started = timer()
+        started, loop_cpu = timer(), time.thread_time()
         await asyncio.gather(*(one(sid) for sid in ids))
-        return timer() - started
+        return timer() - started, (time.thread_time() - loop_cpu) / n * 1e6
 
 
-async def one_run(n: int, workdir: Path) -> tuple[float, float, float, float]:
-    """(reaper drain seconds, bare HTTP floor seconds, CPU us and loop CPU us per session)
-    against one fake server process."""
+async def one_run(n: int, workdir: Path) -> tuple[float, float, float, float, float]:
+    """(reaper drain seconds, bare HTTP floor seconds, CPU us and loop CPU us per session, the
+    floor's loop CPU us per terminate) against one fake server process."""
     db_url = f"sqlite+aiosqlite:///{workdir / 'reaper.db'}"
     with fake_server_process(FAKE_KEY, latency={"terminate": LATENCY}) as url:
         await seed(url, db_url, n)
         elapsed, ended, cpu_us, loop_us = await drain(url, db_url, n)
         state = await fake_state(url)
-        floor = await http_floor(url, n)
+        floor, floor_us = await http_floor(url, n)
     counts = [s["terminate_count"] for s in state["sessions"].values()]
     if ended != n or len(counts) != n or any(c != 1 for c in counts):
         raise SystemExit(f"drain incorrect: ended {ended}/{n}, terminate counts {set(counts)}")
-    return elapsed, floor, cpu_us, loop_us
+    return elapsed, floor, cpu_us, loop_us, floor_us
 
 
 def main() -> None:
@@ -118,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     n = 300 if args.smoke else args.sessions
     repeat = 1 if args.smoke else args.repeat
-    runs: list[tuple[float, float, float, float]] = []
+    runs: list[tuple[float, float, float, float, float]] = []
     for _ in range(repeat):
         with tempfile.TemporaryDirectory() as tmp:
             runs.append(asyncio.run(one_run(n, Path(tmp))))
@@ -126,6 +127,7 @@ def main() -> None:
     floor_s = median([r[1] for r in runs])
     cpu_us = median([r[2] for r in runs])
     loop_us = median([r[3] for r in runs])
+    floor_us = median([r[4] for r in runs])
     limit = n * LATENCY / CONCURRENCY
     ratio = floor_s / drain_s
     verdict = "(judged at full size)" if args.smoke else ("met" if ratio >= TARGET else "NOT met")
@@ -144,6 +146,7 @@ def main() -> None:
                 runs_text((r[2] for r in runs), "{:,.0f}"),
             ),
             ("  of it on the loop thread, us", f"{loop_us:,.0f}", ""),
+            ("bare aiohttp loop CPU per terminate, us", f"{floor_us:,.0f}", "(the floor's)"),
         ],
     )
     record(
@@ -158,6 +161,7 @@ def main() -> None:
             "runs_s": [r[:2] for r in runs],
             "cpu_us_per_session": cpu_us,
             "loop_cpu_us_per_session": loop_us,
+            "floor_loop_cpu_us_per_terminate": floor_us,
             "limit_over_drain": limit / drain_s,
             "ratio": ratio,
             "target": TARGET,

@@ -497,9 +497,13 @@ class SessionManager(AsyncResource):
         repo = self.repository
         keeper = self._intents
         assert keeper is not None
+        held = (intent.id,)
+        keeper.add(held)  # add/discard, not ``holding``: no context manager per create
         try:
-            async with keeper.holding(intent.id):
+            try:
                 answer = await send()
+            finally:
+                keeper.discard(held)
         except CreateOutcomeUnknown:
             logger.warning("create outcome unknown for intent %d; recovery resolves it", intent.id)
             with contextlib.suppress(SessionMgrError):  # else the lease runs out by itself

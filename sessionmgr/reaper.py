@@ -231,8 +231,12 @@ class Reaper:
     ) -> tuple[Outcome, SessionRecord | None]:
         """``finish``, also returning the row as recorded (ended or rescheduled; None when
         LOST: another process holds it now)."""
-        async with self.leases.holding(record.id):
+        pks = (record.id,)
+        self.leases.add(pks)  # add/discard, not ``holding``: no context manager per session
+        try:
             return await self._finish(record, abort=abort, on_sent=on_sent)
+        finally:
+            self.leases.discard(pks)
 
     async def _finish(
         self,
