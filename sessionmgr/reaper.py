@@ -357,13 +357,16 @@ class Reaper:
 
     async def notify_ended(self, record: SessionRecord) -> None:
         """Run ``on_ended`` for a session this process ended (here or in reconcile); a failing
-        hook is logged, never raised: a user's hook must not break the reaper."""
+        hook is logged, never raised: a user's hook must not break the reaper. A hook that
+        returns is progress too: ends are recorded in bulk ahead of their hooks, so a drain whose
+        hooks are slow (webhooks, metrics) must not read as stale while they complete."""
         if self.on_ended is None:
             return
         try:
             await self.on_ended(record)
         except Exception:
             logger.exception("on_ended hook failed for session %s", record.session_id)
+        self._progress()
 
     # --- one tick --------------------------------------------------------------------------
 

@@ -448,14 +448,15 @@ async def test_healthz_tracks_the_reaper(
 async def test_healthz_stays_healthy_through_a_drain_longer_than_its_limit(
     lemon: FakeLemonSlice, clock: FakeClock, db_url: str
 ) -> None:
-    """The heartbeat follows each end, so a drain of many slow ends never reads as stale."""
-    ended = asyncio.Queue[SessionRecord]()
-    go_on = asyncio.Event()
+    """The heartbeat follows each end and each ``on_ended`` hook, so a drain of many slow ends
+    never reads as stale (ends are recorded in bulk, ahead of their hooks: here the hooks are
+    what takes 60 s of the fake clock, one at a time)."""
+    ended = asyncio.Queue[tuple[SessionRecord, asyncio.Event]]()
 
     async def each_end(record: SessionRecord) -> None:
-        await ended.put(record)
-        await go_on.wait()
-        go_on.clear()
+        release = asyncio.Event()
+        await ended.put((record, release))
+        await release.wait()
 
     async with (
         make_manager(
@@ -474,10 +475,10 @@ async def test_healthz_stays_healthy_through_a_drain_longer_than_its_limit(
             await manager.create_session(agent_id=f"a{n}")
         clock.advance(61)
         for _ in range(6):  # one tick, 6 ends 10 s apart: 60 s, four times the 15 s limit
-            await asyncio.wait_for(ended.get(), 10)
+            _, release = await asyncio.wait_for(ended.get(), 10)
             assert (await api.get("/healthz")).status == 200
             clock.advance(10)
-            go_on.set()
+            release.set()
         await wait_for(lambda: manager.reaper.heartbeat.ticks >= 2)
 
 
