@@ -191,16 +191,22 @@ def _records(stmt: Select[Any]) -> Callable[[Connection], list[SessionRecord]]:
     driver's rows are taken as they are (``CursorResult.cursor``) and converted once, here."""
 
     def read(conn: Connection) -> list[SessionRecord]:
-        result = conn.execute(stmt)
-        if conn.dialect.name != "sqlite":
-            return [record_from_row(r) for r in result.all()]
-        try:
-            rows = result.cursor.fetchall()
-        finally:
-            result.close()
-        return [record_from_sqlite(r) for r in rows]
+        return records_of(conn, conn.execute(stmt))
 
     return read
+
+
+def records_of(conn: Connection, result: Any) -> list[SessionRecord]:
+    """The records of a result whose columns are ``RECORD_COLUMNS`` (a SELECT, or a write's
+    ``RETURNING``), each built once: on SQLite from the driver's rows as they are, with no
+    per-column result processing first."""
+    if conn.dialect.name != "sqlite":
+        return [record_from_row(r) for r in result.all()]
+    try:
+        rows = result.cursor.fetchall()
+    finally:
+        result.close()
+    return [record_from_sqlite(r) for r in rows]
 
 
 class SessionQueries:

@@ -56,8 +56,7 @@ from .queries import (
     _local_id,
     _record,
     not_found,
-    record_from_row,
-    record_from_sqlite,
+    records_of,
 )
 from .reader import Reader
 from .records import (
@@ -663,7 +662,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
             ended: dict[int, SessionRecord] = {}
             events: list[Row] = []
             for stmt, params, remote in statements:
-                for record in _returned(conn, conn.execute(stmt, params)):
+                for record in records_of(conn, conn.execute(stmt, params)):
                     ended[record.id] = record
                     events.append(
                         {
@@ -786,7 +785,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
     @staticmethod
     def _claimed(conn: Connection, stmt: Any, owner: str, now: datetime) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        records = _returned(conn, conn.execute(stmt))
+        records = records_of(conn, conn.execute(stmt))
         if not records:
             return []
         events = [
@@ -1125,18 +1124,6 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any
     if with_remote:
         values["remote_status"] = bindparam("remote_status", type_=c.remote_status.type)
     return update(sessions).where(END_GUARD).values(values).returning(*RECORD_COLUMNS)
-
-
-def _returned(conn: Connection, result: Any) -> list[SessionRecord]:
-    """The records of a statement ``RETURNING`` the ``RECORD_COLUMNS``, each built once: on
-    SQLite from the driver's rows as they are (no per-column result processing first)."""
-    if conn.dialect.name != "sqlite":
-        return [record_from_row(r) for r in result.all()]
-    try:
-        rows = result.cursor.fetchall()
-    finally:
-        result.close()
-    return [record_from_sqlite(r) for r in rows]
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))
