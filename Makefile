@@ -44,7 +44,7 @@ BENCHES := bench_repository bench_create bench_end bench_reaper bench_touch benc
 bench: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b || exit 1; done
 	@$(BIN)/python -m benchmarks.bench_create --wide
-	@if [ -n "$$SESSIONMGR_TEST_POSTGRES_URL" ]; then $(BIN)/python -m benchmarks.bench_create --postgres "$$SESSIONMGR_TEST_POSTGRES_URL"; fi
+	@if [ -n "$$SESSIONMGR_TEST_POSTGRES_URL" ]; then $(BIN)/python -m benchmarks.bench_create --postgres "$$SESSIONMGR_TEST_POSTGRES_URL" && $(BIN)/python -m benchmarks.bench_reaper --postgres "$$SESSIONMGR_TEST_POSTGRES_URL"; fi
 	@$(BIN)/python -m benchmarks.summary
 
 # Every benchmark at a tiny size, in seconds, so the suite never rots (part of `make test`).

@@ -13,7 +13,7 @@
 
 Big tables are filled with raw sqlite3 ``executemany`` into a migrated file.
 
-    python -m benchmarks.bench_repository [--smoke]
+    python -m benchmarks.bench_repository [--smoke] [--only writes|claims|stats|list]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import asyncio
 import json
 import sqlite3
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -298,9 +299,11 @@ async def tick_time(path: Path, runs: int) -> float:
 Call = Callable[[SessionRepository], Awaitable[object]]
 
 
-async def versus_raw(path: Path, call: Call, runs: int) -> tuple[float, float, float]:
+async def versus_raw(path: Path, call: Call, runs: int) -> dict[str, float]:
     """Median seconds of ``call(repo)``, of the same SELECTs through raw sqlite3, and through
-    bare aiosqlite: the floor of any asyncio access (every call hops to the driver's thread)."""
+    bare aiosqlite (the floor of any asyncio access: every call hops to the driver's thread),
+    the three alternating call by call so a busy machine slows them alike; and the repository
+    call's CPU: on the event-loop thread and in the whole process (the read threads too)."""
     repo = await SessionRepository.open(_url(path), clock=FakeClock(NOW))
     captured: list[tuple[str, Any]] = []
 
@@ -308,41 +311,53 @@ async def versus_raw(path: Path, call: Call, runs: int) -> tuple[float, float, f
         if statement.lstrip().upper().startswith("SELECT"):
             captured.append((statement, params))
 
+    conn = _raw(path)
     try:
         await call(repo)  # warm the statement cache and the page cache
-        # the reads' own engine on SQLite (sessionmgr/reader.py), made by the first read
+        # the reads' own engine on SQLite (sessionmgr/reader.py), made by the first read, and
+        # its prepared SELECTs, which run on the driver without SQLAlchemy
         engine = repo._reader.sync_engine or repo.engine.sync_engine
         event.listen(engine, "before_cursor_execute", capture)
+        repo._reader.trace = lambda sql, args: captured.append((sql, tuple(args)))
         await call(repo)
         event.remove(engine, "before_cursor_execute", capture)
+        repo._reader.trace = None
         assert captured, "no SELECT captured"
-        repo_times = []
-        for _ in range(runs):
-            started = timer()
-            await call(repo)
-            repo_times.append(timer() - started)
-    finally:
-        await repo.close()
-    conn = _raw(path)
-    raw_times = []
-    for _ in range(runs):
-        started = timer()
-        conn.execute("BEGIN")
-        for statement, params in captured:
-            conn.execute(statement, params).fetchall()
-        conn.execute("COMMIT")
-        raw_times.append(timer() - started)
-    conn.close()
-    floor_times = []
-    async with aiosqlite.connect(path, isolation_level=None) as aconn:
-        for _ in range(runs):
-            started = timer()
-            await aconn.execute("BEGIN")
+
+        def raw_call() -> None:
+            conn.execute("BEGIN")
             for statement, params in captured:
-                await (await aconn.execute(statement, params)).fetchall()
-            await aconn.execute("COMMIT")
-            floor_times.append(timer() - started)
-    return median(repo_times), median(raw_times), median(floor_times)
+                conn.execute(statement, params).fetchall()
+            conn.execute("COMMIT")
+
+        times: dict[str, list[float]] = {"repo": [], "raw": [], "floor": []}
+        loop_cpu = process_cpu = 0.0
+        async with aiosqlite.connect(path, isolation_level=None) as aconn:
+            for _ in range(runs):
+                cpu_loop, cpu_all, started = time.thread_time(), time.process_time(), timer()
+                await call(repo)
+                times["repo"].append(timer() - started)
+                loop_cpu += time.thread_time() - cpu_loop
+                process_cpu += time.process_time() - cpu_all
+                started = timer()
+                raw_call()
+                times["raw"].append(timer() - started)
+                started = timer()
+                await aconn.execute("BEGIN")
+                for statement, params in captured:
+                    await (await aconn.execute(statement, params)).fetchall()
+                await aconn.execute("COMMIT")
+                times["floor"].append(timer() - started)
+    finally:
+        conn.close()
+        await repo.close()
+    return {
+        "repo": median(times["repo"]),
+        "raw": median(times["raw"]),
+        "floor": median(times["floor"]),
+        "loop_cpu": loop_cpu / runs,
+        "process_cpu": process_cpu / runs,
+    }
 
 
 async def _stats(repo: SessionRepository) -> object:
@@ -359,66 +374,132 @@ async def _list_active(repo: SessionRepository) -> object:
 # --- main ----------------------------------------------------------------------------------------
 
 
-async def main(smoke: bool) -> dict[str, float]:
+PARTS = ("writes", "claims", "stats", "list")
+
+
+async def main(smoke: bool, only: str | None = None) -> dict[str, float]:
+    """Every part (``only``: that one alone, printed and not recorded in results.json)."""
     size = SMOKE if smoke else FULL
     mode = "smoke" if smoke else "full"
-    with tempfile.TemporaryDirectory(prefix="bench_repository_") as tmp:
-        base = Path(tmp)
-        figures: dict[str, float] = {}
-        raw, trivial, naive, limit, rate, per_txn = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        # Rounds alternate the contenders and keep each one's best, so a busy machine slows
-        # them alike instead of whichever happened to run during the burst.
-        for r in range(WRITE_ROUNDS[mode]):
-            for name in ("raw", "limit", "naive", "repo"):
-                await _migrated(base / f"{name}{r}.db")
-            raw = max(raw, raw_rate(base / f"raw{r}.db", size["raw"]))
-            limit = max(limit, batched_limit_rate(base / f"limit{r}.db", size["sessions"]))
-            trivial = max(trivial, trivial_rate(base / f"trivial{r}.db", size["raw"]))
-            naive = max(naive, await naive_rate(base / f"naive{r}.db", size["naive"]))
-            r_rate, r_per_txn = await repository_rate(base / f"repo{r}.db", size["sessions"])
-            if r_rate > rate:
-                rate, per_txn = r_rate, r_per_txn
-        figures["raw_sqlite3_txn_per_s"] = raw
-        figures["raw_sqlite3_trivial_txn_per_s"] = trivial
-        figures["naive_sqlalchemy_writes_per_s"] = naive
-        figures["repository_transitions_per_s"] = rate
-        figures["repository_ops_per_transaction"] = per_txn
-        figures["raw_sqlite3_batched_transitions_per_s"] = limit
-        figures["write_ratio"] = rate / limit
-        for name in ("small", "big"):
-            await _migrated(base / f"{name}.db")
-
-        _populate(base / "small.db", size["small"])
-        _populate(base / "big.db", size["big"])
-        small = await claim_time(base / "small.db", CLAIM_RUNS[mode])
-        big = await claim_time(base / "big.db", CLAIM_RUNS[mode])
-        figures["claim_small_ms"] = small * 1000
-        figures["claim_big_ms"] = big * 1000
-        figures["claim_ratio"] = big / small
-        tick_small = await tick_time(base / "small.db", CLAIM_RUNS[mode])
-        tick_big = await tick_time(base / "big.db", CLAIM_RUNS[mode])
-        figures["tick_small_ms"] = tick_small * 1000
-        figures["tick_big_ms"] = tick_big * 1000
-        figures["tick_ratio"] = tick_big / tick_small
-
-        repo_stats, raw_stats, _ = await versus_raw(base / "big.db", _stats, STATS_RUNS[mode])
-        figures["stats_repository_ms"] = repo_stats * 1000
-        figures["stats_raw_sqlite3_ms"] = raw_stats * 1000
-        figures["stats_ratio"] = repo_stats / raw_stats
-        repo_list, raw_list, floor_list = await versus_raw(
-            base / "big.db", _list_active, LIST_RUNS[mode]
-        )
-        figures["list_repository_ms"] = repo_list * 1000
-        figures["list_raw_sqlite3_ms"] = raw_list * 1000
-        figures["list_aiosqlite_ms"] = floor_list * 1000
-        figures["list_ratio"] = repo_list / raw_list
+    parts = [only] if only else list(PARTS)
+    figures: dict[str, float] = {}
+    rows: list[tuple[str, str, str]] = []
 
     def verdict(ok: bool, target: str) -> str:
         if smoke:  # tiny tables measure fixed overheads, not the targets
             return f"{target} (judged at full size)"
         return f"{target} {'ok' if ok else 'MISSED'}"
 
-    rows = [
+    with tempfile.TemporaryDirectory(prefix="bench_repository_") as tmp:
+        base = Path(tmp)
+        if "writes" in parts:
+            rows += await _writes(base, size, mode, figures)
+        if parts != ["writes"]:
+            for name in ("small", "big"):
+                await _migrated(base / f"{name}.db")
+            if "claims" in parts:
+                _populate(base / "small.db", size["small"])
+            _populate(base / "big.db", size["big"])
+        if "claims" in parts:
+            small = await claim_time(base / "small.db", CLAIM_RUNS[mode])
+            big = await claim_time(base / "big.db", CLAIM_RUNS[mode])
+            figures["claim_small_ms"] = small * 1000
+            figures["claim_big_ms"] = big * 1000
+            figures["claim_ratio"] = big / small
+            tick_small = await tick_time(base / "small.db", CLAIM_RUNS[mode])
+            tick_big = await tick_time(base / "big.db", CLAIM_RUNS[mode])
+            figures["tick_small_ms"] = tick_small * 1000
+            figures["tick_big_ms"] = tick_big * 1000
+            figures["tick_ratio"] = tick_big / tick_small
+            rows += [
+                (f"claim_due, {size['small']:,} rows, ms", f"{small * 1000:.3f}", ""),
+                (f"claim_due, {size['big']:,} rows, ms", f"{big * 1000:.3f}", ""),
+                (
+                    "claim big / small",
+                    f"{figures['claim_ratio']:.2f}",
+                    verdict(figures["claim_ratio"] <= CLAIM_TARGET, f"<= {CLAIM_TARGET}"),
+                ),
+                (f"reaper tick, {size['small']:,} rows, ms", f"{tick_small * 1000:.3f}", ""),
+                (f"reaper tick, {size['big']:,} rows, ms", f"{tick_big * 1000:.3f}", ""),
+                (
+                    "reaper tick big / small",
+                    f"{figures['tick_ratio']:.2f}",
+                    verdict(figures["tick_ratio"] <= CLAIM_TARGET, f"<= {CLAIM_TARGET}"),
+                ),
+            ]
+        if "stats" in parts:
+            st = await versus_raw(base / "big.db", _stats, STATS_RUNS[mode])
+            figures["stats_repository_ms"] = st["repo"] * 1000
+            figures["stats_raw_sqlite3_ms"] = st["raw"] * 1000
+            figures["stats_ratio"] = st["repo"] / st["raw"]
+            rows += [
+                (f"stats, {size['big']:,} rows, repository ms", f"{st['repo'] * 1000:.1f}", ""),
+                (f"stats, {size['big']:,} rows, raw sqlite3 ms", f"{st['raw'] * 1000:.1f}", ""),
+                (
+                    "stats repository / raw",
+                    f"{figures['stats_ratio']:.2f}",
+                    verdict(figures["stats_ratio"] <= STATS_TARGET, f"<= {STATS_TARGET}"),
+                ),
+            ]
+        if "list" in parts:
+            ls = await versus_raw(base / "big.db", _list_active, LIST_RUNS[mode])
+            figures["list_repository_ms"] = ls["repo"] * 1000
+            figures["list_raw_sqlite3_ms"] = ls["raw"] * 1000
+            figures["list_aiosqlite_ms"] = ls["floor"] * 1000
+            figures["list_ratio"] = ls["repo"] / ls["raw"]
+            figures["list_loop_cpu_ms"] = ls["loop_cpu"] * 1000
+            figures["list_process_cpu_ms"] = ls["process_cpu"] * 1000
+            what = f"list active limit 50, {size['big']:,} rows"
+            rows += [
+                (f"{what}, repository ms", f"{ls['repo'] * 1000:.3f}", ""),
+                (f"{what}, raw ms", f"{ls['raw'] * 1000:.3f}", ""),
+                (
+                    f"{what}, bare aiosqlite ms",
+                    f"{ls['floor'] * 1000:.3f}",
+                    "(the floor of async access)",
+                ),
+                (
+                    "list repository: CPU ms per call, loop thread / process",
+                    f"{ls['loop_cpu'] * 1000:.3f} / {ls['process_cpu'] * 1000:.3f}",
+                    "(where the time goes)",
+                ),
+                (
+                    "list repository / raw",
+                    f"{figures['list_ratio']:.2f}",
+                    verdict(figures["list_ratio"] <= LIST_TARGET, f"P4 <= {LIST_TARGET}"),
+                ),
+            ]
+    print_table(f"repository ({mode}{', ' + only if only else ''})", rows)
+    if only is None:
+        record("repository", {**figures, "sizes": size, "writers": WRITERS}, smoke=smoke)
+    return figures
+
+
+async def _writes(
+    base: Path, size: dict[str, int], mode: str, figures: dict[str, float]
+) -> list[tuple[str, str, str]]:
+    """Part 1, the write rates (see the module docstring); its rows of the table."""
+    raw, trivial, naive, limit, rate, per_txn = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    # Rounds alternate the contenders and keep each one's best, so a busy machine slows
+    # them alike instead of whichever happened to run during the burst.
+    for r in range(WRITE_ROUNDS[mode]):
+        for name in ("raw", "limit", "naive", "repo"):
+            await _migrated(base / f"{name}{r}.db")
+        raw = max(raw, raw_rate(base / f"raw{r}.db", size["raw"]))
+        limit = max(limit, batched_limit_rate(base / f"limit{r}.db", size["sessions"]))
+        trivial = max(trivial, trivial_rate(base / f"trivial{r}.db", size["raw"]))
+        naive = max(naive, await naive_rate(base / f"naive{r}.db", size["naive"]))
+        r_rate, r_per_txn = await repository_rate(base / f"repo{r}.db", size["sessions"])
+        if r_rate > rate:
+            rate, per_txn = r_rate, r_per_txn
+    figures["raw_sqlite3_txn_per_s"] = raw
+    figures["raw_sqlite3_trivial_txn_per_s"] = trivial
+    figures["naive_sqlalchemy_writes_per_s"] = naive
+    figures["repository_transitions_per_s"] = rate
+    figures["repository_ops_per_transaction"] = per_txn
+    figures["raw_sqlite3_batched_transitions_per_s"] = limit
+    figures["write_ratio"] = rate / limit
+    return [
         ("raw sqlite3, single-row txn/s", f"{raw:,.0f}", "(the same row in sessions)"),
         ("raw sqlite3, trivial table txn/s", f"{trivial:,.0f}", "(id + text: context only)"),
         ("naive SQLAlchemy, writes/s", f"{naive:,.0f}", "(one transaction per write)"),
@@ -433,58 +514,17 @@ async def main(smoke: bool) -> dict[str, float]:
             "(the limit)",
         ),
         ("repository / limit", f"{figures['write_ratio']:.2f}", "(report)"),
-        (f"claim_due, {size['small']:,} rows, ms", f"{small * 1000:.3f}", ""),
-        (f"claim_due, {size['big']:,} rows, ms", f"{big * 1000:.3f}", ""),
-        (
-            "claim big / small",
-            f"{figures['claim_ratio']:.2f}",
-            verdict(figures["claim_ratio"] <= CLAIM_TARGET, f"<= {CLAIM_TARGET}"),
-        ),
-        (f"reaper tick, {size['small']:,} rows, ms", f"{tick_small * 1000:.3f}", ""),
-        (f"reaper tick, {size['big']:,} rows, ms", f"{tick_big * 1000:.3f}", ""),
-        (
-            "reaper tick big / small",
-            f"{figures['tick_ratio']:.2f}",
-            verdict(figures["tick_ratio"] <= CLAIM_TARGET, f"<= {CLAIM_TARGET}"),
-        ),
-        (f"stats, {size['big']:,} rows, repository ms", f"{repo_stats * 1000:.1f}", ""),
-        (f"stats, {size['big']:,} rows, raw sqlite3 ms", f"{raw_stats * 1000:.1f}", ""),
-        (
-            "stats repository / raw",
-            f"{figures['stats_ratio']:.2f}",
-            verdict(figures["stats_ratio"] <= STATS_TARGET, f"<= {STATS_TARGET}"),
-        ),
-        (
-            f"list active limit 50, {size['big']:,} rows, repository ms",
-            f"{repo_list * 1000:.2f}",
-            "",
-        ),
-        (f"list active limit 50, {size['big']:,} rows, raw ms", f"{raw_list * 1000:.2f}", ""),
-        (
-            f"list active limit 50, {size['big']:,} rows, bare aiosqlite ms",
-            f"{floor_list * 1000:.2f}",
-            "(the floor of async access)",
-        ),
-        (
-            "list repository / raw",
-            f"{figures['list_ratio']:.2f}",
-            verdict(figures["list_ratio"] <= LIST_TARGET, f"P4 <= {LIST_TARGET}"),
-        ),
     ]
-    print_table(f"repository ({mode})", rows)
-    record(
-        "repository",
-        {**figures, "sizes": size, "writers": WRITERS},
-        smoke=smoke,
-    )
-    return figures
 
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, finishes in seconds")
+    parser.add_argument(
+        "--only", choices=PARTS, help="run this part alone (printed, not recorded in results.json)"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.smoke))
+    asyncio.run(main(args.smoke, args.only))
 
 
 if __name__ == "__main__":

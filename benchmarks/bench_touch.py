@@ -88,7 +88,8 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
             return updated
 
         setattr(repo, "flush_touches", counted_flush)  # noqa: B010 (instance attribute on purpose)
-        event.listen(repo.engine.sync_engine, "before_cursor_execute", count)
+        # the writer's own engine runs the flush (SQLite: its inline connection)
+        event.listen(repo.writer.sync_engine, "before_cursor_execute", count)
         rng = random.Random(1)
         touches = 0
         started = timer()
@@ -131,26 +132,37 @@ async def flush_ms(db_url: str, ids: list[str]) -> list[float]:
     return times
 
 
-def raw_flush_ms(path: Path, ids: list[str]) -> float:
-    """The median milliseconds of raw sqlite3 writing the same UPDATE for every session."""
+def raw_flush_ms(path: Path, ids: list[str]) -> tuple[float, float]:
+    """The median milliseconds of raw sqlite3 writing the same UPDATE for every session, and of
+    it doing the whole flush's statements: the same read of the windows (500 ids per SELECT, as
+    the repository's) then the same UPDATEs."""
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA synchronous=NORMAL")
-    times = []
+    update = (
+        "UPDATE sessions SET last_activity_at = ?, deadline = ?, updated_at = ?"
+        " WHERE session_id = ? AND status = 'active' AND last_activity_at < ?"
+    )
+    read = (
+        "SELECT session_id, idle_window, expires_at, last_activity_at FROM sessions"
+        " WHERE session_id IN ({}) AND +status = 'active'"
+    )
+    updates: list[float] = []
+    flushes: list[float] = []
     try:
-        for r in range(FLUSH_ROUNDS):
-            at = f"2100-01-01 00:00:{r:02d}.000000"
+        for r in range(2 * FLUSH_ROUNDS):
+            at = f"2100-01-{1 + r:02d} 00:00:00.000000"
             started = timer()
             con.execute("BEGIN IMMEDIATE")
-            con.executemany(
-                "UPDATE sessions SET last_activity_at = ?, deadline = ?, updated_at = ?"
-                " WHERE session_id = ? AND status = 'active' AND last_activity_at < ?",
-                [(at, at, at, sid, at) for sid in ids],
-            )
+            if r % 2:
+                for i in range(0, len(ids), 500):
+                    chunk = sorted(ids)[i : i + 500]
+                    con.execute(read.format(",".join("?" * len(chunk))), chunk).fetchall()
+            con.executemany(update, [(at, at, at, sid, at) for sid in ids])
             con.execute("COMMIT")
-            times.append((timer() - started) * 1000)
+            (flushes if r % 2 else updates).append((timer() - started) * 1000)
     finally:
         con.close()
-    return median(times)
+    return median(updates), median(flushes)
 
 
 def main() -> None:
@@ -169,7 +181,7 @@ def main() -> None:
             asyncio.run(run(db_url, ids, seconds)) for _ in range(1 if args.smoke else args.repeat)
         ]
         flushes = asyncio.run(flush_ms(db_url, ids))
-        raw_ms = raw_flush_ms(Path(tmp) / "touch.db", ids)
+        raw_ms, raw_all_ms = raw_flush_ms(Path(tmp) / "touch.db", ids)
     # the run with the median rate stands for all; the worst write ratio of any run is kept
     figures = sorted(runs, key=lambda f: f["touches_per_s"])[len(runs) // 2]
     figures["runs_touches_per_s"] = [f["touches_per_s"] for f in runs]
@@ -179,6 +191,7 @@ def main() -> None:
     figures["flush_ms"] = median(flushes)
     figures["runs_flush_ms"] = flushes
     figures["raw_flush_ms"] = raw_ms
+    figures["raw_read_flush_ms"] = raw_all_ms
     rate_ok = figures["touches_per_s"] >= RATE_TARGET
     writes_ok = figures["max_writes_per_session_per_flush"] <= WRITES_TARGET
     flush_ok = figures["flush_ms"] <= FLUSH_TARGET_MS
@@ -211,6 +224,7 @@ def main() -> None:
                 + runs_text(flushes, "{:.1f}"),
             ),
             ("  raw sqlite3, the same UPDATEs, ms", f"{raw_ms:.1f}", "the floor"),
+            ("  raw sqlite3, the same read and UPDATEs, ms", f"{raw_all_ms:.1f}", "the same work"),
         ],
     )
     record(

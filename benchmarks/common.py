@@ -10,9 +10,10 @@ import contextlib
 import json
 import os
 import platform
+import secrets
 import statistics
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -63,3 +64,32 @@ def timer() -> float:
 
 def runs_text(values: Iterable[float], fmt: str = "{:.3f}") -> str:
     return "runs: " + ", ".join(fmt.format(v) for v in values)
+
+
+@contextlib.asynccontextmanager
+async def scratch_postgres(server_url: str) -> AsyncIterator[str]:
+    """A database of its own on the PostgreSQL server ``server_url`` names, dropped afterwards:
+    a benchmark never writes into, or empties, a database it did not make."""
+    import asyncpg  # type: ignore[import-untyped]
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"sessionmgr_bench_{secrets.token_hex(4)}"
+    admin = url.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False
+    )
+
+    async def run(sql: str) -> None:
+        conn = await asyncpg.connect(admin, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    await run(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(drivername="postgresql+asyncpg", database=name).render_as_string(
+            hide_password=False
+        )
+    finally:
+        await run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

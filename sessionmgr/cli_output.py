@@ -9,7 +9,7 @@ import io
 import json
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -22,7 +22,8 @@ from rich.text import Text
 
 from .reconcile import ReconcileReport
 from .records import SessionEvent, SessionRecord, iso_utc
-from .states import EndReason, SessionStatus
+from .states import SessionStatus
+from .transitions import as_row, claim_reason
 
 WIDE_WIDTH = 10_000  # columns: effectively unlimited, for --wide
 COLUMN_GAP = 2  # blanks between table columns
@@ -321,11 +322,8 @@ def records_csv(records: Sequence[SessionRecord]) -> str:
 
 
 def due_reason(record: SessionRecord, now: datetime) -> str:
-    if record.end_reason:
-        return str(record.end_reason)
-    if record.max_age is not None and record.created_at + timedelta(seconds=record.max_age) <= now:
-        return EndReason.MAX_AGE.value
-    return EndReason.IDLE.value
+    """The reason the reaper's claim would stamp (``transitions.claim_reason``)."""
+    return str(claim_reason(as_row(record), now))
 
 
 def _idle_at(record: SessionRecord, now: datetime) -> str:

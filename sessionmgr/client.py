@@ -38,7 +38,7 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, ClassVar, Protocol, TypeGuard, TypeVar
+from typing import Any, ClassVar, Protocol, TypedDict, TypeGuard, TypeVar, Unpack
 from urllib.parse import quote
 
 import aiohttp
@@ -190,30 +190,7 @@ class RawAnswer:
         return cls(answer.status, answer.body, answer.content_type, session, unknown)
 
 
-def build_create_request(
-    *,
-    agent_image_url: str | None = None,
-    agent_id: str | None = None,
-    agent_image: AgentImage | None = None,
-    agent_prompt: str | None = None,
-    idle_timeout: int | None = None,
-    audio_sample_rate: int | None = None,
-    model: str | None = None,
-    daily_room_url: str | None = None,
-    daily_token: str | None = None,
-    connection_properties: Mapping[str, Any] | None = None,
-    extra_properties: Mapping[str, Any] | None = None,
-    transport_type: str = TRANSPORT_TYPE,
-    livekit_url: str | None = None,
-    livekit_token: str | None = None,
-    livekit_session_id: str | None = None,
-    agent_idle_prompt: str | None = None,
-    response_done_timeout: float | None = None,
-    aspect_ratio: str | None = None,
-    simulcast: bool | None = None,
-    enable_recording: bool | None = None,
-    recordings_bucket: str | None = None,
-) -> tuple[dict[str, Any], bytes | None]:
+def build_create_request(**fields: Unpack[CreateFields]) -> tuple[dict[str, Any], bytes | None]:
     """The create payload for these arguments, and the PNG bytes of ``agent_image``.
 
     ``transport_type="daily"`` (the default) is exactly what pipecat 1.14's ``LemonSliceApi``
@@ -227,7 +204,7 @@ def build_create_request(
     only), ``enable_recording`` / ``recordings_bucket``. Anything else goes in
     ``extra_properties``. Raises ValueError/TypeError for bad arguments, so nothing is sent.
     """
-    request = CreateOptions.of(locals()).request()
+    request = CreateOptions.of(fields).request()
     return request.payload, request.image
 
 
@@ -284,6 +261,40 @@ _RECORDED_FIELDS = (
     "model",
     "transport_type",
 )
+
+
+class CreateFields(TypedDict, total=False):
+    """``CreateOptions``' fields but ``api_url``, as keyword arguments (``build_create_request``):
+    mypy checks callers against it. Declarative, so written beside the dataclass; a test keeps the
+    two equal (names and types)."""
+
+    agent_image_url: str | None
+    agent_id: str | None
+    agent_image: AgentImage | None
+    agent_prompt: str | None
+    idle_timeout: int | None
+    audio_sample_rate: int | None
+    model: str | None
+    daily_room_url: str | None
+    daily_token: str | None
+    connection_properties: Mapping[str, Any] | None
+    extra_properties: Mapping[str, Any] | None
+    transport_type: str
+    livekit_url: str | None
+    livekit_token: str | None
+    livekit_session_id: str | None
+    agent_idle_prompt: str | None
+    response_done_timeout: float | None
+    aspect_ratio: str | None
+    simulcast: bool | None
+    enable_recording: bool | None
+    recordings_bucket: str | None
+
+
+class CreateArguments(CreateFields, total=False):
+    """Every create argument (``client.create_session``, ``SessionManager.create_session``)."""
+
+    api_url: str | None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -729,42 +740,18 @@ class LemonSliceClient(AsyncResource):
 
     # --- the pipecat surface --------------------------------------------------------------------
 
-    async def create_session(
-        self,
-        *,
-        agent_image_url: str | None = None,
-        agent_id: str | None = None,
-        agent_image: AgentImage | None = None,
-        agent_prompt: str | None = None,
-        idle_timeout: int | None = None,
-        audio_sample_rate: int | None = None,
-        model: str | None = None,
-        daily_room_url: str | None = None,
-        daily_token: str | None = None,
-        connection_properties: Mapping[str, Any] | None = None,
-        extra_properties: Mapping[str, Any] | None = None,
-        api_url: str | None = None,
-        transport_type: str = TRANSPORT_TYPE,
-        livekit_url: str | None = None,
-        livekit_token: str | None = None,
-        livekit_session_id: str | None = None,
-        agent_idle_prompt: str | None = None,
-        response_done_timeout: float | None = None,
-        aspect_ratio: str | None = None,
-        simulcast: bool | None = None,
-        enable_recording: bool | None = None,
-        recordings_bucket: str | None = None,
-    ) -> dict[str, Any]:
+    async def create_session(self, **options: Unpack[CreateArguments]) -> dict[str, Any]:
         """Start a session; returns the server's answer with ``session_id``, ``room_url`` (may be
         None) and ``control_url`` (derived when the server leaves it out, as the livekit flavour
         always does).
 
-        The parameters up to ``api_url`` are pipecat 1.14's, in its order; the rest are
-        LemonSlice's other documented fields (see ``build_create_request``). Raises
+        ``options``: ``CreateArguments`` (pipecat 1.14's keyword arguments, then LemonSlice's
+        other documented fields; see ``build_create_request``), checked by mypy. Raises
         ``CreateOutcomeUnknown`` when the request may have started a session but the answer was
         lost or unusable: do not call again blindly, reconcile instead.
         """
-        return await self._send_create(CreateOptions.of(locals()).request(), api_url)
+        built = CreateOptions.of(options)
+        return await self._send_create(built.request(), built.api_url)
 
     async def _send_create(self, request: CreateRequest, api_url: str | None) -> dict[str, Any]:
         """POST a request built by ``CreateOptions.request`` (the manager validates it before

@@ -169,24 +169,49 @@ def _sqlite_hooks(
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None  # sessionmgr emits BEGIN itself (see _on_begin)
-        cursor = dbapi_conn.cursor()
-        try:
-            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
-            cursor.execute("PRAGMA journal_mode")  # normally WAL already (see _ensure_wal)
-            if str(cursor.fetchone()[0]).lower() != "wal":
-                cursor.execute("PRAGMA journal_mode = WAL")
-            cursor.execute("PRAGMA synchronous = NORMAL")
-            cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
-            for pragma in extra:
-                cursor.execute(pragma)
-        finally:
-            cursor.close()
+        sqlite_pragmas(dbapi_conn, busy_ms=busy_ms, foreign_keys=foreign_keys, extra=extra)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def sqlite_pragmas(
+    dbapi_conn: Any, *, busy_ms: int, foreign_keys: bool = True, extra: tuple[str, ...] = ()
+) -> None:
+    """The pragmas every SQLite connection of sessionmgr gets (the one place that says them):
+    WAL, ``synchronous=NORMAL``, its busy timeout, foreign keys, then ``extra``; and no driver
+    BEGIN (``isolation_level = None``: sessionmgr emits its own, see ``_on_begin``)."""
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
+        cursor.execute("PRAGMA journal_mode")  # normally WAL already (see _ensure_wal)
+        if str(cursor.fetchone()[0]).lower() != "wal":
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+        for pragma in extra:
+            cursor.execute(pragma)
+    finally:
+        cursor.close()
+
+
+def sqlite_read_connection(path: Path) -> sqlite3.Connection:
+    """A read-only stdlib connection to the SQLite file at ``path`` (sessionmgr/reader.py), usable
+    from any one thread at a time: ``mode=rw`` (a file that has gone away is an error, never a new
+    empty database), ``query_only``, the usual pragmas and busy timeout. In autocommit, so a
+    single SELECT is its own snapshot; a read of several statements emits its own BEGIN."""
+    uri = path.resolve().as_uri() + "?mode=rw"
+    conn = sqlite3.connect(uri, timeout=BUSY_TIMEOUT, check_same_thread=False, uri=True)
+    try:
+        busy_ms = int(BUSY_TIMEOUT * 1000)
+        sqlite_pragmas(conn, busy_ms=busy_ms, extra=("PRAGMA query_only = ON",))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def _create_file(path: Path) -> None:

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from types import EllipsisType
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, Unpack
 
 from . import config
 from .checks import check_session_id
@@ -27,6 +27,7 @@ from .client import (
     TRANSPORT_TYPE,
     WAIT_TIMEOUT,
     AgentImage,
+    CreateArguments,
     CreateOptions,
     LemonSliceClient,
     RawAnswer,
@@ -54,6 +55,7 @@ from .records import SessionRecord
 from .repository import SessionRepository
 from .resources import AsyncResource
 from .states import REMOTE_FINAL, EndReason, SessionStatus
+from .transitions import as_row, may_control, still_creating
 
 logger = logging.getLogger(__name__)
 
@@ -349,34 +351,14 @@ class SessionManager(AsyncResource):
     async def create_session(
         self,
         *,
-        agent_image_url: str | None = None,
-        agent_id: str | None = None,
-        agent_image: Any = None,
-        agent_prompt: str | None = None,
-        idle_timeout: int | None = None,
-        audio_sample_rate: int | None = None,
-        model: str | None = None,
-        daily_room_url: str | None = None,
-        daily_token: str | None = None,
-        connection_properties: dict[str, Any] | None = None,
-        extra_properties: dict[str, Any] | None = None,
-        api_url: str | None = None,
-        transport_type: str = TRANSPORT_TYPE,
-        livekit_url: str | None = None,
-        livekit_token: str | None = None,
-        livekit_session_id: str | None = None,
-        agent_idle_prompt: str | None = None,
-        response_done_timeout: float | None = None,
-        aspect_ratio: str | None = None,
-        simulcast: bool | None = None,
-        enable_recording: bool | None = None,
-        recordings_bucket: str | None = None,
         idle_window: float | None = None,
         max_age: float | None = None,
         metadata: Mapping[str, Any] | None = None,
+        **options: Unpack[CreateArguments],
     ) -> SessionRecord:
-        """Record the intent, POST, record the answer; the same arguments as the client's
-        (pipecat 1.14's first, in its order), then what the reaper enforces and the tags.
+        """Record the intent, POST, record the answer: what the reaper enforces and the tags,
+        then the client's arguments (``CreateArguments``: pipecat 1.14's and LemonSlice's other
+        documented fields, checked by mypy).
 
         The record keeps ``model`` and ``transport_type``, never a daily or livekit token.
 
@@ -385,9 +367,8 @@ class SessionManager(AsyncResource):
         If the caller is cancelled mid-create, the create still completes in the background and
         the session is ended at once, so no one is billed for a session nobody holds.
         """
-        options = CreateOptions.of(locals())
         return await self._create_session(
-            options, idle_window=idle_window, max_age=max_age, metadata=metadata
+            CreateOptions.of(options), idle_window=idle_window, max_age=max_age, metadata=metadata
         )
 
     async def _create_session(
@@ -516,9 +497,13 @@ class SessionManager(AsyncResource):
         repo = self.repository
         keeper = self._intents
         assert keeper is not None
+        held = (intent.id,)
+        keeper.add(held)  # add/discard, not ``holding``: no context manager per create
         try:
-            async with keeper.holding(intent.id):
+            try:
                 answer = await send()
+            finally:
+                keeper.discard(held)
         except CreateOutcomeUnknown:
             logger.warning("create outcome unknown for intent %d; recovery resolves it", intent.id)
             with contextlib.suppress(SessionMgrError):  # else the lease runs out by itself
@@ -622,10 +607,7 @@ class SessionManager(AsyncResource):
                     record, False, f"already {record.status} ({record.end_reason or 'no reason'})"
                 )
             if record.status is SessionStatus.PENDING:
-                raise SessionMgrError(
-                    f"session {record.id} is still being created (pending): retry shortly, or "
-                    "run `sessionmgr reconcile` if its creator died"
-                )
+                raise SessionMgrError(still_creating(record.id))
             return EndResult(record, False, f"being ended by {record.lease_owner}")
         outcome, final = await self.reaper.end_claimed(record)
         if outcome is not Outcome.RESCHEDULED:
@@ -740,10 +722,11 @@ class SessionManager(AsyncResource):
         ended (``gone``, through a terminate, as the reaper would) and ``SessionNotLive`` raised.
         A control counts as activity (a touch)."""
         record = await self.repository.get(session_ref)
-        if record.status is not SessionStatus.ACTIVE or record.session_id is None:
+        if not may_control(as_row(record)):
             raise SessionNotLive(
                 f"session {record.id} is {record.status}: control events go to active sessions only"
             )
+        assert record.session_id is not None  # may_control says so
         try:
             await self.client.send_control_event(
                 record.session_id,

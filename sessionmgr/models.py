@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeEngine
 
-from .states import EndReason, SessionStatus
+from .states import FINAL_STATUSES, EndReason, SessionStatus
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -47,7 +47,10 @@ NAME_LENGTH = 255  # characters, agent ids and lease owners
 CODE_LENGTH = 32  # characters, statuses, end reasons, remote statuses
 DEFAULT_TRANSPORT = "daily"  # what every session before revision 0002 used
 
-FINAL = (SessionStatus.ENDED.value, SessionStatus.FAILED.value)
+# the CHECK constraints below name statuses by these constants (never as literals)
+FINAL = tuple(sorted(s.value for s in FINAL_STATUSES))  # ended, failed
+_ACTIVE = SessionStatus.ACTIVE.value
+_ENDING = SessionStatus.ENDING.value
 UNSTARTED = (SessionStatus.PENDING.value, SessionStatus.ACTIVE.value)
 
 
@@ -195,12 +198,14 @@ class SessionRow(Base):
             f" OR (status NOT IN {_in(FINAL)} AND ended_at IS NULL)",
             name="ended_at",
         ),
-        CheckConstraint("status <> 'active' OR session_id IS NOT NULL", name="active_session_id"),
+        CheckConstraint(
+            f"status <> '{_ACTIVE}' OR session_id IS NOT NULL", name="active_session_id"
+        ),
         # attempts counts claims: zero before ending, at least one while ending. The claim relies
         # on this to tell a fresh claim (attempts becomes 1) from a retry.
         CheckConstraint(
             f"attempts >= 0 AND (status NOT IN {_in(UNSTARTED)} OR attempts = 0)"
-            " AND (status <> 'ending' OR attempts >= 1)",
+            f" AND (status <> '{_ENDING}' OR attempts >= 1)",
             name="attempts",
         ),
         CheckConstraint("idle_window > 0", name="idle_window"),

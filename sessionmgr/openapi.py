@@ -70,6 +70,10 @@ SESSION_ID_PARAM = {
     "schema": {"type": "string"},
 }
 BEARER: list[dict[str, list[str]]] = [{"adminToken": []}]
+# what a route that changes one session through LemonSlice may answer (end, control): a bad
+# body, access refused (401, 403), an unknown session, one not in a state to change, LemonSlice
+# failing, the database unavailable
+SESSION_CHANGE_ERRORS = (400, 401, 403, 404, 409, 502, 503)
 RECORD_PROPERTIES: dict[str, Any] = {
     "id": {"type": "integer"},
     "session_id": _nullable("string"),
@@ -449,13 +453,7 @@ def _document(version: str) -> dict[str, Any]:
                                 _ref("EndResult"), "Terminate failed; the reaper retries it"
                             ),
                         },
-                        400,
-                        401,
-                        403,
-                        404,
-                        409,
-                        502,
-                        503,
+                        *SESSION_CHANGE_ERRORS,
                     ),
                 }
             },
@@ -469,13 +467,7 @@ def _document(version: str) -> dict[str, Any]:
                     "requestBody": _body("ControlRequest", required=True),
                     "responses": _responses(
                         {"200": _json(_ref("ControlResult"), "Sent and recorded")},
-                        400,
-                        401,
-                        403,
-                        404,
-                        409,
-                        502,
-                        503,
+                        *SESSION_CHANGE_ERRORS,
                     ),
                 }
             },

@@ -46,6 +46,7 @@ from .records import SessionFilter, SessionRecord
 from .repository import EndRequest, SessionRepository
 from .retry import RetryPolicy
 from .states import REMOTE_FINAL, EndReason, SessionStatus
+from .transitions import as_row, claim_due
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +231,12 @@ class Reaper:
     ) -> tuple[Outcome, SessionRecord | None]:
         """``finish``, also returning the row as recorded (ended or rescheduled; None when
         LOST: another process holds it now)."""
-        async with self.leases.holding(record.id):
+        pks = (record.id,)
+        self.leases.add(pks)  # add/discard, not ``holding``: no context manager per session
+        try:
             return await self._finish(record, abort=abort, on_sent=on_sent)
+        finally:
+            self.leases.discard(pks)
 
     async def _finish(
         self,
@@ -496,10 +501,7 @@ class Reaper:
             for record in page.items:
                 if record.deadline is None or record.deadline > due_before:
                     return due
-                if record.status is SessionStatus.ENDING and (
-                    (record.lease_until is not None and record.lease_until > now)
-                    or (record.next_attempt_at is not None and record.next_attempt_at > now)
-                ):
+                if not claim_due(as_row(record), now, now, self.touch_grace):
                     continue
                 due.append(record)
             if page.next_cursor is None:

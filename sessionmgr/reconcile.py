@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from .config import IDLE_WINDOW
 from .errors import LemonSliceError, NotFoundError
-from .queries import LEGACY_INTENT_SETTLE
 from .records import SessionRecord, iso_utc
-from .repository import COST_DELAY, COST_HORIZON
+from .repository import COST_HORIZON
 from .states import REMOTE_FINAL, REMOTE_LIVE, EndReason, SessionStatus
+from .transitions import COST_DELAY, LEGACY_INTENT_SETTLE, as_row, intent_due, may_end_remote
 
 if TYPE_CHECKING:
     from .client import LemonSliceClient
@@ -288,8 +288,8 @@ async def recover(
         return report
     owner = reaper.owner + RECOVERY_SUFFIX
     if dry_run:
-        at = await repo.lease_now()
-        mine = [i for i in await repo.pending_intents() if _intent_free(i, at, repo.clock.now())]
+        at, now = await repo.lease_now(), repo.clock.now()
+        mine = [i for i in await repo.pending_intents() if intent_due(as_row(i), now, at)]
     else:
         mine = await repo.claim_intents(owner=owner, lease=reaper.lease, limit=RECOVER_BATCH)
     if not mine:
@@ -373,14 +373,6 @@ def _retry(intent: SessionRecord, now: datetime) -> datetime:
     age = (now - intent.created_at).total_seconds()
     delay = min(max(RECOVER_RETRY_MIN, age / 4), RECOVER_RETRY_MAX)
     return now + timedelta(seconds=delay)
-
-
-def _intent_free(intent: SessionRecord, at: datetime, now: datetime) -> bool:
-    if intent.lease_until is None:
-        return (now - intent.created_at).total_seconds() >= LEGACY_INTENT_SETTLE
-    return intent.lease_until <= at and (
-        intent.next_attempt_at is None or intent.next_attempt_at <= now
-    )
 
 
 async def _held_intents(repo: SessionRepository, *, mine: set[int]) -> list[SessionRecord]:
@@ -513,7 +505,7 @@ async def _unleased_live_rows(repo: SessionRepository, now: datetime) -> list[Se
     return [
         r
         async for r in repo.iter_live(statuses=(SessionStatus.ACTIVE, SessionStatus.ENDING))
-        if r.session_id is not None and not (r.lease_until is not None and r.lease_until > at)
+        if r.session_id is not None and may_end_remote(as_row(r), at)
     ]
 
 

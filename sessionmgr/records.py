@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from .states import LIVE_STATUSES, EndReason, SessionStatus
 
@@ -60,6 +60,41 @@ class SessionRecord:
                 value = iso_utc(value)
             out[field.name] = value
         return out
+
+
+R = TypeVar("R")
+
+
+def _builder(cls: type[R]) -> Callable[[Sequence[Any]], R]:
+    """A constructor of ``cls`` (a frozen slotted dataclass) from all its field values in order,
+    ~5x cheaper than its ``__init__``, for the reads that build a page of records per call.
+
+    A frozen dataclass sets each field through ``object.__setattr__`` (~80 ns a field); this
+    fills an unfrozen twin with the same slots (plain slot stores) and then makes it a ``cls``
+    (``__class__`` assignment: same layout, so CPython allows it). The result is an ordinary
+    ``cls``: frozen, equal, hashed, ``replace``-able and printed as one built by ``cls(...)``
+    (tests/test_queries.py holds them equal). ``cls`` must have no ``__post_init__``: it is
+    skipped."""
+    names = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    if getattr(cls, "__post_init__", None) is not None or cls.__slots__ != names:  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__} cannot be built without its __init__")
+    twin = type(f"_{cls.__name__}Twin", (), {"__slots__": names})
+    source = (
+        "def build(values):\n"
+        "    record = new(twin)\n"
+        f"    ({''.join(f'record.{name}, ' for name in names)}) = values\n"
+        "    set_class(record, '__class__', cls)\n"
+        "    return record\n"
+    )
+    scope: dict[str, Any] = {"new": object.__new__, "twin": twin, "set_class": object.__setattr__}
+    scope["cls"] = cls
+    exec(source, scope)  # generated from the field names only, as dataclasses does
+    build: Callable[[Sequence[Any]], R] = scope["build"]
+    build.__doc__ = f"A {cls.__name__} from its {len(names)} field values in field order."
+    return build
+
+
+build_record = _builder(SessionRecord)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@
 A pending intent never becomes ``ending`` or ``ended`` directly: it has no session id to end.
 
 The repository is the only writer of ``status`` and enforces ``TRANSITIONS`` with one conditional
-UPDATE per transition (``WHERE status = <expected>``), so two actors can never both win.
+UPDATE per transition (``WHERE status = <expected>``), so two actors can never both win. When each
+transition applies (leases, due times, owners) and what it changes is in sessionmgr/transitions.py,
+the one place those rules are written; this module only names the states and their order.
 """
 
 from __future__ import annotations

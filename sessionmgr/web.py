@@ -45,6 +45,7 @@ from .parsing import parse_duration, parse_key_value, parse_moment
 from .queries import SORTS
 from .records import SessionFilter, SessionRecord, iso_utc, scrub, unclean_text
 from .states import MANUAL_REASONS, EndReason, SessionStatus
+from .transitions import still_creating
 
 logger = logging.getLogger(__name__)
 
@@ -583,8 +584,7 @@ async def end_session(request: web.Request) -> web.Response:
         raise ApiError(
             409,
             "conflict",
-            f"session {record.id} is still being created (pending): retry shortly, or run "
-            "`sessionmgr reconcile` if its creator died",
+            still_creating(record.id),
         )
     try:
         result = await _manager(request).end_session(record.id, reason=reason)

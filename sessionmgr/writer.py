@@ -230,9 +230,7 @@ class UnitOfWork:
         self._insert_new(conn)
         self._update_changed(conn)
         self._update_blind(conn)
-        if self._events:
-            params = [{"session_pk": row["id"], **event} for row, event in self._events]
-            _executemany(conn, _EVENT_INSERT, params, tuple(params[0]))
+        insert_events(conn, [{"session_pk": row["id"], **event} for row, event in self._events])
 
     def _insert_new(self, conn: Connection) -> None:
         """One multi-row INSERT per set of columns given (NULLs need no binding)."""
@@ -296,10 +294,22 @@ class _Compiled:
 
     def bind(self, params: Row) -> tuple[Any, ...]:
         values = []
+        last: Any = _NOTHING  # a time bound to several columns (created, updated, activity)
+        bound: Any = None  # is formatted once
         for name, process in zip(self.names, self.processors, strict=True):
             value = params[name] if name in params else self.defaults[name]
-            values.append(process(value) if process is not None else value)
+            if process is None:
+                values.append(value)
+            elif value is last:
+                values.append(bound)
+            else:
+                values.append(process(value))
+                if type(value) is datetime:
+                    last, bound = value, values[-1]
         return tuple(values)
+
+
+_NOTHING = object()
 
 
 @functools.lru_cache(maxsize=512)
@@ -334,6 +344,13 @@ def _executemany(
             return int(cursor.rowcount)
         finally:
             cursor.close()
+
+
+def insert_events(conn: Connection, events: list[Row]) -> None:
+    """One executemany of lifecycle event rows (every row with the same keys), on SQLite
+    straight on the driver."""
+    if events:
+        _executemany(conn, _EVENT_INSERT, events, tuple(events[0]))
 
 
 def _insert_rows(conn: Connection, given: tuple[str, ...], params: list[Row]) -> list[int]:

@@ -3,9 +3,11 @@ fields; in the client and the manager (the record keeps model and transport, nev
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import pytest
 from sessionmgr import SessionStatus
 from sessionmgr.client import (
     AUDIO_SAMPLE_RATES,
+    CreateArguments,
+    CreateOptions,
     LemonSliceClient,
     build_create_request,
 )
@@ -29,15 +33,44 @@ LIVEKIT: dict[str, Any] = {
 }
 
 
-def test_pipecat_parameters_come_first_in_pipecat_order():
-    """pipecat 1.14.0's create_session parameters are a prefix of ours, name for name."""
+def _keywords(fn: Any) -> list[str]:
+    """The keyword arguments ``fn`` takes: its named ones, then those of a ``**options:
+    Unpack[TypedDict]`` (what mypy checks callers against)."""
+    names = []
+    for name, param in inspect.signature(fn).parameters.items():
+        if name == "self":
+            continue
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            (typed,) = typing.get_args(typing.get_type_hints(fn, include_extras=True)[name])
+            names += list(typing.get_type_hints(typed))
+        else:
+            assert param.kind is inspect.Parameter.KEYWORD_ONLY, (fn, name)
+            names.append(name)
+    return names
+
+
+def test_every_create_entry_point_takes_pipecats_arguments():
+    """pipecat 1.14.0's create_session arguments (keyword-only there too) are taken by every
+    entry point; the pipecat wrapper takes exactly them, in pipecat's order; CreateOptions keeps
+    them first in that order, and the keyword lists are its fields."""
     from pipecat.transports.lemonslice.api import LemonSliceApi
 
-    theirs = list(inspect.signature(LemonSliceApi.create_session).parameters)[1:]
-    ours = list(inspect.signature(LemonSliceClient.create_session).parameters)[1:]
-    assert ours[: len(theirs)] == theirs
-    mgr = list(inspect.signature(SessionManager.create_session).parameters)[1:]
-    assert mgr[: len(theirs)] == theirs
+    from sessionmgr.integrations.pipecat import ManagedLemonSliceApi
+
+    theirs = _keywords(LemonSliceApi.create_session)
+    assert _keywords(ManagedLemonSliceApi.create_session) == theirs
+    fields = [f.name for f in dataclasses.fields(CreateOptions)]
+    assert fields[: len(theirs)] == theirs
+    assert sorted(_keywords(LemonSliceClient.create_session)) == sorted(fields)
+    assert sorted(_keywords(build_create_request)) == sorted(set(fields) - {"api_url"})
+    manager_only = {"idle_window", "max_age", "metadata"}
+    assert sorted(_keywords(SessionManager.create_session)) == sorted([*fields, *manager_only])
+
+
+def test_create_arguments_are_create_options_fields_with_their_types():
+    hints = typing.get_type_hints(CreateOptions)
+    assert typing.get_type_hints(CreateArguments) == hints
+    assert CreateArguments.__required_keys__ == frozenset()  # every argument has a default
 
 
 def test_audio_sample_rate_and_model_are_top_level_only_when_given():

@@ -205,7 +205,9 @@ async def test_a_slow_terminate_keeps_its_lease_renewed(
     import asyncio
 
     record = await manager.create_session(agent_id="agent_1")
-    lemon.latency["terminate"] = 0.5  # real seconds: the request stays in flight meanwhile
+    # the terminate's answer is held until the renewal is seen: the request stays in flight
+    # however slowly a loaded machine runs the renewer (a fixed 0.5 s latency raced it)
+    lemon.hold_answers("terminate", 30)
     reaper = Reaper(manager.repository, manager.client, clock=clock, lease=30)
     clock.advance(61)
     tick = asyncio.create_task(reaper.run_once())
@@ -222,6 +224,7 @@ async def test_a_slow_terminate_keeps_its_lease_renewed(
     async with asyncio.timeout(10):
         while not await renewed():
             await asyncio.sleep(0.01)
+    lemon.release_answers("terminate")
     result = await tick
     assert [r.id for r in result.ended] == [record.id]
 

@@ -14,8 +14,9 @@ import pytest
 from sessionmgr import CreateOutcomeUnknown, EndReason, IntentTakenOver, SessionStatus
 from sessionmgr.clock import FakeClock
 from sessionmgr.reconcile import PENDING_GRACE
-from sessionmgr.repository import COST_DELAY, COST_HORIZON
+from sessionmgr.repository import COST_HORIZON
 from sessionmgr.testing import FakeLemonSlice, Fault
+from sessionmgr.transitions import COST_DELAY
 
 from .helpers import make_manager, wait_for
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sessionmgr.repository import _check_transition
 from sessionmgr.states import FINAL_STATUSES, TRANSITIONS, SessionStatus, can_transition
+from sessionmgr.transitions import check_transition
 
 
 def test_final_statuses_are_final() -> None:
@@ -19,7 +19,7 @@ def test_final_statuses_are_final() -> None:
 )
 def test_the_documented_path_is_allowed(src: str, dst: str) -> None:
     assert can_transition(SessionStatus(src), SessionStatus(dst))
-    _check_transition(src, dst)
+    check_transition(src, dst)
 
 
 @pytest.mark.parametrize(
@@ -27,4 +27,4 @@ def test_the_documented_path_is_allowed(src: str, dst: str) -> None:
 )
 def test_the_repository_refuses_undeclared_transitions(src: str, dst: str) -> None:
     with pytest.raises(AssertionError, match="not a transition"):
-        _check_transition(src, dst)
+        check_transition(src, dst)
