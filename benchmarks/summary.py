@@ -16,7 +16,22 @@ from .common import RESULTS, SMOKE_RESULTS, print_table
 Check = tuple[str, str, str, str, str, Callable[[float], bool] | None]
 
 CHECKS: list[Check] = [
-    ("P1 create: manager / bare client", "create", "ratio", "{:.2f}", ">= 0.9", lambda v: v >= 0.9),
+    (
+        "P1 create: manager / bare client",
+        "create",
+        "ratio",
+        "{:.2f}",
+        ">= 0.75",
+        lambda v: v >= 0.75,
+    ),
+    (
+        "P1b create: 200 callers, 300 ms",
+        "create_wide",
+        "ratio",
+        "{:.2f}",
+        ">= 0.98",
+        lambda v: v >= 0.98,
+    ),
     (
         "P8 end: manager / bare client",
         "end",
