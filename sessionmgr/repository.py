@@ -506,32 +506,37 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
     @_db_errors
     async def _write_touches(self, times: Mapping[str, datetime]) -> tuple[set[str], int]:
-        """Write the latest touch per session in one transaction: one lean read of the active
-        sessions' windows (4 columns, ``LOOKUP_CHUNK`` per SELECT; FOR UPDATE on PostgreSQL),
-        then one executemany of a blind conditional UPDATE (``WHERE session_id = ? AND status =
-        'active' AND last_activity_at < ?``). An older touch never moves activity back; a touch
-        of a session that is not active is dropped. Returns (the sessions found active, the
-        rows updated)."""
-        if not times:
-            return set(), 0
+        """Write the latest touch per session, ``LOOKUP_CHUNK`` sessions per transaction: one
+        lean read of the active sessions' windows (4 columns; FOR UPDATE on PostgreSQL), then
+        one executemany of a blind conditional UPDATE (``WHERE session_id = ? AND status =
+        'active' AND last_activity_at < ?``). An older touch never moves activity back, so a
+        chunk written again after a later one failed changes nothing; a touch of a session that
+        is not active is dropped. Chunked because SQLite writes run on the event loop (see
+        writer.py): a flush of 10,000 sessions in one transaction would hold it ~0.1 s.
+        Returns (the sessions found active, the rows updated)."""
         now = self.clock.now()
         lock = self.dialect == "postgresql"
 
-        def run(conn: Connection) -> tuple[set[str], int]:
+        def run(chunk: Sequence[str], conn: Connection) -> tuple[set[str], int]:
             active: set[str] = set()
             params: list[Row] = []
-            for chunk in _chunks(sorted(times), LOOKUP_CHUNK):
-                for sid, window, expires_at, last in _touch_windows(conn, lock, chunk):
-                    active.add(sid)
-                    at = times[sid]
-                    if at > last:
-                        due = deadline(at, window, expires_at)
-                        params.append({"sid": sid, "at": at, "deadline": due, "now": now})
+            for sid, window, expires_at, last in _touch_windows(conn, lock, chunk):
+                active.add(sid)
+                at = times[sid]
+                if at > last:
+                    due = deadline(at, window, expires_at)
+                    params.append({"sid": sid, "at": at, "deadline": due, "now": now})
             if params:
                 _execute_touches(conn, params)
             return active, len(params)
 
-        return await self._writer.run(run)
+        active: set[str] = set()
+        updated = 0
+        for chunk in _chunks(sorted(times), LOOKUP_CHUNK):
+            found, written = await self._writer.run(functools.partial(run, chunk))
+            active |= found
+            updated += written
+        return active, updated
 
     async def claim_end(
         self,

@@ -240,6 +240,34 @@ async def test_touch_many_reports_only_active_sessions(repo: SessionRepository):
     assert await repo.touch_many([]) == set()
 
 
+async def test_a_big_flush_is_written_a_chunk_per_transaction(
+    repo: SessionRepository, monkeypatch: pytest.MonkeyPatch
+):
+    """SQLite writes run on the event loop: a flush of many sessions must not be one long
+    transaction holding it, yet every touch is written."""
+    import sessionmgr.repository as repository_module
+
+    for sid in "abcde":
+        await started(repo, sid)
+    clock_of(repo).advance(7)
+    for sid in "abcde":
+        repo.touch(sid)
+    monkeypatch.setattr(repository_module, "LOOKUP_CHUNK", 2)
+    transactions = 0
+    real_run = repo.writer.run
+
+    async def counting(fn: Any) -> Any:
+        nonlocal transactions
+        transactions += 1
+        return await real_run(fn)
+
+    monkeypatch.setattr(repo.writer, "run", counting)
+    assert await repo.flush_touches() == 5
+    assert transactions == 3
+    for sid in "abcde":
+        assert (await repo.get(sid)).last_activity_at == repo.clock.now()
+
+
 async def test_failed_flush_keeps_touches_for_the_next_one(
     repo: SessionRepository, monkeypatch: pytest.MonkeyPatch
 ):
