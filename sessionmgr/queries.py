@@ -16,6 +16,7 @@ import functools
 import json
 import json.scanner
 import math
+import operator
 import sqlite3
 from collections.abc import (
     AsyncIterator,
@@ -111,17 +112,15 @@ def _db_errors(
 
 
 def _record(row: Mapping[str, Any]) -> SessionRecord:
-    values = {name: row[name] for name in _RECORD_FIELDS}
-    values["status"] = SessionStatus(row["status"])
-    values["end_reason"] = EndReason(row["end_reason"]) if row["end_reason"] else None
-    values["metadata"] = dict(row["metadata"] or {})
-    # a row inserted without it took the column's server default, which the snapshot lacks
-    values["transport_type"] = row["transport_type"] or DEFAULT_TRANSPORT
-    return SessionRecord(**values)
+    """The record of a row as the writer holds it (Python values, status as text)."""
+    values = list(_row_values(row))
+    values[_METADATA] = dict(values[_METADATA] or {})
+    return _finish(values)
 
 
 # The record's fields as columns, in the record's order: a row of them is the record's arguments.
 RECORD_COLUMNS = tuple(sessions.c[name] for name in _RECORD_FIELDS)
+_row_values = operator.itemgetter(*_RECORD_FIELDS)
 _STATUSES = {s.value: s for s in SessionStatus}
 _END_REASONS = {r.value: r for r in EndReason}
 _STATUS, _END_REASON, _METADATA, _TRANSPORT = (
