@@ -25,6 +25,37 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite+aiosqlite:///{path}"
 
 
+# --- gathering a batch ---------------------------------------------------------------------
+
+
+async def test_ops_arriving_over_a_few_loop_turns_share_one_commit(repo: SessionRepository):
+    """Callers woken one loop turn apart (HTTP answers read in successive turns) still share a
+    transaction: the writer waits while each turn brings more, up to ``GATHER_TURNS``."""
+    loop = asyncio.get_running_loop()
+    writes: list[asyncio.Future[SessionRecord]] = []
+
+    def one_more(left: int) -> None:
+        writes.append(asyncio.ensure_future(repo.record_intent(idle_window=IDLE, max_age=None)))
+        if left:
+            loop.call_soon(one_more, left - 1)
+
+    before = repo.writer.batches
+    one_more(writer.GATHER_TURNS - 1)  # one op per turn, GATHER_TURNS turns in all
+    await asyncio.sleep(0)
+    while len(writes) < writer.GATHER_TURNS:
+        await asyncio.sleep(0)
+    records = await asyncio.gather(*writes)
+    assert repo.writer.batches - before == 1
+    assert [r.status for r in records] == [SessionStatus.PENDING] * writer.GATHER_TURNS
+
+
+async def test_a_lone_op_is_not_held_back(repo: SessionRepository):
+    """With nothing else coming the writer commits after one quiet turn: a single create waits
+    for no timer."""
+    record = await asyncio.wait_for(repo.record_intent(idle_window=IDLE, max_age=None), 5)
+    assert await repo.get(record.id) == record
+
+
 # --- blind mark_active -----------------------------------------------------------------------
 
 
