@@ -757,7 +757,8 @@ class SessionManager(AsyncResource):
         """Wait while LemonSlice keeps the session QUEUED (a cold start); the record once ACTIVE.
 
         Every status seen is recorded in ``remote_status``; a final one ends the row (as
-        reconcile would) and raises ``SessionNotLive``; ``ActivationTimeout`` after ``timeout``
+        reconcile would) and raises ``SessionNotLive``, and so does a 404/410 (the row ends as
+        ``gone``, as after a control event); ``ActivationTimeout`` after ``timeout``
         seconds leaves it active and QUEUED. ``on_active`` gets the seconds from intent to ACTIVE.
         """
         record = await self.repository.get(session_ref)
@@ -783,7 +784,18 @@ class SessionManager(AsyncResource):
             else:
                 await self.repository.record_remote(record.id, remote_status=status, cost=None)
 
-        await self.client.wait_until_active(record.session_id, timeout=timeout, on_status=on_status)
+        try:
+            await self.client.wait_until_active(
+                record.session_id, timeout=timeout, on_status=on_status
+            )
+        except NotFoundError:  # LemonSlice no longer has it: ended as a control 404 ends it
+            logger.info("session %s was gone at LemonSlice while waited on", record.session_id)
+            with contextlib.suppress(SessionMgrError):
+                await self.end_session(record.id, reason=EndReason.GONE)
+            raise SessionNotLive(
+                f"session {record.id} ({record.session_id}) is gone at LemonSlice; recorded as "
+                "ended"
+            ) from None
         seconds = (self.clock.now() - record.created_at).total_seconds()
         if self.on_active is not None:
             try:

@@ -367,6 +367,23 @@ async def test_manager_wait_until_active_ends_a_row_the_server_finished(
         assert final.remote_status == "FAILED"
 
 
+async def test_manager_wait_until_active_records_a_404_as_gone(
+    clock: FakeClock, lemon: FakeLemonSlice, db_url: str
+):
+    """The server forgot a QUEUED session (a 404 while it was waited on): the row ends as gone,
+    not left active for the reaper to find a window later."""
+    async with make_manager(lemon, clock, db_url) as mgr:
+        mgr.client.clock = clock
+        record = await mgr.create_session(agent_id="a")
+        assert record.session_id is not None
+        lemon.set_status(record.session_id, "QUEUED")
+        lemon.inject("get", Fault.status(404))
+        with pytest.raises(SessionNotLive, match="gone at LemonSlice"):
+            await mgr.wait_until_active(record.id)
+        final = await mgr.get(record.id)
+        assert (final.status, final.end_reason) == (SessionStatus.ENDED, EndReason.GONE)
+
+
 async def test_manager_wait_until_active_timeout_leaves_it_active(
     clock: FakeClock, lemon: FakeLemonSlice, db_url: str
 ):
