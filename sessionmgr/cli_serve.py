@@ -101,6 +101,13 @@ def latency_option(
     help="How long in-flight terminates may finish after SIGTERM.",
 )
 @click.option(
+    "--server-keepalive",
+    type=POSITIVE_DURATION,
+    help="Send reset-idle-timeout to a session touched through the recording proxy (a "
+    "forwarded control event), at most once per this interval, so LemonSlice's own idle "
+    "timeout never ends a session still in use [default: off].",
+)
+@click.option(
     "--host",
     envvar=config.ENV_HTTP_HOST,
     show_envvar=True,
@@ -132,6 +139,7 @@ def serve(
     lease: float | None,
     reconcile_every: float,
     grace: float,
+    server_keepalive: float | None,
     host: str | None,
     port: int | None,
     allowed_hosts: tuple[str, ...],
@@ -168,7 +176,14 @@ def serve(
     configure_logging(
         level=logging.DEBUG if obj.verbose else logging.INFO, fmt=obj.log_format, stream=sys.stderr
     )
-    run(serve_forever(settings, reconcile_interval=off_to_none(reconcile_every), grace=grace))
+    run(
+        serve_forever(
+            settings,
+            reconcile_interval=off_to_none(reconcile_every),
+            grace=grace,
+            server_keepalive=server_keepalive,
+        )
+    )
 
 
 @cli.command()

@@ -37,9 +37,11 @@ async def serve(
     *,
     reconcile_interval: float | None = RECONCILE_INTERVAL,
     grace: float = SHUTDOWN_GRACE,
+    server_keepalive: float | None = None,
     ready: Callable[[SessionManager], None] | None = None,
 ) -> None:
-    """Run until SIGTERM or SIGINT. ``ready`` is called once the manager is up (for tests)."""
+    """Run until SIGTERM or SIGINT. ``server_keepalive``: as SessionManager's (for sessions
+    touched through the recording proxy). ``ready`` is called once the manager is up (for tests)."""
     check_http_exposure(settings.http_host, settings.admin_token)
     check_seconds("--grace", grace, error=ConfigurationError)
     if reconcile_interval is not None:
@@ -66,6 +68,7 @@ async def serve(
             reaper_batch=settings.reaper_batch,
             lease=settings.lease,
             reconcile_interval=reconcile_interval,
+            server_keepalive=server_keepalive,
             auto_upgrade=True,
         )
         async with client, manager:

@@ -143,6 +143,7 @@ async def test_the_reaper_refuses_a_bad_setting(tmp_path: Path) -> None:
         (["serve", "--interval", "-1"], {}, "--interval"),
         (["serve", "--concurrency", "0"], {}, "--concurrency"),
         (["serve", "--reconcile-every", "0"], {}, "'0' must be longer than 0 seconds"),
+        (["serve", "--server-keepalive", "0"], {}, "'0' must be longer than 0 seconds"),
         (["list"], {"SESSIONMGR_REAPER_CONCURRENCY": "0"}, "SESSIONMGR_REAPER_CONCURRENCY"),
     ],
 )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
+import signal
 from typing import Any
 
 import pytest
@@ -17,13 +19,15 @@ from sessionmgr import (
     NotFoundError,
     SessionNotLive,
     SessionStatus,
+    server,
 )
 from sessionmgr.client import MAX_IMAGE_BYTES, TRIGGER_EVENT, LemonSliceClient, trigger_event
 from sessionmgr.clock import FakeClock
+from sessionmgr.config import Settings
 from sessionmgr.manager import SessionManager
 from sessionmgr.testing import FakeLemonSlice, Fault
 
-from .helpers import make_manager, wait_for
+from .helpers import FAKE_API_KEY, make_manager, wait_for
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32
 
@@ -495,3 +499,21 @@ def test_keepalive_must_be_positive():
     for bad in (0, -1, float("nan"), True):
         with pytest.raises(ConfigurationError, match="server_keepalive"):
             SessionManager(server_keepalive=bad)
+
+
+async def test_serve_gives_its_manager_the_server_keepalive(
+    lemon: FakeLemonSlice, db_url: str
+) -> None:
+    """``sessionmgr serve --server-keepalive`` reaches the manager whose keep-alive loop sends
+    the resets (tested above): the serving process keeps proxied sessions alive too."""
+    settings = Settings(api_key=FAKE_API_KEY, api_url=lemon.url, database_url=db_url, http_port=0)
+    seen: list[float | None] = []
+
+    def ready(mgr: SessionManager) -> None:
+        seen.append(mgr.server_keepalive)
+        os.kill(os.getpid(), signal.SIGTERM)  # serve's own handler: a clean stop
+
+    await asyncio.wait_for(
+        server.serve(settings, reconcile_interval=None, server_keepalive=20, ready=ready), 60
+    )
+    assert seen == [20]
