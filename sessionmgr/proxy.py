@@ -138,8 +138,26 @@ def _passed_back(answer: RawAnswer) -> web.Response:
 
 
 def _control_url_here(request: web.Request, session_id: str) -> str:
-    origin = str(request.url.origin())
-    return f"{origin}{COLLECTION}/{quote(session_id, safe='')}/control"
+    """This server's control URL for ``session_id``, as the caller reached it: behind a reverse
+    proxy that terminates TLS, the scheme it names (``Forwarded: proto=``, else
+    ``X-Forwarded-Proto``). Trusting it is safe: the Host has passed the guard, and the header
+    only shapes the URL handed back to the very caller that sent it."""
+    url = request.url
+    scheme = _forwarded_scheme(request)
+    if scheme is not None and scheme != url.scheme:
+        url = url.with_scheme(scheme)
+    return f"{url.origin()}{COLLECTION}/{quote(session_id, safe='')}/control"
+
+
+def _forwarded_scheme(request: web.Request) -> str | None:
+    """The first hop's scheme a reverse proxy recorded, if it is http or https."""
+    proto: str | None = None
+    if request.forwarded:
+        proto = request.forwarded[0].get("proto")
+    if proto is None:
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0]
+    proto = proto.strip().lower()
+    return proto if proto in ("http", "https") else None
 
 
 # --- routes -----------------------------------------------------------------------------------

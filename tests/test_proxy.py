@@ -58,6 +58,35 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+@pytest.mark.parametrize(
+    ("headers", "scheme"),
+    [
+        ({"X-Forwarded-Proto": "https"}, "https"),
+        ({"X-Forwarded-Proto": "https, http"}, "https"),  # the first hop's
+        ({"Forwarded": 'for=10.0.0.1;proto=https;host="api.example"'}, "https"),
+        ({"X-Forwarded-Proto": "gopher"}, "http"),  # not a scheme a control URL may have
+        ({}, "http"),
+    ],
+)
+async def test_the_control_url_handed_back_keeps_the_scheme_the_caller_used(
+    proxied: tuple[SessionManager, str],
+    http: aiohttp.ClientSession,
+    headers: dict[str, str],
+    scheme: str,
+) -> None:
+    """Behind a reverse proxy that terminates TLS, the caller's terminate must go to https."""
+    _, url = proxied
+    async with http.post(
+        url,
+        json={"agent_id": "a", "transport_type": "daily"},
+        headers={"x-api-key": FAKE_API_KEY, **headers},
+    ) as response:
+        answer = await response.json()
+    assert response.status == 200, answer
+    here = url.removeprefix("http")
+    assert answer["control_url"] == f"{scheme}{here}/{answer['session_id']}/control"
+
+
 async def test_pipecat_api_creates_and_ends_through_the_proxy(
     proxied: tuple[SessionManager, str], lemon: FakeLemonSlice, http: aiohttp.ClientSession
 ) -> None:
