@@ -11,7 +11,9 @@ queued to one ``GroupWriter`` task, which takes everything queued, and in one tr
    the status it expects and records its changes and its event,
 3. writes back with one multi-row INSERT ... RETURNING, one executemany UPDATE per set of changed
    columns (each still ``WHERE id = ? AND status = <status read>``), one executemany per set of
-   blind changes (``WHERE id = ? AND status = <status expected>``), one executemany of events,
+   blind changes (``WHERE id = ? AND status = <status expected>``; on PostgreSQL one
+   ``UPDATE ... FROM unnest(...) RETURNING id``, which says how many matched), one executemany
+   of events,
 4. commits, and only then resolves each caller's future.
 
 A failing batch is retried op by op (blind ops then load their rows), so one bad op fails alone;
@@ -59,7 +61,20 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Update, bindparam, func, insert, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    Connection,
+    Engine,
+    Update,
+    bindparam,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -272,11 +287,14 @@ class UnitOfWork:
         """One executemany per set of blind changes; a short rowcount (a row no longer in the
         status expected) fails the batch, which is then redone op by op."""
         for columns, items in self._blind.items():
-            params = [
-                {"_pk": pk, "_read_status": expect} | {f"v_{c}": changes[c] for c in columns}
-                for pk, expect, changes in items
-            ]
-            count = _executemany(conn, _update_statement(columns), params)
+            if conn.dialect.name == "postgresql":
+                count = _update_arrays(conn, columns, items)
+            else:
+                params = [
+                    {"_pk": pk, "_read_status": expect} | {f"v_{c}": changes[c] for c in columns}
+                    for pk, expect, changes in items
+                ]
+                count = _executemany(conn, _update_statement(columns), params)
             if count != len(items):
                 raise _StaleRead(f"changed {count} of {len(items)} rows blind")
 
@@ -400,6 +418,40 @@ def _driver_errors(sql: str) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
+
+
+def _update_arrays(
+    conn: Connection, columns: frozenset[str], items: list[tuple[int, str, Row]]
+) -> int:
+    """PostgreSQL's blind changes: one ``UPDATE ... FROM unnest(arrays) ... RETURNING id`` for
+    all rows (asyncpg reports no executemany rowcount; the ids returned are the count, and one
+    statement is one round trip where an executemany is one per row)."""
+    ordered = sorted(columns)
+    params: Row = {"_pk": [pk for pk, _, _ in items], "_read_status": [e for _, e, _ in items]}
+    for c in ordered:
+        params[f"v_{c}"] = [changes[c] for _, _, changes in items]
+    return len(conn.execute(_array_update(tuple(ordered)), params).all())
+
+
+@functools.lru_cache(maxsize=64)
+def _array_update(columns: tuple[str, ...]) -> Any:
+    c = sessions.c
+    typed = {"_pk": c.id.type, "_read_status": c.status.type} | {
+        f"v_{name}": c[name].type for name in columns
+    }
+    arrays = ", ".join(f"CAST(:{name} AS {_pg_type(kind)}[])" for name, kind in typed.items())
+    sql = (
+        f"UPDATE sessions SET {', '.join(f'{n} = v.v_{n}' for n in columns)}"
+        f" FROM unnest({arrays}) AS v({', '.join(typed)})"
+        " WHERE sessions.id = v._pk AND sessions.status = v._read_status RETURNING sessions.id"
+    )
+    return text(sql).bindparams(
+        *(bindparam(name, type_=ARRAY(kind)) for name, kind in typed.items())
+    )
+
+
+def _pg_type(kind: Any) -> str:
+    return str(kind.compile(dialect=postgresql.dialect()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -626,7 +678,11 @@ class GroupWriter:
             self._conn = None
 
     def _transaction(self, batch: list[Op], blind: bool, conn: Connection) -> list[Outcome]:
-        blind = blind and conn.dialect.supports_sane_multi_rowcount
+        # blind where the count of rows changed is known: SQLite's executemany rowcount,
+        # PostgreSQL's RETURNING (see _update_arrays)
+        blind = blind and (
+            conn.dialect.supports_sane_multi_rowcount or conn.dialect.name == "postgresql"
+        )
         uow = UnitOfWork(lock_rows=self._lock_rows)
         outcomes: list[Outcome] = []
         if self.database_clock:
