@@ -450,8 +450,11 @@ def _array_update(columns: tuple[str, ...]) -> Any:
     )
 
 
+_PG = postgresql.dialect()  # type: ignore[no-untyped-call]
+
+
 def _pg_type(kind: Any) -> str:
-    return str(kind.compile(dialect=postgresql.dialect()))
+    return str(kind.compile(dialect=_PG))
 
 
 @functools.lru_cache(maxsize=256)
