@@ -56,6 +56,7 @@ from .queries import (
     _local_id,
     _record,
     not_found,
+    record_from_sqlite,
     records_of,
 )
 from .reader import Reader
@@ -66,6 +67,7 @@ from .records import (
 from .resources import AsyncResource
 from .states import EndReason, SessionStatus
 from .transitions import (
+    CLAIM_END_GUARD,
     COST_DELAY,
     END_GUARD,
     check_transition,
@@ -85,7 +87,16 @@ from .transitions import (
     may_reschedule,
     may_resolve_intent,
 )
-from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now, insert_events
+from .writer import (
+    GroupWriter,
+    Op,
+    Row,
+    Thunk,
+    UnitOfWork,
+    _driver_errors,
+    database_now,
+    insert_events,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -550,10 +561,26 @@ class SessionRepository(SessionCleanup, AsyncResource):
         """End one session now (manual, shutdown, orphan): an active session, or an ending one
         whose lease ran out, becomes ``ending`` leased to ``owner``, in one write transaction
         that also returns what it found when it did not apply (so callers read nothing before
-        or after). An unknown ``session_ref`` raises ``SessionNotFound``."""
+        or after). An unknown ``session_ref`` raises ``SessionNotFound``.
+
+        The claim is tried blind first: one conditional ``UPDATE ... RETURNING`` (the
+        ``CLAIM_END_GUARD``) and its event, no load (loading the row through the unit of work
+        cost more than the rest of a manual end). Only when it claims nothing does the loading
+        path run, to say what it found (or to claim a row that changed in between)."""
         key = _key(session_ref)
-        decide = _end_decision(owner, lease, EndReason(reason), detail)
+        reason = EndReason(reason)
         now = self.clock.now()
+        pk = key if isinstance(key, int) else _local_id(key)
+        blind = functools.partial(
+            self._claim_end_blind, pk if pk is not None else key, owner, lease, reason, detail, now
+        )
+        try:
+            claimed = await self._writer.run(blind)
+        except (SQLAlchemyError, OSError) as exc:
+            raise db.map_error(exc, self._engine.url) from exc
+        if claimed is not None:
+            return EndClaim(claimed, True)
+        decide = _end_decision(owner, lease, reason, detail)
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = _lookup(uow, key)
@@ -565,6 +592,60 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         pks, sids = _key_parts(key)
         return cast(EndClaim, await self._submit(Op(apply, pks=pks, sids=sids)))
+
+    def _claim_end_blind(
+        self,
+        key: int | str,
+        owner: str,
+        lease: float,
+        reason: EndReason,
+        detail: str | None,
+        now: datetime,
+        conn: Connection,
+    ) -> SessionRecord | None:
+        """``claim_end``'s blind attempt (``key``: a local id, or a session_id): the claimed
+        record with its event appended, or None when the row is missing or not claimable."""
+        at = database_now(conn) if self.database_clock else now
+        params: Row = {
+            "key": key,
+            "reason": reason.value,
+            "owner": owner,
+            "until": at + timedelta(seconds=lease),
+            "now": now,
+            "at": at,
+        }
+        stmt = _claim_end_statement(isinstance(key, int))
+        if conn.dialect.name == "sqlite":
+            # on the driver: SQLAlchemy would set up a result of 27 columns per execution
+            sql, bind = _sqlite_claim_end(stmt, conn.dialect)
+            with _driver_errors(sql):
+                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    records = [record_from_sqlite(r) for r in cursor.execute(sql, bind(params))]
+                finally:
+                    cursor.close()
+        else:
+            records = records_of(conn, conn.execute(stmt, params))
+        if not records:
+            return None
+        record = records[0]
+        # attempts is 0 until a session is first claimed (a CHECK guarantees it)
+        if record.attempts == 1:
+            src, why = _ACTIVE, f"{detail}; lease {owner}" if detail else f"lease {owner}"
+            event_reason: str | None = reason.value
+        else:
+            src, why = _ENDING, f"lease taken over by {owner}"
+            event_reason = _value(record.end_reason)
+        event = {
+            "session_pk": record.id,
+            "at": now,
+            "from_status": src,
+            "to_status": _ENDING,
+            "reason": event_reason,
+            "detail": _clip(why),
+        }
+        insert_events(conn, [event])
+        return record
 
     async def begin_end(
         self,
@@ -1032,6 +1113,54 @@ def _end_decision(
         return lease_changes, row["end_reason"], f"lease taken over by {owner}"
 
     return decide
+
+
+@functools.lru_cache(maxsize=2)
+def _claim_end_statement(by_id: bool) -> Any:
+    """The blind manual-end claim: ``_end_decision`` in SQL, built once (bound: ``key``,
+    ``reason``, ``owner``, ``until``, ``now``, ``at``). An active row becomes ending with
+    ``reason``; an ending one keeps its reason; both get ``transitions.claim_changes``."""
+    check_transition(_ACTIVE, _ENDING)
+    check_transition(_ENDING, _ENDING)
+    c = sessions.c
+    match = c.id == bindparam("key") if by_id else c.session_id == bindparam("key")
+    changes = claim_changes({"attempts": c.attempts}, "", datetime.now(UTC))
+    values: dict[str, Any] = {
+        "status": _ENDING,
+        "end_reason": case(
+            (c.status == _ACTIVE, bindparam("reason", type_=c.end_reason.type)),
+            else_=c.end_reason,
+        ),
+        "lease_owner": bindparam("owner", type_=c.lease_owner.type),
+        "lease_until": bindparam("until", type_=c.lease_until.type),
+        "attempts": changes["attempts"],
+        "next_attempt_at": changes["next_attempt_at"],
+        "updated_at": bindparam("now", type_=c.updated_at.type),
+    }
+    assert set(changes) <= set(values)  # every change a claim makes is in the statement
+    return update(sessions).where(match, CLAIM_END_GUARD).values(values).returning(*RECORD_COLUMNS)
+
+
+@functools.lru_cache(maxsize=4)
+def _sqlite_claim_end(stmt: Any, dialect: Any) -> tuple[str, Callable[[Row], tuple[Any, ...]]]:
+    """``stmt`` compiled once for SQLite's driver: its SQL, and a binder of its parameters
+    through the columns' own bind processors (SQLAlchemy's per-execution work on a one-row
+    statement cost more than SQLite's)."""
+    compiled = stmt.compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ())
+    processors = compiled._bind_processors
+    # literals the statement carries (the new status, the case's 'active') are bound too
+    fixed = {name: compiled.binds[name].effective_value for name in names}
+    steps = tuple((name, processors.get(name)) for name in names)
+
+    def bind(params: Row) -> tuple[Any, ...]:
+        values = []
+        for name, process in steps:
+            value = params[name] if name in params else fixed[name]
+            values.append(value if process is None else process(value))
+        return tuple(values)
+
+    return compiled.string, bind
 
 
 @functools.lru_cache(maxsize=2)
