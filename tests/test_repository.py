@@ -871,7 +871,8 @@ async def test_a_blind_claim_writes_what_the_loading_claim_wrote(repo: SessionRe
     assert first.record.lease_until == now + timedelta(seconds=LEASE)
     assert first.record.next_attempt_at is None
     by_pk = await repo.claim_end(str(b.id), owner="me", lease=LEASE, reason=EndReason.MANUAL)
-    assert by_pk.claimed and by_pk.record.id == b.id  # a digit string names the local id
+    assert by_pk.claimed
+    assert by_pk.record.id == b.id  # a digit string names the local id
     await repo.reschedule(a.id, owner="me", error="boom", retry_at=now)  # ending, lease dropped
     taken = await repo.claim_end(a.id, owner="new", lease=LEASE, reason=EndReason.IDLE)
     assert taken.claimed
