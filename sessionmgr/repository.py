@@ -12,6 +12,7 @@ and cleanup in sessionmgr/cleanup.py: mixins this class inherits, so callers kee
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -167,6 +168,9 @@ class SessionRepository(SessionCleanup, AsyncResource):
         self._writer = GroupWriter(engine, database_clock=database_clock)
         self._touches: dict[str, datetime] = {}
         self._closed = False
+        # blind manual-end claims waiting for their shared transaction (see ``claim_end``)
+        self._claims: list[tuple[_BlindClaim, asyncio.Future[SessionRecord | None]]] = []
+        self._claiming: asyncio.Task[None] | None = None
 
     # --- opening ---------------------------------------------------------------------------------
 
@@ -565,19 +569,17 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         The claim is tried blind first: one conditional ``UPDATE ... RETURNING`` (the
         ``CLAIM_END_GUARD``) and its event, no load (loading the row through the unit of work
-        cost more than the rest of a manual end). Only when it claims nothing does the loading
-        path run, to say what it found (or to claim a row that changed in between)."""
+        cost more than the rest of a manual end); the blind claims that arrive together share
+        one transaction, as group commit's ops do. Only when it claims nothing (or its shared
+        transaction failed) does the loading path run, as an op of its own: to say what it
+        found, to claim a row that changed in between, or to fail alone."""
         key = _key(session_ref)
         reason = EndReason(reason)
         now = self.clock.now()
         pk = key if isinstance(key, int) else _local_id(key)
-        blind = functools.partial(
-            self._claim_end_blind, pk if pk is not None else key, owner, lease, reason, detail, now
+        claimed = await self._claim_blind(
+            _BlindClaim(pk if pk is not None else key, owner, lease, reason, detail, now)
         )
-        try:
-            claimed = await self._writer.run(blind)
-        except (SQLAlchemyError, OSError) as exc:
-            raise db.map_error(exc, self._engine.url) from exc
         if claimed is not None:
             return EndClaim(claimed, True)
         decide = _end_decision(owner, lease, reason, detail)
@@ -593,59 +595,69 @@ class SessionRepository(SessionCleanup, AsyncResource):
         pks, sids = _key_parts(key)
         return cast(EndClaim, await self._submit(Op(apply, pks=pks, sids=sids)))
 
-    def _claim_end_blind(
-        self,
-        key: int | str,
-        owner: str,
-        lease: float,
-        reason: EndReason,
-        detail: str | None,
-        now: datetime,
-        conn: Connection,
-    ) -> SessionRecord | None:
-        """``claim_end``'s blind attempt (``key``: a local id, or a session_id): the claimed
-        record with its event appended, or None when the row is missing or not claimable."""
-        at = database_now(conn) if self.database_clock else now
-        params: Row = {
-            "key": key,
-            "reason": reason.value,
-            "owner": owner,
-            "until": at + timedelta(seconds=lease),
-            "now": now,
-            "at": at,
-        }
-        stmt = _claim_end_statement(isinstance(key, int))
-        if conn.dialect.name == "sqlite":
-            # on the driver: SQLAlchemy would set up a result of 27 columns per execution
-            sql, bind = _sqlite_claim_end(stmt, conn.dialect)
-            with _driver_errors(sql):
-                cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    records = [record_from_sqlite(r) for r in cursor.execute(sql, bind(params))]
-                finally:
-                    cursor.close()
-        else:
-            records = records_of(conn, conn.execute(stmt, params))
-        if not records:
-            return None
-        record = records[0]
-        # attempts is 0 until a session is first claimed (a CHECK guarantees it)
-        if record.attempts == 1:
-            src, why = _ACTIVE, f"{detail}; lease {owner}" if detail else f"lease {owner}"
-            event_reason: str | None = reason.value
-        else:
-            src, why = _ENDING, f"lease taken over by {owner}"
-            event_reason = _value(record.end_reason)
-        event = {
-            "session_pk": record.id,
-            "at": now,
-            "from_status": src,
-            "to_status": _ENDING,
-            "reason": event_reason,
-            "detail": _clip(why),
-        }
-        insert_events(conn, [event])
-        return record
+    async def _claim_blind(self, claim: _BlindClaim) -> SessionRecord | None:
+        """``claim`` in the next shared transaction of blind claims: its record, or None when
+        it claimed nothing or the transaction failed (the caller's loading op then decides)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SessionRecord | None] = loop.create_future()
+        self._claims.append((claim, future))
+        if self._claiming is None or self._claiming.done():
+            self._claiming = loop.create_task(self._run_claims(), name="blind end claims")
+        return await future
+
+    async def _run_claims(self) -> None:
+        while self._claims:
+            batch, self._claims = self._claims, []
+            claims = [claim for claim, _ in batch]
+            try:
+                found = await self._writer.run(functools.partial(self._claim_ends_blind, claims))
+            except Exception:  # nothing applied (rolled back): each caller's own op decides
+                logger.debug("a shared blind claim failed; claiming one by one", exc_info=True)
+                found = [None] * len(batch)
+            for (_, future), record in zip(batch, found, strict=True):
+                if not future.done():
+                    future.set_result(record)
+
+    def _claim_ends_blind(
+        self, claims: Sequence[_BlindClaim], conn: Connection
+    ) -> list[SessionRecord | None]:
+        """The blind claims in one transaction, each one conditional UPDATE ... RETURNING on
+        its key (a local id, or a session_id), their events in one executemany: each claimed
+        record, or None where the row is missing or not claimable."""
+        at = database_now(conn) if self.database_clock else None
+        sqlite = conn.dialect.name == "sqlite"
+        cursor = conn.connection.dbapi_connection.cursor() if sqlite else None  # type: ignore[union-attr]
+        found: list[SessionRecord | None] = []
+        events: list[Row] = []
+        try:
+            for claim in claims:
+                lease_at = at or claim.now
+                params: Row = {
+                    "key": claim.key,
+                    "reason": claim.reason.value,
+                    "owner": claim.owner,
+                    "until": lease_at + timedelta(seconds=claim.lease),
+                    "now": claim.now,
+                    "at": lease_at,
+                }
+                stmt = _claim_end_statement(isinstance(claim.key, int))
+                if cursor is not None:
+                    # on the driver: SQLAlchemy would set up a 27-column result per execution
+                    sql, bind = _sqlite_claim_end(stmt, conn.dialect)
+                    with _driver_errors(sql):
+                        rows = cursor.execute(sql, bind(params)).fetchall()
+                    records = [record_from_sqlite(r) for r in rows]
+                else:
+                    records = records_of(conn, conn.execute(stmt, params))
+                record = records[0] if records else None
+                found.append(record)
+                if record is not None:
+                    events.append(_claim_event(record, claim))
+        finally:
+            if cursor is not None:
+                cursor.close()
+        insert_events(conn, events)
+        return found
 
     async def begin_end(
         self,
@@ -1113,6 +1125,37 @@ def _end_decision(
         return lease_changes, row["end_reason"], f"lease taken over by {owner}"
 
     return decide
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _BlindClaim:
+    """One ``claim_end`` waiting for its blind attempt (``key``: a local id or a session_id)."""
+
+    key: int | str
+    owner: str
+    lease: float
+    reason: EndReason
+    detail: str | None
+    now: datetime
+
+
+def _claim_event(record: SessionRecord, claim: _BlindClaim) -> Row:
+    """The event of a blind claim, as ``_end_decision`` words it."""
+    reason: str | None
+    # attempts is 0 until a session is first claimed (a CHECK guarantees it)
+    if record.attempts == 1:
+        why = f"{claim.detail}; lease {claim.owner}" if claim.detail else f"lease {claim.owner}"
+        src, reason = _ACTIVE, claim.reason.value
+    else:
+        why, src, reason = f"lease taken over by {claim.owner}", _ENDING, _value(record.end_reason)
+    return {
+        "session_pk": record.id,
+        "at": claim.now,
+        "from_status": src,
+        "to_status": _ENDING,
+        "reason": reason,
+        "detail": _clip(why),
+    }
 
 
 @functools.lru_cache(maxsize=2)

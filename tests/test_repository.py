@@ -887,6 +887,50 @@ async def test_a_blind_claim_writes_what_the_loading_claim_wrote(repo: SessionRe
     ]
 
 
+async def test_blind_claims_that_arrive_together_share_one_transaction(
+    repo: SessionRepository, monkeypatch: pytest.MonkeyPatch
+):
+    """Twenty manual ends at once: one transaction for their claims, and the same row asked
+    twice is claimed once (the second finds it leased, as it would one at a time)."""
+    from sqlalchemy import event
+
+    rows = [await started(repo, f"s{i}") for i in range(6)]
+    begins: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.upper().startswith("BEGIN"):
+            begins.append(statement)
+
+    event.listen(repo.writer.sync_engine, "before_cursor_execute", note)
+    keys = [r.id for r in rows] + [rows[0].session_id]
+    found = await asyncio.gather(
+        *(repo.claim_end(k, owner="me", lease=LEASE, reason=EndReason.MANUAL) for k in keys)
+    )
+    assert [f.claimed for f in found] == [True] * 6 + [False]
+    assert found[-1].record == await repo.get(rows[0].id)  # leased to me: found as it is
+    for record in rows:
+        assert await event_trail(repo, record.id) == [
+            (None, "pending"),
+            ("pending", "active"),
+            ("active", "ending"),
+        ]
+    if repo.dialect == "sqlite":
+        # the six claims, then the duplicate's loading op
+        assert len(begins) == 2, begins
+
+    # a shared transaction that fails applies nothing; each claim then runs as its own op
+    def broken(*args: object) -> object:
+        raise RuntimeError("boom")
+
+    more = [await started(repo, f"t{i}") for i in range(3)]
+    monkeypatch.setattr(repo, "_claim_ends_blind", broken)
+    found = await asyncio.gather(
+        *(repo.claim_end(r.id, owner="me", lease=LEASE, reason=EndReason.MANUAL) for r in more)
+    )
+    assert all(f.claimed for f in found)
+    assert [(await repo.get(r.id)).status for r in more] == [ENDING] * 3
+
+
 def _end(pk: int, **kw: Any) -> Any:
     from sessionmgr.repository import EndRequest
 
