@@ -614,6 +614,11 @@ class SessionRepository(SessionCleanup, AsyncResource):
             except Exception:  # nothing applied (rolled back): each caller's own op decides
                 logger.debug("a shared blind claim failed; claiming one by one", exc_info=True)
                 found = [None] * len(batch)
+            except BaseException:  # cancelled (the loop is shutting down): no waiter hangs
+                for _, future in batch + self._claims:
+                    future.cancel()
+                self._claims = []
+                raise
             for (_, future), record in zip(batch, found, strict=True):
                 if not future.done():
                     future.set_result(record)
