@@ -902,7 +902,7 @@ async def test_blind_claims_that_arrive_together_share_one_transaction(
             begins.append(statement)
 
     event.listen(repo.writer.sync_engine, "before_cursor_execute", note)
-    keys = [r.id for r in rows] + [rows[0].session_id]
+    keys: list[int | str] = [r.id for r in rows] + ["s0"]  # s0: rows[0] again
     found = await asyncio.gather(
         *(repo.claim_end(k, owner="me", lease=LEASE, reason=EndReason.MANUAL) for k in keys)
     )
