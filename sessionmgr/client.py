@@ -668,6 +668,10 @@ class LemonSliceClient(AsyncResource):
         self._key = _Secret(key)
         self._api_url = url
         self._control_origins = frozenset(origins)
+        # where the key may go, parsed once; and the control URL last found on it (a terminate
+        # checks its URL twice: ``stored_control_url``, then ``end_session``)
+        self._trusted = frozenset({_origin(url), *origins})
+        self._last_trusted: str | None = None
         self._session = session
         self._owns_session = session is None
         self._closed = False
@@ -708,9 +712,9 @@ class LemonSliceClient(AsyncResource):
         """``control_url`` if the key may go there: the origin (scheme, host, port) of the API
         URL (or of ``api_url``, a per-call override) or of a configured control origin.
         Raises ``UntrustedURLError`` otherwise, before anything is sent."""
-        trusted = {_origin(self._api_url), *self._control_origins}
-        if api_url is not None:
-            trusted.add(_origin(api_url))
+        if api_url is None and type(control_url) is str and control_url == self._last_trusted:
+            return control_url
+        trusted = self._trusted if api_url is None else self._trusted | {_origin(api_url)}
         origin = _origin(control_url) if isinstance(control_url, str) else None
         if origin is None or origin not in trusted:
             shown = excerpt(repr(control_url), 120)

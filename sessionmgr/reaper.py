@@ -393,8 +393,10 @@ class Reaper:
         room_freed = asyncio.Event()
 
         async def end_one(record: SessionRecord) -> None:
+            # ``_finish`` straight: the claim registered the lease, the ``finally`` drops it
+            # (no ``finish``/``end_claimed`` frames and lease bookkeeping per session)
             try:
-                outcome = await self.finish(
+                outcome, _ = await self._finish(
                     record, abort=auth_failed, on_sent=lambda: sent(record.id)
                 )
                 result.outcomes[outcome].append(record)

@@ -12,6 +12,7 @@ and cleanup in sessionmgr/cleanup.py: mixins this class inherits, so callers kee
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -56,6 +57,7 @@ from .queries import (
     _local_id,
     _record,
     not_found,
+    record_from_sqlite,
     records_of,
 )
 from .reader import Reader
@@ -67,6 +69,7 @@ from .records import (
 from .resources import AsyncResource
 from .states import EndReason, SessionStatus
 from .transitions import (
+    CLAIM_END_GUARD,
     COST_DELAY,
     END_GUARD,
     check_transition,
@@ -86,7 +89,16 @@ from .transitions import (
     may_reschedule,
     may_resolve_intent,
 )
-from .writer import GroupWriter, Op, Row, Thunk, UnitOfWork, database_now, insert_events
+from .writer import (
+    GroupWriter,
+    Op,
+    Row,
+    Thunk,
+    UnitOfWork,
+    _driver_errors,
+    database_now,
+    insert_events,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +169,9 @@ class SessionRepository(SessionCleanup, AsyncResource):
         self._writer = GroupWriter(engine, database_clock=database_clock)
         self._touches: dict[str, datetime] = {}
         self._closed = False
+        # blind manual-end claims waiting for their shared transaction (see ``claim_end``)
+        self._claims: list[tuple[_BlindClaim, asyncio.Future[SessionRecord | None]]] = []
+        self._claiming: asyncio.Task[None] | None = None
 
     # --- opening ---------------------------------------------------------------------------------
 
@@ -551,10 +566,24 @@ class SessionRepository(SessionCleanup, AsyncResource):
         """End one session now (manual, shutdown, orphan): an active session, or an ending one
         whose lease ran out, becomes ``ending`` leased to ``owner``, in one write transaction
         that also returns what it found when it did not apply (so callers read nothing before
-        or after). An unknown ``session_ref`` raises ``SessionNotFound``."""
+        or after). An unknown ``session_ref`` raises ``SessionNotFound``.
+
+        The claim is tried blind first: one conditional ``UPDATE ... RETURNING`` (the
+        ``CLAIM_END_GUARD``) and its event, no load (loading the row through the unit of work
+        cost more than the rest of a manual end); the blind claims that arrive together share
+        one transaction, as group commit's ops do. Only when it claims nothing (or its shared
+        transaction failed) does the loading path run, as an op of its own: to say what it
+        found, to claim a row that changed in between, or to fail alone."""
         key = _key(session_ref)
-        decide = _end_decision(owner, lease, EndReason(reason), detail)
+        reason = EndReason(reason)
         now = self.clock.now()
+        pk = key if isinstance(key, int) else _local_id(key)
+        claimed = await self._claim_blind(
+            _BlindClaim(pk if pk is not None else key, owner, lease, reason, detail, now)
+        )
+        if claimed is not None:
+            return EndClaim(claimed, True)
+        decide = _end_decision(owner, lease, reason, detail)
 
         def apply(uow: UnitOfWork) -> Thunk:
             row = _lookup(uow, key)
@@ -566,6 +595,75 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         pks, sids = _key_parts(key)
         return cast(EndClaim, await self._submit(Op(apply, pks=pks, sids=sids)))
+
+    async def _claim_blind(self, claim: _BlindClaim) -> SessionRecord | None:
+        """``claim`` in the next shared transaction of blind claims: its record, or None when
+        it claimed nothing or the transaction failed (the caller's loading op then decides)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SessionRecord | None] = loop.create_future()
+        self._claims.append((claim, future))
+        if self._claiming is None or self._claiming.done():
+            self._claiming = loop.create_task(self._run_claims(), name="blind end claims")
+        return await future
+
+    async def _run_claims(self) -> None:
+        while self._claims:
+            batch, self._claims = self._claims, []
+            claims = [claim for claim, _ in batch]
+            try:
+                found = await self._writer.run(functools.partial(self._claim_ends_blind, claims))
+            except Exception:  # nothing applied (rolled back): each caller's own op decides
+                logger.debug("a shared blind claim failed; claiming one by one", exc_info=True)
+                found = [None] * len(batch)
+            except BaseException:  # cancelled (the loop is shutting down): no waiter hangs
+                for _, future in batch + self._claims:
+                    future.cancel()
+                self._claims = []
+                raise
+            for (_, future), record in zip(batch, found, strict=True):
+                if not future.done():
+                    future.set_result(record)
+
+    def _claim_ends_blind(
+        self, claims: Sequence[_BlindClaim], conn: Connection
+    ) -> list[SessionRecord | None]:
+        """The blind claims in one transaction, each one conditional UPDATE ... RETURNING on
+        its key (a local id, or a session_id), their events in one executemany: each claimed
+        record, or None where the row is missing or not claimable."""
+        at = database_now(conn) if self.database_clock else None
+        sqlite = conn.dialect.name == "sqlite"
+        cursor = conn.connection.dbapi_connection.cursor() if sqlite else None  # type: ignore[union-attr]
+        found: list[SessionRecord | None] = []
+        events: list[Row] = []
+        try:
+            for claim in claims:
+                lease_at = at or claim.now
+                params: Row = {
+                    "key": claim.key,
+                    "reason": claim.reason.value,
+                    "owner": claim.owner,
+                    "until": lease_at + timedelta(seconds=claim.lease),
+                    "now": claim.now,
+                    "at": lease_at,
+                }
+                stmt = _claim_end_statement(isinstance(claim.key, int))
+                if cursor is not None:
+                    # on the driver: SQLAlchemy would set up a 27-column result per execution
+                    sql, bind = _sqlite_claim_end(stmt, conn.dialect)
+                    with _driver_errors(sql):
+                        rows = cursor.execute(sql, bind(params)).fetchall()
+                    records = [record_from_sqlite(r) for r in rows]
+                else:
+                    records = records_of(conn, conn.execute(stmt, params))
+                record = records[0] if records else None
+                found.append(record)
+                if record is not None:
+                    events.append(_claim_event(record, claim))
+        finally:
+            if cursor is not None:
+                cursor.close()
+        insert_events(conn, events)
+        return found
 
     async def begin_end(
         self,
@@ -1033,6 +1131,85 @@ def _end_decision(
         return lease_changes, row["end_reason"], f"lease taken over by {owner}"
 
     return decide
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _BlindClaim:
+    """One ``claim_end`` waiting for its blind attempt (``key``: a local id or a session_id)."""
+
+    key: int | str
+    owner: str
+    lease: float
+    reason: EndReason
+    detail: str | None
+    now: datetime
+
+
+def _claim_event(record: SessionRecord, claim: _BlindClaim) -> Row:
+    """The event of a blind claim, as ``_end_decision`` words it."""
+    reason: str | None
+    # attempts is 0 until a session is first claimed (a CHECK guarantees it)
+    if record.attempts == 1:
+        why = f"{claim.detail}; lease {claim.owner}" if claim.detail else f"lease {claim.owner}"
+        src, reason = _ACTIVE, claim.reason.value
+    else:
+        why, src, reason = f"lease taken over by {claim.owner}", _ENDING, _value(record.end_reason)
+    return {
+        "session_pk": record.id,
+        "at": claim.now,
+        "from_status": src,
+        "to_status": _ENDING,
+        "reason": reason,
+        "detail": _clip(why),
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _claim_end_statement(by_id: bool) -> Any:
+    """The blind manual-end claim: ``_end_decision`` in SQL, built once (bound: ``key``,
+    ``reason``, ``owner``, ``until``, ``now``, ``at``). An active row becomes ending with
+    ``reason``; an ending one keeps its reason; both get ``transitions.claim_changes``."""
+    check_transition(_ACTIVE, _ENDING)
+    check_transition(_ENDING, _ENDING)
+    c = sessions.c
+    match = c.id == bindparam("key") if by_id else c.session_id == bindparam("key")
+    changes = claim_changes({"attempts": c.attempts}, "", datetime.now(UTC))
+    values: dict[str, Any] = {
+        "status": _ENDING,
+        "end_reason": case(
+            (c.status == _ACTIVE, bindparam("reason", type_=c.end_reason.type)),
+            else_=c.end_reason,
+        ),
+        "lease_owner": bindparam("owner", type_=c.lease_owner.type),
+        "lease_until": bindparam("until", type_=c.lease_until.type),
+        "attempts": changes["attempts"],
+        "next_attempt_at": changes["next_attempt_at"],
+        "updated_at": bindparam("now", type_=c.updated_at.type),
+    }
+    assert set(changes) <= set(values)  # every change a claim makes is in the statement
+    return update(sessions).where(match, CLAIM_END_GUARD).values(values).returning(*RECORD_COLUMNS)
+
+
+@functools.lru_cache(maxsize=4)
+def _sqlite_claim_end(stmt: Any, dialect: Any) -> tuple[str, Callable[[Row], tuple[Any, ...]]]:
+    """``stmt`` compiled once for SQLite's driver: its SQL, and a binder of its parameters
+    through the columns' own bind processors (SQLAlchemy's per-execution work on a one-row
+    statement cost more than SQLite's)."""
+    compiled = stmt.compile(dialect=dialect)
+    names = tuple(compiled.positiontup or ())
+    processors = compiled._bind_processors
+    # literals the statement carries (the new status, the case's 'active') are bound too
+    fixed = {name: compiled.binds[name].effective_value for name in names}
+    steps = tuple((name, processors.get(name)) for name in names)
+
+    def bind(params: Row) -> tuple[Any, ...]:
+        values = []
+        for name, process in steps:
+            value = params[name] if name in params else fixed[name]
+            values.append(value if process is None else process(value))
+        return tuple(values)
+
+    return compiled.string, bind
 
 
 @functools.lru_cache(maxsize=2)

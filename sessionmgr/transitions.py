@@ -78,8 +78,21 @@ def may_fail(row: Row) -> bool:
 
 def may_claim_end(row: Row, at: datetime) -> bool:
     """A manual/shutdown/orphan end's claim: an active row, or an ending one nobody holds. A
-    pending row never: its creator holds it (``still_creating``)."""
+    pending row never: its creator holds it (``still_creating``). SQL form: ``CLAIM_END_GUARD``."""
     return row["status"] == ACTIVE or (row["status"] == ENDING and lease_free(row, at))
+
+
+# ``may_claim_end`` as a WHERE (bound: ``at``, the lease clock), for the blind manual-end claim
+CLAIM_END_GUARD: ColumnElement[bool] = or_(
+    sessions.c.status == ACTIVE,
+    and_(
+        sessions.c.status == ENDING,
+        or_(
+            sessions.c.lease_until.is_(None),
+            sessions.c.lease_until <= bindparam("at", type_=sessions.c.lease_until.type),
+        ),
+    ),
+)
 
 
 def may_reschedule(row: Row, owner: str) -> bool:

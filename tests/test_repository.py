@@ -500,7 +500,9 @@ async def test_ops_on_a_row_inserted_in_the_same_batch(repo: SessionRepository):
         repo.adopt(session_id="x", control_url="c", idle_window=IDLE, max_age=None),
         repo.begin_end("x", owner="me", lease=LEASE, reason=EndReason.ORPHAN),
     )
-    assert repo.writer.batches == before + 1  # one transaction for both
+    # the claim is tried blind in its own transaction; where the adopt had not committed yet
+    # (PostgreSQL: another connection) it joins the unit of work in the next batch
+    assert repo.writer.batches in (before + 1, before + 2)
     assert created
     assert adopted.status is ACTIVE  # each caller sees the row as its own op left it
     assert ending is not None
@@ -852,6 +854,81 @@ async def test_claim_end_says_what_it_found_when_it_did_not_apply(repo: SessionR
         ("active", "ending"),
         ("ending", "ending"),
     ]
+
+
+async def test_a_blind_claim_writes_what_the_loading_claim_wrote(repo: SessionRepository):
+    """The manual-end claim is one conditional UPDATE ... RETURNING: its record is the stored
+    row, its events say who took the lease and why, exactly as the loading path did."""
+    a, b = await started(repo, "a"), await started(repo, "b")
+    now = repo.clock.now()
+    first = await repo.claim_end(
+        "a", owner="me", lease=LEASE, reason=EndReason.SHUTDOWN, detail="stopping"
+    )
+    assert first.claimed
+    assert first.record == await repo.get(a.id)  # the returned record is the row as stored
+    assert (first.record.status, first.record.end_reason) == (ENDING, EndReason.SHUTDOWN)
+    assert (first.record.lease_owner, first.record.attempts) == ("me", 1)
+    assert first.record.lease_until == now + timedelta(seconds=LEASE)
+    assert first.record.next_attempt_at is None
+    by_pk = await repo.claim_end(str(b.id), owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    assert by_pk.claimed
+    assert by_pk.record.id == b.id  # a digit string names the local id
+    await repo.reschedule(a.id, owner="me", error="boom", retry_at=now)  # ending, lease dropped
+    taken = await repo.claim_end(a.id, owner="new", lease=LEASE, reason=EndReason.IDLE)
+    assert taken.claimed
+    assert taken.record == await repo.get(a.id)
+    assert (taken.record.end_reason, taken.record.attempts) == (EndReason.SHUTDOWN, 2)
+    assert taken.record.next_attempt_at is None  # the retry time a claim clears
+    claims = [(e.reason, e.detail) for e in await repo.events(a.id) if e.to_status is ENDING]
+    assert claims == [
+        ("shutdown", "stopping; lease me"),
+        ("retry", "boom"),
+        ("shutdown", "lease taken over by new"),
+    ]
+
+
+async def test_blind_claims_that_arrive_together_share_one_transaction(
+    repo: SessionRepository, monkeypatch: pytest.MonkeyPatch
+):
+    """Twenty manual ends at once: one transaction for their claims, and the same row asked
+    twice is claimed once (the second finds it leased, as it would one at a time)."""
+    from sqlalchemy import event
+
+    rows = [await started(repo, f"s{i}") for i in range(6)]
+    begins: list[str] = []
+
+    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.upper().startswith("BEGIN"):
+            begins.append(statement)
+
+    event.listen(repo.writer.sync_engine, "before_cursor_execute", note)
+    keys: list[int | str] = [r.id for r in rows] + ["s0"]  # s0: rows[0] again
+    found = await asyncio.gather(
+        *(repo.claim_end(k, owner="me", lease=LEASE, reason=EndReason.MANUAL) for k in keys)
+    )
+    assert [f.claimed for f in found] == [True] * 6 + [False]
+    assert found[-1].record == await repo.get(rows[0].id)  # leased to me: found as it is
+    for record in rows:
+        assert await event_trail(repo, record.id) == [
+            (None, "pending"),
+            ("pending", "active"),
+            ("active", "ending"),
+        ]
+    if repo.dialect == "sqlite":
+        # the six claims, then the duplicate's loading op
+        assert len(begins) == 2, begins
+
+    # a shared transaction that fails applies nothing; each claim then runs as its own op
+    def broken(*args: object) -> object:
+        raise RuntimeError("boom")
+
+    more = [await started(repo, f"t{i}") for i in range(3)]
+    monkeypatch.setattr(repo, "_claim_ends_blind", broken)
+    found = await asyncio.gather(
+        *(repo.claim_end(r.id, owner="me", lease=LEASE, reason=EndReason.MANUAL) for r in more)
+    )
+    assert all(f.claimed for f in found)
+    assert [(await repo.get(r.id)).status for r in more] == [ENDING] * 3
 
 
 def _end(pk: int, **kw: Any) -> Any:
