@@ -67,10 +67,11 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
     rows_written = 0
     per_flush: list[tuple[int, int]] = []  # (sessions buffered, rows written) per flush
 
-    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+    def count(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        """The rows each UPDATE changed (one statement per chunk, or an executemany)."""
         nonlocal rows_written
         if statement.lstrip().upper().startswith("UPDATE SESSIONS"):
-            rows_written += len(params) if many else 1
+            rows_written += max(cursor.rowcount, 0)
 
     async with SessionManager(
         database_url=db_url,
@@ -91,7 +92,7 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
 
         setattr(repo, "flush_touches", counted_flush)  # noqa: B010 (instance attribute on purpose)
         # the writer's own engine runs the flush (SQLite: its inline connection)
-        event.listen(repo.writer.sync_engine, "before_cursor_execute", count)
+        event.listen(repo.writer.sync_engine, "after_cursor_execute", count)
         rng = random.Random(1)
         touches = 0
         started = timer()
