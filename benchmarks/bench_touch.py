@@ -5,7 +5,9 @@
 touches every ``touch_flush_interval`` (1 s).
 Figures: touches accepted per second (target >= 100,000/s) and the time to flush every session
 touched once (10,000: target <= 50 ms, the median of FLUSH_ROUNDS flushes, each of all the
-sessions touched again), with the raw sqlite3 executemany of the same UPDATE beside it. (Writes
+sessions touched again: the wall time a caller of ``flush_touches`` waits, every chunk's
+transaction included), with raw sqlite3 beside it: one executemany of the UPDATE by session_id,
+and the flush's own statements (read, then one UPDATE per chunk) with preformatted times. (Writes
 per session per flush are still shown: a dict coalesces, so that figure cannot exceed 1.) No HTTP
 is involved (a touch never calls LemonSlice).
 
@@ -65,10 +67,11 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
     rows_written = 0
     per_flush: list[tuple[int, int]] = []  # (sessions buffered, rows written) per flush
 
-    def count(_conn: Any, _cursor: Any, statement: str, params: Any, _ctx: Any, many: bool) -> None:
+    def count(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        """The rows each UPDATE changed (one statement per chunk, or an executemany)."""
         nonlocal rows_written
         if statement.lstrip().upper().startswith("UPDATE SESSIONS"):
-            rows_written += len(params) if many else 1
+            rows_written += max(cursor.rowcount, 0)
 
     async with SessionManager(
         database_url=db_url,
@@ -89,7 +92,7 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
 
         setattr(repo, "flush_touches", counted_flush)  # noqa: B010 (instance attribute on purpose)
         # the writer's own engine runs the flush (SQLite: its inline connection)
-        event.listen(repo.writer.sync_engine, "before_cursor_execute", count)
+        event.listen(repo.writer.sync_engine, "after_cursor_execute", count)
         rng = random.Random(1)
         touches = 0
         started = timer()
@@ -133,9 +136,10 @@ async def flush_ms(db_url: str, ids: list[str]) -> list[float]:
 
 
 def raw_flush_ms(path: Path, ids: list[str]) -> tuple[float, float]:
-    """The median milliseconds of raw sqlite3 writing the same UPDATE for every session, and of
-    it doing the whole flush's statements: the same read of the windows (500 ids per SELECT, as
-    the repository's) then the same UPDATEs."""
+    """The median milliseconds of raw sqlite3 writing the UPDATE for every session (by
+    session_id, one executemany), and of it doing the flush's own statements a chunk per
+    transaction as the repository does: the read of the windows (500 ids per SELECT) then one
+    ``UPDATE ... FROM (VALUES ...)`` by rowid. Times are preformatted text: what SQLite costs."""
     con = sqlite3.connect(path, isolation_level=None)
     con.execute("PRAGMA synchronous=NORMAL")
     update = (
@@ -143,22 +147,34 @@ def raw_flush_ms(path: Path, ids: list[str]) -> tuple[float, float]:
         " WHERE session_id = ? AND status = 'active' AND last_activity_at < ?"
     )
     read = (
-        "SELECT session_id, idle_window, expires_at, last_activity_at FROM sessions"
+        "SELECT id, session_id, idle_window, expires_at, last_activity_at FROM sessions"
         " WHERE session_id IN ({}) AND +status = 'active'"
     )
+    update_from = (
+        "UPDATE sessions SET last_activity_at = t.column2, deadline = t.column3, updated_at = ?"
+        " FROM (VALUES {}) AS t WHERE sessions.id = t.column1"
+        " AND sessions.status = 'active' AND sessions.last_activity_at < t.column2"
+    )
+    chunks = [sorted(ids)[i : i + 500] for i in range(0, len(ids), 500)]
     updates: list[float] = []
     flushes: list[float] = []
     try:
         for r in range(2 * FLUSH_ROUNDS):
             at = f"2100-01-{1 + r:02d} 00:00:00.000000"
             started = timer()
-            con.execute("BEGIN IMMEDIATE")
             if r % 2:
-                for i in range(0, len(ids), 500):
-                    chunk = sorted(ids)[i : i + 500]
-                    con.execute(read.format(",".join("?" * len(chunk))), chunk).fetchall()
-            con.executemany(update, [(at, at, at, sid, at) for sid in ids])
-            con.execute("COMMIT")
+                for chunk in chunks:
+                    con.execute("BEGIN IMMEDIATE")
+                    rows = con.execute(read.format(",".join("?" * len(chunk))), chunk).fetchall()
+                    params: list[Any] = [at]
+                    for row in rows:
+                        params += (row[0], at, at)
+                    con.execute(update_from.format(",".join(["(?,?,?)"] * len(rows))), params)
+                    con.execute("COMMIT")
+            else:
+                con.execute("BEGIN IMMEDIATE")
+                con.executemany(update, [(at, at, at, sid, at) for sid in ids])
+                con.execute("COMMIT")
             (flushes if r % 2 else updates).append((timer() - started) * 1000)
     finally:
         con.close()
@@ -223,8 +239,8 @@ def main() -> None:
                 f"<= {FLUSH_TARGET_MS:g} {met or ('met' if flush_ok else 'NOT met')} "
                 + runs_text(flushes, "{:.1f}"),
             ),
-            ("  raw sqlite3, the same UPDATEs, ms", f"{raw_ms:.1f}", "the floor"),
-            ("  raw sqlite3, the same read and UPDATEs, ms", f"{raw_all_ms:.1f}", "the same work"),
+            ("  raw sqlite3, one executemany by session_id, ms", f"{raw_ms:.1f}", ""),
+            ("  raw sqlite3, the same reads and UPDATEs, ms", f"{raw_all_ms:.1f}", "the same work"),
         ],
     )
     record(

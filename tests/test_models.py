@@ -13,7 +13,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from sessionmgr.clock import FakeClock
-from sessionmgr.models import SessionRow, UTCDateTime, sessions
+from sessionmgr.models import (
+    SessionRow,
+    UTCDateTime,
+    format_sqlite_time,
+    parse_sqlite_time,
+    sessions,
+)
 from sessionmgr.records import REDACTED, SessionRecord, redact
 from sessionmgr.repository import SessionRepository
 
@@ -44,6 +50,38 @@ def test_sqlite_bind_matches_sqlalchemy_text_format():
     plus_two = timezone(timedelta(hours=2))
     assert bind(datetime(2026, 3, 4, 7, 8, 9, 12, tzinfo=plus_two)) == "2026-03-04 05:08:09.000012"
     assert bind(datetime(2026, 3, 4, tzinfo=UTC)) == "2026-03-04 00:00:00.000000"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(2026, 3, 4, 7, 8, 9, 12, tzinfo=UTC),
+        datetime(2026, 3, 4, tzinfo=UTC),  # no microseconds: still six digits
+        datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 1, 1, 1, 30, tzinfo=timezone(timedelta(hours=2))),  # the day before
+        datetime(2026, 12, 31, 20, 0, 0, 5, tzinfo=timezone(timedelta(hours=-5))),  # year after
+        datetime.fromisoformat("2026-06-01 12:00:00.250000+00:00"),  # as read back
+    ],
+)
+def test_sqlite_fast_bind_is_the_generic_path_byte_for_byte(value: datetime):
+    """The fast formatter (every SQLite write's times, the touch flush's text compare) must
+    store exactly what SQLAlchemy's own path stores, or lexical order and equality break."""
+    dialect = sqlite.dialect()
+    generic = sqlite.DATETIME().bind_processor(dialect)
+    assert generic is not None
+    expected = generic(UTCDateTime().process_bind_param(value, dialect))
+    bind = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert bind is not None
+    assert format_sqlite_time(value) == expected
+    assert bind(value) == expected
+    assert parse_sqlite_time(expected) == value
+
+
+def test_the_fast_bind_refuses_naive_times_and_passes_none():
+    with pytest.raises(ValueError, match="timezone-aware"):
+        format_sqlite_time(datetime(2026, 1, 1))
+    assert format_sqlite_time(None) is None
 
 
 async def test_times_come_back_aware_utc_whatever_zone_went_in(repo: SessionRepository):

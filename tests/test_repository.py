@@ -287,6 +287,69 @@ async def test_failed_flush_keeps_touches_for_the_next_one(
     assert (await repo.get("a")).last_activity_at == repo.clock.now()
 
 
+@pytest.mark.parametrize("update_from", [True, False], ids=["update-from", "executemany"])
+async def test_a_flush_moves_only_active_rows_forward_on_either_sqlite_statement(
+    repo: SessionRepository, monkeypatch: pytest.MonkeyPatch, update_from: bool
+):
+    """SQLite >= 3.33 writes a chunk as one UPDATE ... FROM (VALUES ...); older ones by
+    executemany. Both write the same rows and count only the rows they changed."""
+    import sessionmgr.repository as repository_module
+
+    if repo.dialect != "sqlite":
+        pytest.skip("the statement choice is SQLite's")
+    monkeypatch.setattr(repository_module, "_UPDATE_FROM", update_from)
+    monkeypatch.setattr(repository_module, "LOOKUP_CHUNK", 3)
+    for sid in ("a", "b", "c", "d", "e"):
+        await started(repo, sid, max_age=100.0 if sid == "e" else None)
+    await repo.begin_end("c", owner="me", lease=LEASE, reason=EndReason.MANUAL)
+    clock = clock_of(repo)
+    clock.advance(90)
+    repo.touch("b", at=clock.now() - timedelta(seconds=95))  # before its last activity: ignored
+    for sid in ("a", "c", "d", "e"):
+        repo.touch(sid)
+    assert await repo.flush_touches() == 3  # a, d, e: b is older, c is ending
+    for sid in ("a", "d"):
+        touched = await repo.get(sid)
+        assert (touched.last_activity_at, touched.deadline) == (
+            clock.now(),
+            clock.now() + timedelta(seconds=IDLE),
+        )
+        assert touched.updated_at == clock.now()
+    capped = await repo.get("e")
+    assert capped.deadline == capped.created_at + timedelta(seconds=100)
+    assert (await repo.get("b")).last_activity_at == capped.created_at
+    assert (await repo.get("c")).last_activity_at == capped.created_at
+    assert await repo.touch_many(["a", "b", "c"]) == {"a", "b"}
+
+
+async def test_a_flush_finds_rows_by_index_never_by_scan(tmp_path: Path):
+    """A touch flush's cost does not grow with the table: the read goes by the session_id
+    index (not the status index, which scanned every active row per chunk) and the UPDATE by
+    rowid."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'plan.db'}"
+    async with await SessionRepository.open(url, clock=FakeClock(), upgrade=True) as repo:
+        await started(repo, "a")
+        clock_of(repo).advance(1)
+        seen: list[tuple[str, Any]] = []
+
+        def capture(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
+            if statement.startswith(("SELECT", "UPDATE")):
+                seen.append((statement, params))
+
+        event.listen(repo.writer.sync_engine, "before_cursor_execute", capture)
+        repo.touch("a")
+        assert await repo.flush_touches() == 1
+    assert [statement.split()[0] for statement, _ in seen] == ["SELECT", "UPDATE"]
+    with sqlite3.connect(tmp_path / "plan.db") as conn:
+        read, write = (
+            [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)]
+            for sql, params in seen
+        )
+    assert not [step for step in read + write if step.startswith("SCAN sessions")], read + write
+    assert any("ix_sessions_session_id" in step for step in read), read
+    assert any("INTEGER PRIMARY KEY" in step for step in write), write
+
+
 # --- claims and leases ---------------------------------------------------------------------------
 
 
