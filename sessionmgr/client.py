@@ -724,6 +724,8 @@ class LemonSliceClient(AsyncResource):
                 f"LemonSlice really serves control requests from it, add its origin to "
                 f"{config.ENV_CONTROL_ORIGINS}"
             )
+        if api_url is None:  # the trusted set never changes: the same text passes again
+            self._last_trusted = control_url
         return control_url
 
     def stored_control_url(self, session_id: str, control_url: str | None) -> str:

@@ -618,6 +618,9 @@ class SessionRepository(SessionCleanup, AsyncResource):
     async def _run_claims(self) -> None:
         while self._claims:
             batch, self._claims = self._claims, []
+            batch = [(claim, future) for claim, future in batch if not future.done()]
+            if not batch:  # every caller gave up (cancelled) before its claim ran: none applied
+                continue
             claims = [claim for claim, _ in batch]
             try:
                 found = await self._writer.run(functools.partial(self._claim_ends_blind, claims))

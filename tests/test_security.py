@@ -634,6 +634,22 @@ async def test_only_the_exact_origin_is_trusted(impostor: Impostor, control_url:
             client.check_control_url(control_url.format(port=port))
 
 
+async def test_a_url_trusted_for_one_call_is_not_trusted_after_it(impostor: Impostor) -> None:
+    """A per-call ``api_url`` widens the check for that call only: the URL it let through is
+    refused next time without it (the check remembers only what passed the client's own
+    origins)."""
+    async with impostor.client() as client:
+        other = "http://127.0.0.2:9/api/liveai/sessions/s/control"
+        assert client.check_control_url(other, api_url="http://127.0.0.2:9/api") == other
+        with pytest.raises(UntrustedURLError):
+            client.check_control_url(other)
+        mine = client.control_url_for("s")
+        assert client.check_control_url(mine) == mine
+        assert client.check_control_url(mine) == mine  # again: the remembered answer
+        with pytest.raises(UntrustedURLError):
+            client.check_control_url(other)
+
+
 async def test_adopt_refuses_a_foreign_control_url(
     manager: SessionManager, lemon: FakeLemonSlice
 ) -> None:
