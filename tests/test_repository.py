@@ -958,13 +958,9 @@ async def test_blind_claims_that_arrive_together_share_one_transaction(
     from sqlalchemy import event
 
     rows = [await started(repo, f"s{i}") for i in range(6)]
-    begins: list[str] = []
-
-    def note(conn: object, cursor: object, statement: str, *args: object) -> None:
-        if statement.upper().startswith("BEGIN"):
-            begins.append(statement)
-
-    event.listen(repo.writer.sync_engine, "before_cursor_execute", note)
+    begins: list[object] = []
+    # a transaction's start (the writer's BEGIN goes straight to the driver)
+    event.listen(repo.writer.sync_engine, "begin", begins.append)
     keys: list[int | str] = [r.id for r in rows] + ["s0"]  # s0: rows[0] again
     found = await asyncio.gather(
         *(repo.claim_end(k, owner="me", lease=LEASE, reason=EndReason.MANUAL) for k in keys)
