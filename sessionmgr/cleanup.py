@@ -8,6 +8,7 @@ so never holds the write lock long enough to stall the group writer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -68,3 +69,4 @@ class SessionCleanup(SessionQueries):
                 progress(total)
             if deleted < batch_size:
                 return total
+            await asyncio.sleep(0)  # a SQLite write never suspends: let the loop run between
