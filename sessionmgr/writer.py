@@ -87,6 +87,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH = 500  # ops per transaction
 GATHER_TURNS = 4  # loop turns a woken writer waits while more ops keep coming
+GATHER_WAIT = 0.001  # seconds at most: on a busy loop a turn is long, and every write waits it
 LOAD_CHUNK = 500  # keys per SELECT ... IN (...)
 LOCK_RETRY_BASE = 0.001  # seconds before retrying a locked batch; doubles each time
 LOCK_RETRY_CAP = 0.1  # seconds, the longest pause between retries (SQLite's busy handler's)
@@ -568,13 +569,16 @@ class GroupWriter:
         """Let more ops join the batch: yield to the loop while each turn brings new ones, up
         to ``GATHER_TURNS`` turns. Callers woken by the same burst of I/O then share one
         BEGIN and COMMIT, whose cost is per transaction (P1: ~9 ops per transaction without,
-        ~18 with); an op that comes alone waits one loop turn."""
+        ~18 with); an op that comes alone waits one loop turn, and none waits past
+        ``GATHER_WAIT`` (a busy loop's turns are long: P1b, latency-bound, lost ~3% to four
+        of them per write)."""
+        give_up = time.monotonic() + GATHER_WAIT
         for _ in range(GATHER_TURNS):
             queued = len(self._queue)
             if queued >= self._max_batch or self._closed:
                 return
             await asyncio.sleep(0)
-            if len(self._queue) == queued:
+            if len(self._queue) == queued or time.monotonic() >= give_up:
                 return
 
     def exclusive(self) -> contextlib.AbstractAsyncContextManager[object]:
