@@ -69,4 +69,4 @@ class SessionCleanup(SessionQueries):
                 progress(total)
             if deleted < batch_size:
                 return total
-            await asyncio.sleep(0)  # a SQLite write never suspends: let the loop run between
+            await asyncio.sleep(0)  # a SQLite write never suspends: the loop runs between batches
