@@ -734,18 +734,20 @@ class SessionManager(AsyncResource):
                 body,
             )
         except NotFoundError:
-            logger.info(
-                "session %s was gone at LemonSlice when sent %s", record.session_id, body["event"]
-            )
-            with contextlib.suppress(SessionMgrError):
-                await self.end_session(record.id, reason=EndReason.GONE)
-            raise SessionNotLive(
-                f"session {record.id} ({record.session_id}) is gone at LemonSlice; recorded as "
-                "ended"
-            ) from None
+            raise await self._gone(record, f"when sent {body['event']}") from None
         self.touch(record.session_id)
         return await self.repository.record_control(record.id, detail=detail) or (
             await self.repository.get(record.id)
+        )
+
+    async def _gone(self, record: SessionRecord, when: str) -> SessionNotLive:
+        """LemonSlice answered 404/410 for a session the row says is live: end the row as
+        ``gone`` (through a terminate, as the reaper would) and return the error to raise."""
+        logger.info("session %s was gone at LemonSlice %s", record.session_id, when)
+        with contextlib.suppress(SessionMgrError):
+            await self.end_session(record.id, reason=EndReason.GONE)
+        return SessionNotLive(
+            f"session {record.id} ({record.session_id}) is gone at LemonSlice; recorded as ended"
         )
 
     async def wait_until_active(
@@ -788,14 +790,8 @@ class SessionManager(AsyncResource):
             await self.client.wait_until_active(
                 record.session_id, timeout=timeout, on_status=on_status
             )
-        except NotFoundError:  # LemonSlice no longer has it: ended as a control 404 ends it
-            logger.info("session %s was gone at LemonSlice while waited on", record.session_id)
-            with contextlib.suppress(SessionMgrError):
-                await self.end_session(record.id, reason=EndReason.GONE)
-            raise SessionNotLive(
-                f"session {record.id} ({record.session_id}) is gone at LemonSlice; recorded as "
-                "ended"
-            ) from None
+        except NotFoundError:
+            raise await self._gone(record, "while waited on") from None
         seconds = (self.clock.now() - record.created_at).total_seconds()
         if self.on_active is not None:
             try:

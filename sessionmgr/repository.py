@@ -100,8 +100,8 @@ from .writer import (
     Row,
     Thunk,
     UnitOfWork,
-    _driver_errors,
     database_now,
+    fetch_rows,
     insert_events,
 )
 
@@ -646,36 +646,27 @@ class SessionRepository(SessionCleanup, AsyncResource):
         record, or None where the row is missing or not claimable."""
         at = database_now(conn) if self.database_clock else None
         sqlite = conn.dialect.name == "sqlite"
-        cursor = conn.connection.dbapi_connection.cursor() if sqlite else None  # type: ignore[union-attr]
         found: list[SessionRecord | None] = []
         events: list[Row] = []
-        try:
-            for claim in claims:
-                lease_at = at or claim.now
-                params: Row = {
-                    "key": claim.key,
-                    "reason": claim.reason.value,
-                    "owner": claim.owner,
-                    "until": lease_at + timedelta(seconds=claim.lease),
-                    "now": claim.now,
-                    "at": lease_at,
-                }
-                stmt = _claim_end_statement(isinstance(claim.key, int))
-                if cursor is not None:
-                    # on the driver: SQLAlchemy would set up a 27-column result per execution
-                    sql, bind = _sqlite_claim_end(stmt, conn.dialect)
-                    with _driver_errors(sql):
-                        rows = cursor.execute(sql, bind(params)).fetchall()
-                    records = [record_from_sqlite(r) for r in rows]
-                else:
-                    records = records_of(conn, conn.execute(stmt, params))
-                record = records[0] if records else None
-                found.append(record)
-                if record is not None:
-                    events.append(_claim_event(record, claim))
-        finally:
-            if cursor is not None:
-                cursor.close()
+        for claim in claims:
+            lease_at = at or claim.now
+            params: Row = {
+                "key": claim.key,
+                "reason": claim.reason.value,
+                "owner": claim.owner,
+                "until": lease_at + timedelta(seconds=claim.lease),
+                "now": claim.now,
+                "at": lease_at,
+            }
+            stmt = _claim_end_statement(isinstance(claim.key, int))
+            if sqlite:
+                records = [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
+            else:
+                records = records_of(conn, conn.execute(stmt, params))
+            record = records[0] if records else None
+            found.append(record)
+            if record is not None:
+                events.append(_claim_event(record, claim))
         insert_events(conn, events)
         return found
 
@@ -1202,28 +1193,6 @@ def _claim_end_statement(by_id: bool) -> Any:
     }
     assert set(changes) <= set(values)  # every change a claim makes is in the statement
     return update(sessions).where(match, CLAIM_END_GUARD).values(values).returning(*RECORD_COLUMNS)
-
-
-@functools.lru_cache(maxsize=4)
-def _sqlite_claim_end(stmt: Any, dialect: Any) -> tuple[str, Callable[[Row], tuple[Any, ...]]]:
-    """``stmt`` compiled once for SQLite's driver: its SQL, and a binder of its parameters
-    through the columns' own bind processors (SQLAlchemy's per-execution work on a one-row
-    statement cost more than SQLite's)."""
-    compiled = stmt.compile(dialect=dialect)
-    names = tuple(compiled.positiontup or ())
-    processors = compiled._bind_processors
-    # literals the statement carries (the new status, the case's 'active') are bound too
-    fixed = {name: compiled.binds[name].effective_value for name in names}
-    steps = tuple((name, processors.get(name)) for name in names)
-
-    def bind(params: Row) -> tuple[Any, ...]:
-        values = []
-        for name, process in steps:
-            value = params[name] if name in params else fixed[name]
-            values.append(value if process is None else process(value))
-        return tuple(values)
-
-    return compiled.string, bind
 
 
 @functools.lru_cache(maxsize=1)

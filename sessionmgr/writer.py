@@ -358,7 +358,10 @@ def _compiled(stmt: Any, dialect: Any, keys: tuple[str, ...] | None) -> _Compile
     processors = compiled._bind_processors
     defaults: dict[str, Any] = {}
     for name in names:
-        if keys is not None and name not in keys:
+        if keys is None:  # a literal the statement carries ('ending', a CASE's 'active')
+            if not compiled.binds[name].required:
+                defaults[name] = compiled.binds[name].effective_value
+        elif name not in keys:
             default = stmt.table.c[name].default
             if default is None or not default.is_scalar:
                 raise AssertionError(f"{name} needs a default computed per row")
@@ -384,6 +387,19 @@ def _executemany(
         try:
             cursor.executemany(compiled.sql, rows)
             return int(cursor.rowcount)
+        finally:
+            cursor.close()
+
+
+def fetch_rows(conn: Connection, stmt: Any, params: Row) -> list[Any]:
+    """SQLite: ``stmt`` (its RETURNING rows, say) run once on the driver, compiled once; the
+    driver's rows (SQLAlchemy would set up its result machinery per execution)."""
+    compiled = _compiled(stmt, conn.dialect, None)
+    with _driver_errors(compiled.sql):
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            rows: list[Any] = cursor.execute(compiled.sql, compiled.bind(params)).fetchall()
+            return rows
         finally:
             cursor.close()
 
