@@ -51,7 +51,7 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	@for b in $(BENCHES); do $(BIN)/python -m benchmarks.$$b --smoke || exit 1; done
 	@$(BIN)/python -m benchmarks.bench_create --wide --smoke
-	@$(BIN)/python -m benchmarks.profile_create --smoke
+	@$(BIN)/python -m benchmarks.profile_paths --smoke
 	@$(BIN)/python -m benchmarks.summary --smoke
 
 # 200 crash trials and 200 "recovery while others create" trials (tests/reliability/test_crash.py;

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -27,7 +28,7 @@ from sessionmgr.client import LemonSliceClient
 from sessionmgr.manager import SessionManager
 from sessionmgr.testing import fake_server_process
 
-from .common import FAKE_KEY, median, print_table, record, runs_text, timer
+from .common import FAKE_KEY, Around, median, print_table, record, runs_text, timer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,12 @@ P1B = Setup("P1b", callers=200, latency=0.3, target=0.98, sessions=2_000)
 GOAL = 0.9  # P1's goal beyond its target
 
 
-async def rate(n: int, callers: int, create: Callable[[int], Awaitable[object]]) -> float:
+async def rate(
+    n: int,
+    callers: int,
+    create: Callable[[int], Awaitable[object]],
+    around: Around = contextlib.nullcontext,
+) -> float:
     """Sessions/s with ``callers`` tasks calling ``create`` until n sessions exist."""
     counter = iter(range(n))
 
@@ -54,27 +60,36 @@ async def rate(n: int, callers: int, create: Callable[[int], Awaitable[object]])
         for i in counter:
             await create(i)
 
-    started = timer()
-    await asyncio.gather(*(caller() for _ in range(callers)))
-    return n / (timer() - started)
+    with around():
+        started = timer()
+        await asyncio.gather(*(caller() for _ in range(callers)))
+        return n / (timer() - started)
 
 
-async def bare_rate(url: str, n: int, callers: int) -> float:
+async def bare_rate(
+    url: str, n: int, callers: int, around: Around = contextlib.nullcontext
+) -> float:
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
-        return await rate(n, callers, lambda i: client.create_session(agent_id=f"agent_{i % 10}"))
+        return await rate(
+            n, callers, lambda i: client.create_session(agent_id=f"agent_{i % 10}"), around
+        )
 
 
 BATCHES: list[float] = []  # the manager's ops per write transaction, one per round
 
 
-async def manager_rate(url: str, db_url: str, n: int, callers: int) -> float:
+async def manager_rate(
+    url: str, db_url: str, n: int, callers: int, around: Around = contextlib.nullcontext
+) -> float:
     async with (
         LemonSliceClient(FAKE_KEY, api_url=url) as client,
         SessionManager(database_url=db_url, client=client, reaper=False, auto_upgrade=True) as mgr,
     ):
         writer = mgr.repository.writer
         ops, batches = writer.ops, writer.batches
-        per_s = await rate(n, callers, lambda i: mgr.create_session(agent_id=f"agent_{i % 10}"))
+        per_s = await rate(
+            n, callers, lambda i: mgr.create_session(agent_id=f"agent_{i % 10}"), around
+        )
         BATCHES.append((writer.ops - ops) / max(writer.batches - batches, 1))
         return per_s
 

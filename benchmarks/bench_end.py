@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,14 +24,18 @@ from sessionmgr.client import LemonSliceClient
 from sessionmgr.manager import SessionManager
 from sessionmgr.testing import fake_server_process
 
-from .common import FAKE_KEY, median, print_table, record, runs_text, timer
+from .common import FAKE_KEY, Around, median, print_table, record, runs_text, timer
 
 LATENCY = 0.005  # seconds per terminate on the fake
 CALLERS = 20
 TARGET = 0.75
 
 
-async def rate(items: Sequence[object], end: Callable[[object], Awaitable[object]]) -> float:
+async def rate(
+    items: Sequence[object],
+    end: Callable[[object], Awaitable[object]],
+    around: Around = contextlib.nullcontext,
+) -> float:
     """Ends/s with CALLERS tasks calling ``end`` until every item is ended."""
     todo = iter(items)
 
@@ -38,12 +43,13 @@ async def rate(items: Sequence[object], end: Callable[[object], Awaitable[object
         for item in todo:
             await end(item)
 
-    started = timer()
-    await asyncio.gather(*(caller() for _ in range(CALLERS)))
-    return len(items) / (timer() - started)
+    with around():
+        started = timer()
+        await asyncio.gather(*(caller() for _ in range(CALLERS)))
+        return len(items) / (timer() - started)
 
 
-async def bare_rate(url: str, n: int) -> float:
+async def bare_rate(url: str, n: int, around: Around = contextlib.nullcontext) -> float:
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
         made = await asyncio.gather(
             *(client.create_session(agent_id=f"agent_{i % 10}") for i in range(n))
@@ -53,10 +59,12 @@ async def bare_rate(url: str, n: int) -> float:
             assert isinstance(answer, dict)
             return await client.end_session(answer["session_id"], answer["control_url"])
 
-        return await rate(made, end)
+        return await rate(made, end, around)
 
 
-async def manager_rate(url: str, db_url: str, n: int) -> tuple[float, float, float]:
+async def manager_rate(
+    url: str, db_url: str, n: int, around: Around = contextlib.nullcontext
+) -> tuple[float, float, float]:
     """(ends/s, process CPU us per end, loop-thread CPU us per end)."""
     async with (
         LemonSliceClient(FAKE_KEY, api_url=url) as client,
@@ -77,7 +85,7 @@ async def manager_rate(url: str, db_url: str, n: int) -> tuple[float, float, flo
             return result
 
         cpu, loop_cpu = time.process_time(), time.thread_time()
-        per_s = await rate(made, end)
+        per_s = await rate(made, end, around)
         cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
         return per_s, cpu / n * 1e6, loop_cpu / n * 1e6
 

@@ -9,6 +9,11 @@ every session must be terminated exactly once. The drain's CPU time per session 
 the event-loop thread alone) says where the remaining gap goes. ``--postgres URL`` drains a
 scratch database made on that server (and dropped afterwards) instead of a SQLite file.
 
+Both contenders run with the startup heap frozen, as ``sessionmgr serve`` runs the reaper
+(``server.freeze_startup_heap``: full garbage collections then skip what startup built, most of
+the heap); each round is repeated with the heap as a process that embeds the reaper and
+never froze it, reported beside.
+
     python -m benchmarks.bench_reaper [--smoke] [--sessions N] [--repeat R] [--postgres URL]
 """
 
@@ -30,7 +35,17 @@ from sessionmgr.reaper import Reaper
 from sessionmgr.repository import SessionRepository
 from sessionmgr.testing import fake_server_process, fake_state
 
-from .common import FAKE_KEY, median, print_table, record, runs_text, scratch_postgres, timer
+from .common import (
+    FAKE_KEY,
+    Around,
+    median,
+    print_table,
+    record,
+    runs_text,
+    scratch_postgres,
+    startup_heap,
+    timer,
+)
 
 LATENCY = 0.020  # seconds per terminate
 CONCURRENCY = 100
@@ -61,25 +76,36 @@ async def seed(url: str, db_url: str, n: int) -> None:
             await repo.close()
 
 
-async def drain(url: str, db_url: str, n: int) -> tuple[float, int, float, float]:
-    """(seconds, sessions ended, process CPU us per session, loop-thread CPU us per session)."""
+async def drain(
+    url: str,
+    db_url: str,
+    n: int,
+    around: Around = contextlib.nullcontext,
+    *,
+    frozen: bool = True,
+) -> tuple[float, int, float, float]:
+    """(seconds, sessions ended, process CPU us per session, loop-thread CPU us per session);
+    ``frozen``: the startup heap frozen first, as ``serve`` does (``common.startup_heap``)."""
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
         repo = await SessionRepository.open(db_url)
         try:
             reaper = Reaper(repo, client, concurrency=CONCURRENCY)
-            cpu, loop_cpu = time.process_time(), time.thread_time()
-            started = timer()
-            result = await reaper.run_once()
-            elapsed = timer() - started
-            cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
+            with startup_heap(frozen), around():
+                cpu, loop_cpu = time.process_time(), time.thread_time()
+                started = timer()
+                result = await reaper.run_once()
+                elapsed = timer() - started
+                cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
         finally:
             await repo.close()
     return elapsed, len(result.ended), cpu / n * 1e6, loop_cpu / n * 1e6
 
 
-async def http_floor(url: str, n: int) -> tuple[float, float]:
+async def http_floor(
+    url: str, n: int, around: Around = contextlib.nullcontext, *, frozen: bool = True
+) -> tuple[float, float]:
     """(seconds, loop-thread CPU us per terminate) of n terminates of live sessions with bare
-    aiohttp, CONCURRENCY at a time."""
+    aiohttp, CONCURRENCY at a time, the heap as the drain's (``frozen``)."""
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
         ids = [(await client.create_session(agent_id="floor"))["session_id"] for _ in range(n)]
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -93,17 +119,20 @@ async def http_floor(url: str, n: int) -> tuple[float, float]:
                 r.raise_for_status()
                 await r.read()
 
-        started, loop_cpu = timer(), time.thread_time()
-        await asyncio.gather(*(one(sid) for sid in ids))
-        return timer() - started, (time.thread_time() - loop_cpu) / n * 1e6
+        with startup_heap(frozen), around():
+            started, loop_cpu = timer(), time.thread_time()
+            await asyncio.gather(*(one(sid) for sid in ids))
+            return timer() - started, (time.thread_time() - loop_cpu) / n * 1e6
 
 
-async def one_run(
-    n: int, workdir: Path, postgres: str | None
-) -> tuple[float, float, float, float, float]:
+Run = tuple[float, float, float, float, float]
+
+
+async def one_run(n: int, workdir: Path, postgres: str | None, frozen: bool) -> Run:
     """(reaper drain seconds, bare HTTP floor seconds, CPU us and loop CPU us per session, the
     floor's loop CPU us per terminate) against one fake server process; ``postgres``: in a
-    scratch database on that server instead of a SQLite file."""
+    scratch database on that server instead of a SQLite file; ``frozen``: both contenders with
+    the startup heap frozen, as in ``serve``, else as embedded."""
     async with contextlib.AsyncExitStack() as stack:
         if postgres:
             db_url = await stack.enter_async_context(scratch_postgres(postgres))
@@ -111,9 +140,9 @@ async def one_run(
             db_url = f"sqlite+aiosqlite:///{workdir / 'reaper.db'}"
         with fake_server_process(FAKE_KEY, latency={"terminate": LATENCY}) as url:
             await seed(url, db_url, n)
-            elapsed, ended, cpu_us, loop_us = await drain(url, db_url, n)
+            elapsed, ended, cpu_us, loop_us = await drain(url, db_url, n, frozen=frozen)
             state = await fake_state(url)
-            floor, floor_us = await http_floor(url, n)
+            floor, floor_us = await http_floor(url, n, frozen=frozen)
     counts = [s["terminate_count"] for s in state["sessions"].values()]
     if ended != n or len(counts) != n or any(c != 1 for c in counts):
         raise SystemExit(f"drain incorrect: ended {ended}/{n}, terminate counts {set(counts)}")
@@ -129,10 +158,12 @@ def main() -> None:
     args = parser.parse_args()
     n = 300 if args.smoke else args.sessions
     repeat = 1 if args.smoke else args.repeat
-    runs: list[tuple[float, float, float, float, float]] = []
+    runs: list[Run] = []
+    embedded: list[Run] = []  # the same rounds with the heap as a process that embeds the reaper
     for _ in range(repeat):
-        with tempfile.TemporaryDirectory() as tmp:
-            runs.append(asyncio.run(one_run(n, Path(tmp), args.postgres)))
+        for frozen, into in ((True, runs), (False, embedded)):
+            with tempfile.TemporaryDirectory() as tmp:
+                into.append(asyncio.run(one_run(n, Path(tmp), args.postgres, frozen)))
     drain_s = median([r[0] for r in runs])
     floor_s = median([r[1] for r in runs])
     cpu_us = median([r[2] for r in runs])
@@ -140,6 +171,7 @@ def main() -> None:
     floor_us = median([r[4] for r in runs])
     limit = n * LATENCY / CONCURRENCY
     ratio = floor_s / drain_s
+    embedded_ratio = median([r[1] / r[0] for r in embedded])
     verdict = "(judged at full size)" if args.smoke else ("met" if ratio >= TARGET else "NOT met")
     print_table(
         f"P2 reaper drain ({'PostgreSQL' if args.postgres else 'SQLite'}): {n} due,"
@@ -149,6 +181,11 @@ def main() -> None:
             ("reaper drain, median (s)", f"{drain_s:.3f}", runs_text(r[0] for r in runs)),
             ("bare aiohttp floor, median (s)", f"{floor_s:.3f}", runs_text(r[1] for r in runs)),
             ("floor / drain", f"{ratio:.2f}", f">= {TARGET} {verdict}"),
+            (
+                "  the same, heap as embedded (not frozen)",
+                f"{embedded_ratio:.2f}",
+                runs_text((r[1] / r[0] for r in embedded), "{:.2f}"),
+            ),
             ("limit / drain", f"{limit / drain_s:.2f}", ""),
             ("limit / floor", f"{limit / floor_s:.2f}", "the best this machine's HTTP allows"),
             (
@@ -175,6 +212,8 @@ def main() -> None:
             "floor_loop_cpu_us_per_terminate": floor_us,
             "limit_over_drain": limit / drain_s,
             "ratio": ratio,
+            "ratio_embedded": embedded_ratio,
+            "runs_embedded_s": [r[:2] for r in embedded],
             "target": TARGET,
             "met": ratio >= TARGET,
         },

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import sqlite3
 import tempfile
@@ -29,7 +30,7 @@ from sqlalchemy import event
 from sessionmgr.manager import SessionManager
 from sessionmgr.repository import SessionRepository
 
-from .common import median, print_table, record, runs_text, timer
+from .common import Around, median, print_table, record, runs_text, timer
 
 RATE_TARGET = 100_000.0  # touches accepted per second
 WRITES_TARGET = 1.0  # database writes per session per flush interval
@@ -117,7 +118,9 @@ async def run(db_url: str, ids: list[str], seconds: float) -> dict[str, Any]:
     }
 
 
-async def flush_ms(db_url: str, ids: list[str]) -> list[float]:
+async def flush_ms(
+    db_url: str, ids: list[str], around: Around = contextlib.nullcontext
+) -> list[float]:
     """Milliseconds of each of FLUSH_ROUNDS flushes of every session, each touched once since."""
     repo = await SessionRepository.open(db_url)
     times: list[float] = []
@@ -125,9 +128,10 @@ async def flush_ms(db_url: str, ids: list[str]) -> list[float]:
         for _ in range(FLUSH_ROUNDS):
             for sid in ids:
                 repo.touch(sid)
-            started = timer()
-            updated = await repo.flush_touches()
-            times.append((timer() - started) * 1000)
+            with around():
+                started = timer()
+                updated = await repo.flush_touches()
+                times.append((timer() - started) * 1000)
             assert updated == len(ids), f"flushed {updated} of {len(ids)}"
             await asyncio.sleep(0.001)  # the next round's touches are later
     finally:

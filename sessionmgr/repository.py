@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import json
 import logging
 import operator
 import sqlite3
@@ -23,8 +24,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, cast
 
 from sqlalchemy import (
+    String,
     bindparam,
     case,
+    func,
     select,
     update,
 )
@@ -755,9 +758,10 @@ class SessionRepository(SessionCleanup, AsyncResource):
             cost = float(end.cost) if end.cost is not None else None
             kinds.setdefault((reason, end.remote_status, cost), []).append(end.pk)
         later = now + timedelta(seconds=COST_DELAY)
+        sqlite = self.dialect == "sqlite"
         statements: list[tuple[Any, Row, str | None]] = []
         for (reason, remote, cost), pks in kinds.items():
-            stmt = _end_statement(reason is None, remote is not None, cost is not None)
+            stmt = _end_statement(reason is None, remote is not None, cost is not None, sqlite)
             given: Row = {"owner": owner, "now": now}
             if reason is not None:
                 given["reason"] = reason
@@ -765,13 +769,18 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 given["remote_status"] = remote
             given |= {"cost": cost} if cost is not None else {"later": later}
             for chunk in _chunks(sorted(set(pks)), LOOKUP_CHUNK):
-                statements.append((stmt, given | {"pks": list(chunk)}, remote))
+                ids = json.dumps(chunk) if sqlite else list(chunk)
+                statements.append((stmt, given | {"pks": ids}, remote))
 
         def run(conn: Connection) -> dict[int, SessionRecord]:
             ended: dict[int, SessionRecord] = {}
             events: list[Row] = []
             for stmt, params, remote in statements:
-                for record in records_of(conn, conn.execute(stmt, params)):
+                if sqlite:
+                    records = [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
+                else:
+                    records = records_of(conn, conn.execute(stmt, params))
+                for record in records:
                     ended[record.id] = record
                     events.append(
                         {
@@ -1300,12 +1309,20 @@ def _sqlite_touches(
     return active, conn.exec_driver_sql(_SQLITE_TOUCH, each).rowcount
 
 
-@functools.lru_cache(maxsize=8)
-def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any:
+@functools.lru_cache(maxsize=16)
+def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool, sqlite: bool) -> Any:
     """``end_many``'s UPDATE for one kind of end: ``transitions.ended_changes`` in SQL, built
-    once per kind (bound: ``pks`` expanding, ``owner``, ``now``, ``later``, ``reason``,
-    ``remote_status``, ``cost``)."""
+    once per kind (bound: ``pks``, ``owner``, ``now``, ``later``, ``reason``, ``remote_status``,
+    ``cost``). On SQLite ``pks`` is one JSON array (``json_each``), so the statement is one
+    string run on the driver whatever the number of rows (an expanding IN is compiled again
+    for each count, through SQLAlchemy's execution machinery: a third of a manual end's
+    Python); elsewhere an expanding list."""
     c = sessions.c
+    if sqlite:
+        each = func.json_each(bindparam("pks", type_=String)).table_valued("value")
+        rows = c.id.in_(select(each.c.value))
+    else:
+        rows = c.id.in_(bindparam("pks", expanding=True))
     values: dict[str, Any] = {
         "status": _ENDED,
         "ended_at": bindparam("now", type_=c.ended_at.type),
@@ -1320,7 +1337,7 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool) -> Any
         values["next_attempt_at"] = case((c.cost.is_(None), later), else_=None)
     if with_remote:
         values["remote_status"] = bindparam("remote_status", type_=c.remote_status.type)
-    return update(sessions).where(END_GUARD).values(values).returning(*RECORD_COLUMNS)
+    return update(sessions).where(rows, END_GUARD).values(values).returning(*RECORD_COLUMNS)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionRecord))

@@ -108,9 +108,9 @@ def may_end(row: Row, owner: str | None, at: datetime) -> bool:
     return lease_free(row, at) if owner is None else bool(row["lease_owner"] == owner)
 
 
-# ``may_end`` with an owner, as the bulk end's WHERE (bound: ``pks`` expanding, ``owner``)
+# ``may_end`` with an owner, as the bulk end's WHERE (bound: ``owner``); the statement adds
+# which rows it ends
 END_GUARD: ColumnElement[bool] = and_(
-    sessions.c.id.in_(bindparam("pks", expanding=True)),
     sessions.c.status == ENDING,
     sessions.c.lease_owner == bindparam("owner", type_=sessions.c.lease_owner.type),
 )

@@ -5,6 +5,7 @@ checkpoints that happen off the writer's connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sessionmgr import writer
+from sessionmgr import db, writer
 from sessionmgr.records import SessionRecord
 from sessionmgr.repository import SessionRepository
 from sessionmgr.states import EndReason, SessionStatus
@@ -140,6 +141,19 @@ async def test_a_batch_waiting_for_another_process_lock_does_not_block_the_loop(
         assert record.status is SessionStatus.PENDING
         assert repo.writer.batches == before + 1
         assert holder.exitcode == 0
+
+
+async def test_the_writer_keeps_its_temporary_tables_in_memory(tmp_path: Path):
+    """Every claim and bulk end is an UPDATE ... RETURNING, whose rows SQLite gathers in a
+    temporary table: on the default temp_store each one opened a temporary file (~50 us, twice
+    the UPDATE). The writer's are a batch's rows at most; the readers keep the default."""
+    path = tmp_path / "s.db"
+    async with await SessionRepository.open(sqlite_url(path), upgrade=True) as repo:
+        await repo.record_intent(idle_window=IDLE, max_age=None)
+        conn = repo.writer._connection()
+        assert conn.exec_driver_sql("PRAGMA temp_store").scalar() == 2  # MEMORY
+    with contextlib.closing(db.sqlite_read_connection(path)) as reader:
+        assert reader.execute("PRAGMA temp_store").fetchone()[0] == 0  # the default
 
 
 async def test_the_wal_is_checkpointed_off_the_writer_connection(
