@@ -9,11 +9,6 @@ every session must be terminated exactly once. The drain's CPU time per session 
 the event-loop thread alone) says where the remaining gap goes. ``--postgres URL`` drains a
 scratch database made on that server (and dropped afterwards) instead of a SQLite file.
 
-Both contenders run with the startup heap frozen, as ``sessionmgr serve`` runs the reaper
-(``server.freeze_startup_heap``: full garbage collections then skip what startup built, most of
-the heap); each round is repeated with the heap as a process that embeds the reaper and
-never froze it, reported beside.
-
     python -m benchmarks.bench_reaper [--smoke] [--sessions N] [--repeat R] [--postgres URL]
 """
 
@@ -43,7 +38,6 @@ from .common import (
     record,
     runs_text,
     scratch_postgres,
-    startup_heap,
     timer,
 )
 
@@ -77,20 +71,14 @@ async def seed(url: str, db_url: str, n: int) -> None:
 
 
 async def drain(
-    url: str,
-    db_url: str,
-    n: int,
-    around: Around = contextlib.nullcontext,
-    *,
-    frozen: bool = True,
+    url: str, db_url: str, n: int, around: Around = contextlib.nullcontext
 ) -> tuple[float, int, float, float]:
-    """(seconds, sessions ended, process CPU us per session, loop-thread CPU us per session);
-    ``frozen``: the startup heap frozen first, as ``serve`` does (``common.startup_heap``)."""
+    """(seconds, sessions ended, process CPU us per session, loop-thread CPU us per session)."""
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
         repo = await SessionRepository.open(db_url)
         try:
             reaper = Reaper(repo, client, concurrency=CONCURRENCY)
-            with startup_heap(frozen), around():
+            with around():
                 cpu, loop_cpu = time.process_time(), time.thread_time()
                 started = timer()
                 result = await reaper.run_once()
@@ -102,10 +90,10 @@ async def drain(
 
 
 async def http_floor(
-    url: str, n: int, around: Around = contextlib.nullcontext, *, frozen: bool = True
+    url: str, n: int, around: Around = contextlib.nullcontext
 ) -> tuple[float, float]:
     """(seconds, loop-thread CPU us per terminate) of n terminates of live sessions with bare
-    aiohttp, CONCURRENCY at a time, the heap as the drain's (``frozen``)."""
+    aiohttp, CONCURRENCY at a time."""
     async with LemonSliceClient(FAKE_KEY, api_url=url) as client:
         ids = [(await client.create_session(agent_id="floor"))["session_id"] for _ in range(n)]
     gate = asyncio.Semaphore(CONCURRENCY)
@@ -119,20 +107,18 @@ async def http_floor(
                 r.raise_for_status()
                 await r.read()
 
-        with startup_heap(frozen), around():
+        with around():
             started, loop_cpu = timer(), time.thread_time()
             await asyncio.gather(*(one(sid) for sid in ids))
             return timer() - started, (time.thread_time() - loop_cpu) / n * 1e6
 
 
-Run = tuple[float, float, float, float, float]
-
-
-async def one_run(n: int, workdir: Path, postgres: str | None, frozen: bool) -> Run:
+async def one_run(
+    n: int, workdir: Path, postgres: str | None
+) -> tuple[float, float, float, float, float]:
     """(reaper drain seconds, bare HTTP floor seconds, CPU us and loop CPU us per session, the
     floor's loop CPU us per terminate) against one fake server process; ``postgres``: in a
-    scratch database on that server instead of a SQLite file; ``frozen``: both contenders with
-    the startup heap frozen, as in ``serve``, else as embedded."""
+    scratch database on that server instead of a SQLite file."""
     async with contextlib.AsyncExitStack() as stack:
         if postgres:
             db_url = await stack.enter_async_context(scratch_postgres(postgres))
@@ -140,9 +126,9 @@ async def one_run(n: int, workdir: Path, postgres: str | None, frozen: bool) -> 
             db_url = f"sqlite+aiosqlite:///{workdir / 'reaper.db'}"
         with fake_server_process(FAKE_KEY, latency={"terminate": LATENCY}) as url:
             await seed(url, db_url, n)
-            elapsed, ended, cpu_us, loop_us = await drain(url, db_url, n, frozen=frozen)
+            elapsed, ended, cpu_us, loop_us = await drain(url, db_url, n)
             state = await fake_state(url)
-            floor, floor_us = await http_floor(url, n, frozen=frozen)
+            floor, floor_us = await http_floor(url, n)
     counts = [s["terminate_count"] for s in state["sessions"].values()]
     if ended != n or len(counts) != n or any(c != 1 for c in counts):
         raise SystemExit(f"drain incorrect: ended {ended}/{n}, terminate counts {set(counts)}")
@@ -158,12 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     n = 300 if args.smoke else args.sessions
     repeat = 1 if args.smoke else args.repeat
-    runs: list[Run] = []
-    embedded: list[Run] = []  # the same rounds with the heap as a process that embeds the reaper
+    runs: list[tuple[float, float, float, float, float]] = []
     for _ in range(repeat):
-        for frozen, into in ((True, runs), (False, embedded)):
-            with tempfile.TemporaryDirectory() as tmp:
-                into.append(asyncio.run(one_run(n, Path(tmp), args.postgres, frozen)))
+        with tempfile.TemporaryDirectory() as tmp:
+            runs.append(asyncio.run(one_run(n, Path(tmp), args.postgres)))
     drain_s = median([r[0] for r in runs])
     floor_s = median([r[1] for r in runs])
     cpu_us = median([r[2] for r in runs])
@@ -171,7 +155,6 @@ def main() -> None:
     floor_us = median([r[4] for r in runs])
     limit = n * LATENCY / CONCURRENCY
     ratio = floor_s / drain_s
-    embedded_ratio = median([r[1] / r[0] for r in embedded])
     verdict = "(judged at full size)" if args.smoke else ("met" if ratio >= TARGET else "NOT met")
     print_table(
         f"P2 reaper drain ({'PostgreSQL' if args.postgres else 'SQLite'}): {n} due,"
@@ -181,11 +164,6 @@ def main() -> None:
             ("reaper drain, median (s)", f"{drain_s:.3f}", runs_text(r[0] for r in runs)),
             ("bare aiohttp floor, median (s)", f"{floor_s:.3f}", runs_text(r[1] for r in runs)),
             ("floor / drain", f"{ratio:.2f}", f">= {TARGET} {verdict}"),
-            (
-                "  the same, heap as embedded (not frozen)",
-                f"{embedded_ratio:.2f}",
-                runs_text((r[1] / r[0] for r in embedded), "{:.2f}"),
-            ),
             ("limit / drain", f"{limit / drain_s:.2f}", ""),
             ("limit / floor", f"{limit / floor_s:.2f}", "the best this machine's HTTP allows"),
             (
@@ -212,8 +190,6 @@ def main() -> None:
             "floor_loop_cpu_us_per_terminate": floor_us,
             "limit_over_drain": limit / drain_s,
             "ratio": ratio,
-            "ratio_embedded": embedded_ratio,
-            "runs_embedded_s": [r[:2] for r in embedded],
             "target": TARGET,
             "met": ratio >= TARGET,
         },

@@ -7,22 +7,19 @@ a slow, noisy machine never turns CI red; ``make bench`` is where the figures co
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import platform
 import secrets
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
-from sessionmgr.server import freeze_startup_heap
 
 # What a profiler wraps around a benchmark's timed part (benchmarks/profile_paths.py); a no-op
 # in the benchmarks themselves.
@@ -59,20 +56,6 @@ def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
     for row in rows:
         table.add_row(*row)
     Console(width=110).print(table)
-
-
-@contextlib.contextmanager
-def startup_heap(frozen: bool) -> Iterator[None]:
-    """``frozen``: the heap as ``sessionmgr serve`` runs with it (``freeze_startup_heap`` once
-    it is up), thawed again afterwards so every round starts alike; else as a process that
-    embeds the library and never froze it."""
-    if frozen:
-        freeze_startup_heap()
-    try:
-        yield
-    finally:
-        if frozen:
-            gc.unfreeze()
 
 
 def median(values: list[float]) -> float:

@@ -41,20 +41,12 @@ CHECKS: list[Check] = [
         lambda v: v >= 0.75,
     ),
     (
-        "P2 drain: bare aiohttp floor / drain (heap frozen, as serve)",
+        "P2 drain: bare aiohttp floor / drain",
         "reaper_drain",
         "ratio",
         "{:.2f}",
         ">= 0.85",
         lambda v: v >= 0.85,
-    ),
-    (
-        "P2 the same, heap as embedded (not frozen)",
-        "reaper_drain",
-        "ratio_embedded",
-        "{:.2f}",
-        "report",
-        None,
     ),
     (
         "P3 touches accepted/s",

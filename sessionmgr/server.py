@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 import signal
@@ -81,7 +80,6 @@ async def serve(
             )
             proxy.add_routes(app, manager)  # LemonSlice's API, recorded (own auth: x-api-key)
             runner = await _start_http(app, settings.http_host, settings.http_port)
-            freeze_startup_heap()
             try:
                 logger.info(
                     "serving: reaper every %ss (owner %s), idle window %ss, max age %s",
@@ -102,20 +100,6 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
-
-
-def freeze_startup_heap() -> None:
-    """Exempt everything startup built (modules, SQLAlchemy's and aiohttp's tables, the engines,
-    the app) from later garbage collections: the process's own choice, made once it is up.
-
-    A full collection rescans every tracked object, and a busy reaper's request-scoped objects
-    (the coroutines of a terminate in flight live its whole round trip) are promoted fast enough
-    to start one every ~2,000 sessions: ~60 ms each here, a sixth of a 10,000-session drain's
-    CPU (benchmarks/bench_reaper.py, P2). Collected first, so no garbage of startup is kept for
-    good; what is frozen is only ever freed by reference counting. A process that embeds the
-    manager may do the same after its own startup (README, "Performance")."""
-    gc.collect()
-    gc.freeze()
 
 
 async def _start_http(app: web.Application, host: str, port: int) -> web.AppRunner:
