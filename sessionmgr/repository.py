@@ -24,6 +24,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, cast
 
 from sqlalchemy import (
+    Integer,
     String,
     bindparam,
     case,
@@ -869,41 +870,27 @@ class SessionRepository(SessionCleanup, AsyncResource):
 
         def run(conn: Connection) -> list[SessionRecord]:
             at = database_now(conn) if self.database_clock else now
-            stmt = self._claim_statement(owner, limit, lease, now, at, grace)
-            return self._claimed(conn, stmt, owner, now)
+            params = {
+                "now": now,
+                "due_before": now - timedelta(seconds=grace),
+                "at": at,
+                "until": at + timedelta(seconds=lease),
+                "owner": owner,
+                "limit": limit,
+            }
+            return self._claimed(conn, _claim_due_statement(self.dialect), params, owner, now)
 
         return await self._writer.run(run)
 
-    def _claim_statement(
-        self, owner: str, limit: int, lease: float, now: datetime, at: datetime, grace: float
-    ) -> Any:
-        """claim_due's one UPDATE; ``now``: the claimer's clock (deadlines), ``at``: the lease
-        clock."""
-        until = at + timedelta(seconds=lease)
-        c = sessions.c
-        due = claim_due_sql(now, at, grace)
-        picked = select(c.id).where(due).order_by(c.deadline, c.id).limit(limit)
-        if self.dialect == "postgresql":
-            picked = picked.with_for_update(skip_locked=True)
-        reason = claim_reason_sql(now)
-        return (
-            update(sessions)
-            .where(c.id.in_(picked.scalar_subquery()))
-            .values(
-                status=_ENDING,
-                end_reason=reason,
-                lease_owner=owner,
-                lease_until=until,
-                attempts=c.attempts + 1,
-                updated_at=now,
-            )
-            .returning(*RECORD_COLUMNS)
-        )
-
     @staticmethod
-    def _claimed(conn: Connection, stmt: Any, owner: str, now: datetime) -> list[SessionRecord]:
+    def _claimed(
+        conn: Connection, stmt: Any, params: Row, owner: str, now: datetime
+    ) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        records = records_of(conn, conn.execute(stmt))
+        if conn.dialect.name == "sqlite":
+            records = [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
+        else:
+            records = records_of(conn, conn.execute(stmt, params))
         if not records:
             return []
         events = [
@@ -1307,6 +1294,37 @@ def _sqlite_touches(
         for i in range(0, len(params), 3)
     ]
     return active, conn.exec_driver_sql(_SQLITE_TOUCH, each).rowcount
+
+
+@functools.lru_cache(maxsize=2)
+def _claim_due_statement(dialect: str) -> Any:
+    """``claim_due``'s one UPDATE, built and compiled once (bound: ``now``, the claimer's clock
+    for deadlines and retries; ``due_before``, now less the grace; ``at``, the lease clock;
+    ``until``, ``owner``, ``limit``); on PostgreSQL rows another claimer holds are skipped."""
+    c = sessions.c
+    now = bindparam("now", type_=c.updated_at.type)
+    due = claim_due_sql(
+        now,
+        bindparam("at", type_=c.lease_until.type),
+        bindparam("due_before", type_=c.deadline.type),
+    )
+    limit = bindparam("limit", type_=Integer)
+    picked = select(c.id).where(due).order_by(c.deadline, c.id).limit(limit)
+    if dialect == "postgresql":
+        picked = picked.with_for_update(skip_locked=True)
+    return (
+        update(sessions)
+        .where(c.id.in_(picked.scalar_subquery()))
+        .values(
+            status=_ENDING,
+            end_reason=claim_reason_sql(now),
+            lease_owner=bindparam("owner", type_=c.lease_owner.type),
+            lease_until=bindparam("until", type_=c.lease_until.type),
+            attempts=c.attempts + 1,
+            updated_at=now,
+        )
+        .returning(*RECORD_COLUMNS)
+    )
 
 
 @functools.lru_cache(maxsize=16)

@@ -184,11 +184,11 @@ def claim_due(row: Row, now: datetime, at: datetime, grace: float = 0.0) -> bool
     return row["next_attempt_at"] is None or row["next_attempt_at"] <= now
 
 
-def claim_due_sql(now: datetime, at: datetime, grace: float = 0.0) -> ColumnElement[bool]:
+def claim_due_sql(now: Any, at: Any, due_before: Any) -> ColumnElement[bool]:
     """``claim_due`` as a WHERE, spelled as disjoint index ranges so that only due rows are read:
-    (status, deadline) for active rows; (status, lease_until, next_attempt_at) for ending ones."""
+    (status, deadline) for active rows; (status, lease_until, next_attempt_at) for ending ones.
+    ``due_before`` is ``now`` less the grace; each is a time or a bound parameter."""
     c = sessions.c
-    due_before = now - timedelta(seconds=grace)
     retry_due = or_(c.next_attempt_at.is_(None), c.next_attempt_at <= now)
     return or_(
         and_(c.status == ACTIVE, c.deadline <= due_before),
@@ -209,7 +209,7 @@ def claim_reason(row: Row, now: datetime) -> str | None:
     return EndReason.IDLE.value
 
 
-def claim_reason_sql(now: datetime) -> ColumnElement[Any]:
+def claim_reason_sql(now: Any) -> ColumnElement[Any]:
     c = sessions.c
     return case(
         (

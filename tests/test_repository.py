@@ -528,16 +528,15 @@ async def test_claim_reads_only_index_ranges(tmp_path: Path):
     """The claim's cost does not grow with the table: SQLite's plan has no table scan."""
     url = f"sqlite+aiosqlite:///{tmp_path / 'plan.db'}"
     async with await SessionRepository.open(url, clock=FakeClock(), upgrade=True) as repo:
-        seen: list[tuple[str, Any]] = []
-
-        def capture(_c: Any, _cur: Any, statement: str, params: Any, *_: Any) -> None:
-            if statement.startswith("UPDATE"):
-                seen.append((statement, params))
-
-        event.listen(repo.writer.sync_engine, "before_cursor_execute", capture)
+        seen: list[str] = []
+        # the claim runs on the writer's driver connection: SQLite's own trace sees it, with
+        # its parameters in place
+        raw = repo.writer._connection().connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        raw.set_trace_callback(lambda sql: seen.append(sql) if sql.startswith("UPDATE") else None)
         await repo.claim_due(owner="r", limit=10, lease=LEASE)
     with sqlite3.connect(tmp_path / "plan.db") as conn:
-        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + seen[0][0], seen[0][1])]
+        plan = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + seen[0])]
     assert not [step for step in plan if step.startswith("SCAN")], plan
     assert sum("ix_sessions_status_deadline" in s for s in plan) == 1
     assert sum("ix_sessions_status_lease_until" in s for s in plan) == 3
