@@ -1332,9 +1332,9 @@ def _end_statement(keep_reason: bool, with_remote: bool, with_cost: bool, sqlite
     """``end_many``'s UPDATE for one kind of end: ``transitions.ended_changes`` in SQL, built
     once per kind (bound: ``pks``, ``owner``, ``now``, ``later``, ``reason``, ``remote_status``,
     ``cost``). On SQLite ``pks`` is one JSON array (``json_each``), so the statement is one
-    string run on the driver whatever the number of rows (an expanding IN is compiled again
-    for each count, through SQLAlchemy's execution machinery: a third of a manual end's
-    Python); elsewhere an expanding list."""
+    string run on the driver whatever the number of rows (an expanding IN went through
+    SQLAlchemy's execution for each call, compiled again for each count: 199 against 137 us
+    for a bulk end of 4 rows); elsewhere an expanding list."""
     c = sessions.c
     if sqlite:
         each = func.json_each(bindparam("pks", type_=String)).table_valued("value")
