@@ -9,6 +9,7 @@ import contextlib
 import multiprocessing
 import os
 import sqlite3
+from datetime import timedelta
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
@@ -72,6 +73,35 @@ async def test_blind_mark_active_returns_the_stored_record(repo: SessionReposito
         assert result is not None
         assert result == await repo.get(result.id)  # built from the intent: what is stored
         assert result.status is SessionStatus.ACTIVE
+
+
+async def test_a_blind_change_writes_every_kind_of_column(repo: SessionRepository):
+    """A blind change binds its values itself (SQLite: the driver's executemany; PostgreSQL:
+    one typed array per column, ``UPDATE ... FROM unnest``): JSON, times, text and numbers all
+    arrive as the record reads them back, without the loading path."""
+    record, _ = await repo.adopt(
+        session_id="s_blind", control_url="https://c/x", idle_window=IDLE, max_age=None
+    )
+    later = record.updated_at + timedelta(seconds=5)
+    changes = {
+        "metadata": {"user": "ada", "note": "é ünïcode"},
+        "updated_at": later,
+        "last_error": 'it\'s "quoted"',
+        "cost": 1.25,
+    }
+
+    def blind(uow: writer.UnitOfWork) -> writer.Thunk:
+        uow.blind_change(record.id, "active", changes, at=later, reason=None, detail="test")
+        return lambda: True
+
+    def loading(uow: writer.UnitOfWork) -> writer.Thunk:
+        raise AssertionError("the blind change failed and fell back to loading its row")
+
+    assert await repo.writer.submit(writer.Op(loading, pks=(record.id,), blind=blind)) is True
+    stored = await repo.get(record.id)
+    assert stored.metadata == changes["metadata"]
+    assert (stored.updated_at, stored.last_error, stored.cost) == (later, 'it\'s "quoted"', 1.25)
+    assert stored.status is SessionStatus.ACTIVE
 
 
 async def test_blind_mark_active_fails_alone_when_its_intent_was_resolved(
