@@ -649,7 +649,6 @@ class SessionRepository(SessionCleanup, AsyncResource):
         its key (a local id, or a session_id), their events in one executemany: each claimed
         record, or None where the row is missing or not claimable."""
         at = database_now(conn) if self.database_clock else None
-        sqlite = conn.dialect.name == "sqlite"
         found: list[SessionRecord | None] = []
         events: list[Row] = []
         for claim in claims:
@@ -663,10 +662,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
                 "at": lease_at,
             }
             stmt = _claim_end_statement(isinstance(claim.key, int))
-            if sqlite:
-                records = [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
-            else:
-                records = records_of(conn, conn.execute(stmt, params))
+            records = _returned(conn, stmt, params)
             record = records[0] if records else None
             found.append(record)
             if record is not None:
@@ -777,11 +773,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
             ended: dict[int, SessionRecord] = {}
             events: list[Row] = []
             for stmt, params, remote in statements:
-                if sqlite:
-                    records = [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
-                else:
-                    records = records_of(conn, conn.execute(stmt, params))
-                for record in records:
+                for record in _returned(conn, stmt, params):
                     ended[record.id] = record
                     events.append(
                         {
@@ -887,10 +879,7 @@ class SessionRepository(SessionCleanup, AsyncResource):
         conn: Connection, stmt: Any, params: Row, owner: str, now: datetime
     ) -> list[SessionRecord]:
         """Run a claim statement and append its events."""
-        if conn.dialect.name == "sqlite":
-            records = [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
-        else:
-            records = records_of(conn, conn.execute(stmt, params))
+        records = _returned(conn, stmt, params)
         if not records:
             return []
         events = [
@@ -1294,6 +1283,14 @@ def _sqlite_touches(
         for i in range(0, len(params), 3)
     ]
     return active, conn.exec_driver_sql(_SQLITE_TOUCH, each).rowcount
+
+
+def _returned(conn: Connection, stmt: Any, params: Row) -> list[SessionRecord]:
+    """The records a write returns (``RETURNING RECORD_COLUMNS``), each built once; on SQLite
+    the statement runs on the driver, compiled once (``writer.fetch_rows``)."""
+    if conn.dialect.name == "sqlite":
+        return [record_from_sqlite(r) for r in fetch_rows(conn, stmt, params)]
+    return records_of(conn, conn.execute(stmt, params))
 
 
 @functools.lru_cache(maxsize=2)
